@@ -1,0 +1,74 @@
+"""Command-line plumbing shared by the scripts: model flags, device choice, error reporting."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+import torch
+
+from checkpoints import VAE_CHOICES, ModelSpec, default_checkpoint, resolve_spec
+from errors import UserError
+from models import DiT_models
+
+EXIT_USER_ERROR = 2
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a script's main(); a UserError becomes `error: <message>` on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default_image_size: int = 256) -> None:
+    """The flags that say which DiT to load, as in the official scripts, plus --model-config."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", type=str, choices=list(DiT_models), default="DiT-XL/2",
+                       help="registry name of the architecture (ignored when a model config JSON is found)")
+    group.add_argument("--model-config", type=str, default=None,
+                       help="JSON of DiT constructor arguments (plus \"vae\"); default: <ckpt>.json if it exists")
+    group.add_argument("--image-size", type=int, default=default_image_size,
+                       help="image side in pixels for --model (latents are 1/8 of it)")
+    group.add_argument("--num-classes", type=int, default=1000, help="number of classes for --model")
+    group.add_argument("--vae", type=str, choices=list(VAE_CHOICES), default="ema",
+                       help="SD VAE decoder for --model (a model config may set \"vae\": null for pixel models)")
+    group.add_argument("--ckpt", type=str, default=None,
+                       help="checkpoint (.pt/.pth/.safetensors); default: the official DiT-XL/2 checkpoint for --image-size")
+
+
+def spec_and_checkpoint(args: argparse.Namespace) -> tuple[ModelSpec, str]:
+    """The architecture and checkpoint named by the model flags."""
+    spec = resolve_spec(args.model, args.model_config, args.ckpt, args.image_size, args.num_classes, args.vae)
+    ckpt = args.ckpt or default_checkpoint(args.model, args.image_size)
+    return spec, ckpt
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; pass --device cpu")
+    return device
+
+
+def create_logger(name: str, enabled: bool = True) -> logging.Logger:
+    """A logger that prints `[time] message` to stderr, or stays silent (for ranks other than 0)."""
+    logger = logging.getLogger(name)
+    logger.handlers.clear()
+    logger.propagate = False
+    if enabled:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    else:
+        logger.addHandler(logging.NullHandler())
+    return logger
