@@ -1,7 +1,8 @@
-"""Sample a grid of images from a full-precision DiT: the baseline the quantized model is judged by.
+"""Sample a grid of images from a full-precision DiT (the baseline) or a quantized checkpoint.
 
     python sample.py --image-size 256 --seed 1                       # official DiT-XL/2
     python sample.py --ckpt assets/demo/dit_fmnist.safetensors --cfg-scale 1.5 --num-sampling-steps 50
+    python sample.py --path results/dit_fmnist-W4A8 --cfg-scale 1.5 --num-sampling-steps 50
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ import argparse
 
 import torch
 
-from checkpoints import load_model
+from checkpoints import ModelSpec, load_model
 from cli import add_model_arguments, create_logger, default_device, parse_device, run_cli, spec_and_checkpoint
 from diffusion import create_diffusion
 from errors import UserError
 from images import make_grid, save_png, to_uint8
+from quant.checkpoint import load_quantized
 from sampling import SampleNoise, generate
 from vae import decode, load_vae
 
@@ -30,8 +32,12 @@ def default_class_labels(num_classes: int) -> list[int]:
 def main(args: argparse.Namespace) -> None:
     logger = create_logger("sample")
     device = parse_device(args.device)
-    spec, ckpt = spec_and_checkpoint(args)
-    model = load_model(spec, ckpt, device)
+    if args.path:
+        model, _, meta = load_quantized(args.path, device)
+        spec = ModelSpec.from_json_dict(meta["model_config"])
+    else:
+        spec, ckpt = spec_and_checkpoint(args)
+        model = load_model(spec, ckpt, device)
     vae = load_vae(spec.vae, device)
     diffusion = create_diffusion(str(args.num_sampling_steps))
 
@@ -48,6 +54,8 @@ def main(args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
+    parser.add_argument("--path", type=str, default=None,
+                        help="a quantized checkpoint directory from QuantDiT.py (instead of --ckpt)")
     parser.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
     parser.add_argument("--num-sampling-steps", type=int, default=250, help="respaced diffusion steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise: image i depends only on the seed and i")

@@ -1,0 +1,118 @@
+"""Sample quality of quantization methods on the demo model, all from the same noise.
+
+    python benchmarks/quality.py --num-samples 2000 --settings W4A8 W8A8 W4A6 W3A8
+
+For each bit setting and method (round-to-nearest, SmoothQuant α = 0.5, DiTAS without LoRA,
+DiTAS without grid search, full DiTAS) it quantizes the demo DiT, samples --num-samples images
+(cfg 1.5, 50 steps; sample i's noise depends only on the seed and i) and reports FD against the
+real test set, FD against the FP samples, class accuracy, PSNR against FP and quantization time.
+Prints a markdown table and writes JSON lines to --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from checkpoints import load_model, resolve_spec  # noqa: E402
+from classifier import DEFAULT_CLASSIFIER, features_and_predictions, load_classifier  # noqa: E402
+from data import FASHION_MNIST_DIR, fashion_mnist_tensors, to_model_range  # noqa: E402
+from diffusion import create_diffusion  # noqa: E402
+from metrics import accuracy, frechet_distance_of_features, psnr  # noqa: E402
+from quant.calibrate import CalibrationRun, default_calibration_labels  # noqa: E402
+from quant.config import QuantConfig  # noqa: E402
+from quant.pipeline import quantize_dit  # noqa: E402
+from sampling import sample_uint8  # noqa: E402
+
+METHODS = {
+    "RTN": dict(smooth=False, lora_rank=0),
+    "SmoothQuant a=0.5": dict(alpha_grid=(0.5,), lora_rank=0),
+    "DiTAS w/o LoRA": dict(lora_rank=0, search_lora_iters=0),
+    "DiTAS w/o grid (a=0.5)": dict(alpha_grid=(0.5,)),
+    "RTN + LoRA": dict(smooth=False),
+    "DiTAS": dict(),
+    # the grid search's stand-ins, measured against each other
+    "DiTAS, search scored without LoRA": dict(search_lora_iters=0),
+    "DiTAS, search on all rows": dict(search_rows_per_step=0),
+    "DiTAS, search with full LoRA": dict(search_lora_iters=10),
+    "DiTAS, search on 512 rows": dict(search_rows_per_step=512),
+    "DiTAS, search on 2048 rows": dict(search_rows_per_step=2048),
+}
+
+
+def parse_setting(text: str) -> tuple[int, int]:
+    weight, act = text.upper().lstrip("W").split("A")
+    return int(weight), int(act)
+
+
+def generate(model, spec, n: int, batch: int, device) -> tuple[np.ndarray, np.ndarray]:
+    diffusion = create_diffusion("50")
+    chunks = [sample_uint8(model, diffusion, None, spec, range(i, min(n, i + batch)), 0, 1.5, device=device)
+              for i in range(0, n, batch)]
+    return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+
+
+def main(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    spec = resolve_spec(None, None, args.ckpt)
+    classifier = load_classifier(args.classifier, device)
+    test_features, _ = features_and_predictions(classifier, fashion_mnist_tensors("test", args.data_path)[0])
+
+    def measure(images, labels, fp_images=None, fp_features=None):
+        features, predictions = features_and_predictions(classifier, to_model_range(images[..., :1]))
+        row = {"fd_test": frechet_distance_of_features(features, test_features),
+               "accuracy": accuracy(predictions, labels)}
+        if fp_images is not None:
+            row.update(fd_fp=frechet_distance_of_features(features, fp_features), psnr_fp=psnr(images, fp_images))
+        return row, features
+
+    fp_images, fp_labels = generate(load_model(spec, args.ckpt, device), spec, args.num_samples, args.batch, device)
+    fp_row, fp_features = measure(fp_images, fp_labels)
+    rows = [{"setting": "FP", "method": "-", **fp_row}]
+    run = CalibrationRun(default_calibration_labels(spec.num_classes), 1.5, 50, 0)
+    for setting in args.settings:
+        weight_bits, act_bits = parse_setting(setting)
+        for method in args.methods:
+            config = QuantConfig(weight_bits=weight_bits, act_bits=act_bits, **METHODS[method])
+            start = time.perf_counter()
+            model, _ = quantize_dit(load_model(spec, args.ckpt, device), create_diffusion("50"), config, run, device,
+                                    progress=False)
+            seconds = time.perf_counter() - start
+            images, labels = generate(model, spec, args.num_samples, args.batch, device)
+            row, _ = measure(images, labels, fp_images, fp_features)
+            rows.append({"setting": config.label, "method": method, **row, "quant_s": seconds})
+            print(json.dumps(rows[-1]), flush=True)
+
+    if args.output:
+        Path(args.output).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    print("| setting | method | FD vs test | FD vs FP | class acc. | PSNR vs FP (dB) | quant. time (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['setting']} | {r['method']} | {r['fd_test']:.3f} | {r.get('fd_fp', float('nan')):.3f} | "
+              f"{100 * r['accuracy']:.1f} % | {r.get('psnr_fp', float('nan')):.2f} | {r.get('quant_s', float('nan')):.1f} |")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", default="assets/demo/dit_fmnist.safetensors")
+    parser.add_argument("--classifier", default=DEFAULT_CLASSIFIER)
+    parser.add_argument("--data-path", default=str(FASHION_MNIST_DIR))
+    parser.add_argument("--num-samples", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--settings", nargs="+", default=["W8A8", "W4A8", "W4A6", "W3A8"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--output", default=None, help="JSON lines file for the rows")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main(parse_args())

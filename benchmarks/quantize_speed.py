@@ -1,0 +1,78 @@
+"""Time and memory of DiTAS quantization end to end (calibration, grid search, LoRA, measuring).
+
+    python benchmarks/quantize_speed.py --model DiT-XL/2 --image-size 256 --num-sampling-steps 50
+
+Weights are random (every weight ~ N(0, 0.02²), adaLN included, so activations are not trivial):
+the cost does not depend on their values. Prints one JSON line with per-stage seconds and the
+peak GPU memory; results go to benchmarks/RESULTS.md by hand, with the card and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from checkpoints import spec_from_name  # noqa: E402
+from diffusion import create_diffusion  # noqa: E402
+from quant.calibrate import CalibrationRun, default_calibration_labels  # noqa: E402
+from quant.config import QuantConfig  # noqa: E402
+from quant.pipeline import quantize_dit  # noqa: E402
+
+
+def random_dit(name: str, image_size: int, device: torch.device, seed: int = 0):
+    torch.manual_seed(seed)
+    spec = spec_from_name(name, image_size=image_size)
+    model = spec.build()
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            if pname != "pos_embed":
+                param.normal_(0, 0.02)
+    return model.to(device).eval()
+
+
+def main(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True  # the published code's setting for the FP model
+    model = random_dit(args.model, args.image_size, device)
+    config = QuantConfig(weight_bits=args.weight_bit, act_bits=args.act_bit, search_lora_iters=args.search_lora_iters,
+                         search_rows_per_step=args.search_rows_per_step)
+    run = CalibrationRun(default_calibration_labels(1000), 1.5, args.num_sampling_steps, 0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    _, report = quantize_dit(model, create_diffusion(str(args.num_sampling_steps)), config, run, device,
+                             progress=False)
+    total = time.perf_counter() - start
+    result = {
+        "model": args.model, "image_size": args.image_size, "steps": args.num_sampling_steps, "config": config.label,
+        "search_lora_iters": config.search_lora_iters, "search_rows_per_step": config.search_rows_per_step,
+        "total_s": round(total, 2), "stages_s": {k: round(v, 2) for k, v in report.seconds.items()},
+        "peak_gpu_GiB": None if device.type != "cuda" else round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    }
+    print(json.dumps(result))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="DiT-XL/2")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--num-sampling-steps", type=int, default=50)
+    parser.add_argument("--weight-bit", type=int, default=4)
+    parser.add_argument("--act-bit", type=int, default=8)
+    parser.add_argument("--search-lora-iters", type=int, default=QuantConfig.search_lora_iters)
+    parser.add_argument("--search-rows-per-step", type=int, default=QuantConfig.search_rows_per_step)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,97 @@
+"""The quantization settings, as one frozen, validated, serialisable dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+ACT_GRANULARITIES = ("per_tensor", "per_token")
+LOW_RANK_METHODS = ("exact", "randomized")
+WEIGHT_BITS_RANGE = (2, 8)
+ACT_BITS_RANGE = (4, 16)
+
+
+def default_alpha_grid() -> tuple[float, ...]:
+    """α ∈ {0, 0.05, …, 1}, the paper's grid."""
+    return tuple(round(0.05 * i, 2) for i in range(21))
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything that decides how a DiT is quantized; stored in the quantized checkpoint.
+
+    Weights: `weight_bits`-bit integer codes with one scale and integer zero point per output
+    channel ("per_channel"), per `weight_group_size` consecutive input channels of a row
+    ("per_group"), or per tensor. Activations: `act_bits`, asymmetric, one range per tensor (the
+    paper) or per token, computed on the fly ("dynamic") or fixed from calibration ("static").
+    """
+
+    weight_bits: int = 4
+    act_bits: int = 8
+    weight_granularity: str = "per_channel"
+    weight_group_size: int = 128
+    weight_symmetric: bool = False
+    act_granularity: str = "per_tensor"
+    act_dynamic: bool = True
+    smooth: bool = True  # TAS smoothing; False gives round-to-nearest (+ LoRA if lora_rank > 0)
+    alpha_grid: tuple[float, ...] = dataclasses.field(default_factory=default_alpha_grid)
+    lora_rank: int = 32
+    lora_iters: int = 10
+    low_rank_method: str = "randomized"
+    # The grid search scores each α with this many LoRA iterations (0: quantized weights alone),
+    # a cheaper stand-in for the full `lora_iters` fit; README.md gives the measured effect
+    # (0 was both the fastest and, on the demo, the best of 0, 1 and 10).
+    search_lora_iters: int = 0
+    # Rows (tokens) per timestep and layer used to score α, evenly strided; 0 uses all of them.
+    # README.md gives the measured effect (512 of DiT-XL/2's 8,192 rows per step).
+    search_rows_per_step: int = 512
+
+    def __post_init__(self):
+        def check(condition: bool, message: str):
+            if not condition:
+                raise ValueError(message)
+
+        lo, hi = WEIGHT_BITS_RANGE
+        check(isinstance(self.weight_bits, int) and lo <= self.weight_bits <= hi,
+              f"weight bits must be an integer in {lo}..{hi}, got {self.weight_bits}")
+        lo, hi = ACT_BITS_RANGE
+        check(isinstance(self.act_bits, int) and lo <= self.act_bits <= hi,
+              f"activation bits must be an integer in {lo}..{hi}, got {self.act_bits}")
+        check(self.weight_granularity in WEIGHT_GRANULARITIES,
+              f"weight granularity must be one of {WEIGHT_GRANULARITIES}, got {self.weight_granularity!r}")
+        check(self.weight_granularity != "per_tensor",
+              "DiTAS folds proj's smoothing factor into the V rows of qkv, which needs per-row weight scales: "
+              "use per_channel or per_group")
+        check(self.weight_group_size > 0 and self.weight_group_size % 2 == 0,
+              f"weight group size must be a positive even number, got {self.weight_group_size}")
+        check(self.act_granularity in ACT_GRANULARITIES,
+              f"activation granularity must be one of {ACT_GRANULARITIES}, got {self.act_granularity!r}")
+        check(not (self.act_granularity == "per_token" and not self.act_dynamic),
+              "per-token activation ranges depend on the input: they can only be dynamic")
+        check(len(self.alpha_grid) > 0 and all(0.0 <= a <= 1.0 for a in self.alpha_grid),
+              f"alpha grid values must lie in [0, 1], got {self.alpha_grid}")
+        check(self.lora_rank >= 0 and self.lora_iters >= 1 and self.search_lora_iters >= 0,
+              "lora rank must be >= 0, lora iterations >= 1 and search LoRA iterations >= 0")
+        check(self.low_rank_method in LOW_RANK_METHODS,
+              f"low-rank method must be one of {LOW_RANK_METHODS}, got {self.low_rank_method!r}")
+        check(self.search_rows_per_step >= 0, "search rows per step must be >= 0")
+        object.__setattr__(self, "alpha_grid", tuple(float(a) for a in self.alpha_grid))
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "alpha_grid": list(self.alpha_grid)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QuantConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown quantization settings {sorted(unknown)}")
+        data = dict(data)
+        if "alpha_grid" in data:
+            data["alpha_grid"] = tuple(data["alpha_grid"])
+        return cls(**data)
+
+    @property
+    def label(self) -> str:
+        return f"W{self.weight_bits}A{self.act_bits}"

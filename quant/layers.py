@@ -1,0 +1,55 @@
+"""Building the quantized form of one layer for given smoothing factors (one or a batch of
+candidates): smooth the weight first, then quantize it with the low-rank correction, so every
+quantized weight is a true b-bit integer tensor times its scales."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+
+from .calibrate import ChannelStats
+from .config import QuantConfig
+from .lowrank import quantize_with_low_rank
+from .primitives import QuantizedLayer, quantize_weight
+from .smooth import static_activation_range
+
+
+def quantize_layer(
+    linear: nn.Linear,
+    factors: torch.Tensor | None,
+    config: QuantConfig,
+    lora_iters: int,
+    stats: ChannelStats | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[QuantizedLayer, tuple[float, ...]]:
+    """The layer with input divided by `factors` (shape (in,) or (candidates, in); None: no
+    smoothing) and weight columns multiplied by them, quantized with `lora_iters` alternating
+    LoRA iterations (0: no LoRA). Returns the layer and its LoRA error history."""
+    weight = linear.weight.detach().float()
+    if factors is not None:
+        weight = weight * factors.unsqueeze(-2)
+    quantize = functools.partial(quantize_weight, bits=config.weight_bits, granularity=config.weight_granularity,
+                                 group_size=config.weight_group_size, symmetric=config.weight_symmetric)
+    rank = config.lora_rank if lora_iters > 0 else 0
+    fitted = quantize_with_low_rank(weight, quantize, rank, max(lora_iters, 1), config.low_rank_method, generator)
+
+    static_range = None
+    if not config.act_dynamic:
+        if stats is None:
+            raise ValueError("static activation ranges need calibration statistics")
+        ones = torch.ones_like(stats.min)
+        static_range = static_activation_range(stats.min, stats.max, ones if factors is None else factors)
+    bias = None if linear.bias is None else linear.bias.detach().float()
+    layer = QuantizedLayer(
+        weight=fitted.weight,
+        bias=bias,
+        act_bits=config.act_bits,
+        act_granularity=config.act_granularity,
+        smooth_inv=None if factors is None else 1.0 / factors,
+        lora_left=fitted.left,
+        lora_right=fitted.right,
+        static_range=static_range,
+    )
+    return layer, fitted.errors

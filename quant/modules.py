@@ -1,0 +1,82 @@
+"""The quantized linear layer used at inference: integer weight codes, scales, zero points and
+LoRA factors as buffers, and one forward. Runtime code only: it never imports the algorithms."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .config import QuantConfig
+from .primitives import QuantizedLayer, QuantizedWeight
+
+PACKED_BITS = 4  # codes of at most this many bits are stored two per byte
+
+
+class QuantLinear(nn.Module):
+    """y = Q_a(x ⊙ smooth_inv) · (Ŵ + L·R)ᵀ + b with Ŵ = scale · (codes − zero).
+
+    Buffers: `weight_codes` (uint8; two 4-bit codes per byte, low nibble first, when bits ≤ 4),
+    `weight_scale` and `weight_zero` per (row, group), `bias`, `lora_left`/`lora_right` (rank > 0),
+    `smooth_inv` (layers smoothed on the fly: fc2), `act_range` (static activation ranges).
+    """
+
+    def __init__(self, in_features: int, out_features: int, config: QuantConfig, *, has_smooth: bool,
+                 has_bias: bool = True, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_bits = config.weight_bits
+        self.act_bits = config.act_bits
+        self.act_granularity = config.act_granularity
+        self.packed = config.weight_bits <= PACKED_BITS
+        if config.weight_granularity == "per_group":
+            if in_features % config.weight_group_size:
+                raise ValueError(f"in_features {in_features} is not a multiple of group size {config.weight_group_size}")
+            groups, self.group_size = in_features // config.weight_group_size, config.weight_group_size
+        else:
+            groups, self.group_size = 1, in_features
+        code_columns = in_features // 2 if self.packed else in_features
+        factory = dict(device=device)
+        self.register_buffer("weight_codes", torch.empty(out_features, code_columns, dtype=torch.uint8, **factory))
+        self.register_buffer("weight_scale", torch.empty(out_features, groups, dtype=torch.float32, **factory))
+        self.register_buffer("weight_zero", torch.empty(out_features, groups, dtype=torch.uint8, **factory))
+        self.register_buffer("bias", torch.empty(out_features, **factory) if has_bias else None)
+        rank = config.lora_rank
+        self.register_buffer("lora_left", torch.empty(out_features, rank, **factory) if rank else None)
+        self.register_buffer("lora_right", torch.empty(rank, in_features, **factory) if rank else None)
+        self.register_buffer("smooth_inv", torch.empty(in_features, **factory) if has_smooth else None)
+        self.register_buffer("act_range", None if config.act_dynamic else torch.empty(2, **factory))
+
+    @classmethod
+    def from_layer(cls, layer: QuantizedLayer, config: QuantConfig) -> QuantLinear:
+        out_features, in_features = layer.weight.unpacked_codes().shape
+        module = cls(in_features, out_features, config, has_smooth=layer.smooth_inv is not None,
+                     has_bias=layer.bias is not None, device=layer.weight.codes.device)
+        weight = layer.weight.pack() if module.packed else layer.weight
+        module.weight_codes.copy_(weight.codes)
+        module.weight_scale.copy_(layer.weight.scale.reshape(out_features, -1))
+        module.weight_zero.copy_(layer.weight.zero.reshape(out_features, -1))
+        for name in ("bias", "lora_left", "lora_right", "smooth_inv"):
+            value = getattr(layer, name)
+            if value is not None:
+                getattr(module, name).copy_(value)
+        if layer.static_range is not None:
+            module.act_range.copy_(torch.stack([t.reshape(()) for t in layer.static_range]))
+        return module
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.weight_codes, self.weight_scale, self.weight_zero, self.weight_bits,
+                               self.group_size, self.packed)
+
+    def as_layer(self) -> QuantizedLayer:
+        static = None if self.act_range is None else (self.act_range[0], self.act_range[1])
+        return QuantizedLayer(self.quantized_weight(), self.bias, self.act_bits, self.act_granularity,
+                              self.smooth_inv, self.lora_left, self.lora_right, static)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.as_layer()(x, dtype=torch.float32).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        rank = 0 if self.lora_left is None else self.lora_left.shape[1]
+        return (f"in={self.in_features}, out={self.out_features}, W{self.weight_bits}A{self.act_bits}, "
+                f"group={self.group_size}, act={self.act_granularity}/{'dynamic' if self.act_range is None else 'static'}, "
+                f"lora_rank={rank}, smooth_on_the_fly={self.smooth_inv is not None}")

@@ -1,0 +1,39 @@
+"""Which linear layers DiTAS quantizes, and the one walker that finds them by name.
+
+Each DiT block holds four: attn.qkv and mlp.fc1 read adaLN-modulated activations (their
+smoothing folds into adaLN), attn.proj reads the attention output (its smoothing folds into the
+V rows of qkv) and mlp.fc2 reads the GELU output (smoothed on the fly).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+ROLE_PATHS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+
+
+@dataclass(frozen=True)
+class LayerTarget:
+    name: str  # fully qualified, e.g. "blocks.3.attn.qkv"
+    block: int
+    role: str  # one of ROLE_PATHS
+
+
+def quant_targets(model: nn.Module) -> list[LayerTarget]:
+    """The quantized layers of every block of `model`, in forward order."""
+    return [
+        LayerTarget(f"blocks.{index}.{path}", index, role)
+        for index in range(len(model.blocks))
+        for role, path in ROLE_PATHS.items()
+    ]
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
