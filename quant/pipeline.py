@@ -133,7 +133,10 @@ def quantize_dit(
         factors = {t.name: all_factors[t.name][chosen[t.name]] for t in targets}
 
     with stage("weight quantization + LoRA"):
-        fitted = {t.name: one_candidate(t, config.lora_iters if config.lora_rank else 0) for t in targets}
+        from tqdm.auto import tqdm
+
+        lora_iters = config.lora_iters if config.lora_rank else 0
+        fitted = {t.name: one_candidate(t, lora_iters) for t in tqdm(targets, desc="weights + LoRA", disable=not progress)}
         finals = {name: layer for name, (layer, _) in fitted.items()}
         lora_errors = {name: errors for name, (_, errors) in fitted.items()}
 
