@@ -1,0 +1,163 @@
+"""Sample many images from a DiTAS-quantized (or full-precision) DiT for FID-style evaluation.
+
+    torchrun --nnodes=1 --nproc_per_node=N sample_merge_TAS.py --image-size 256 --model DiT-XL/2 \
+        --num-fid-samples 10000 --act-bit 8 --weight-bit 4 --path results/DiT-XL-2-256x256-W4A8
+    python sample_merge_TAS.py --path results/demo-w4a8 --num-fid-samples 2000 --cfg-scale 1.5
+    python sample_merge_TAS.py --fp --ckpt assets/demo/dit_fmnist.safetensors --num-fid-samples 2000 --cfg-scale 1.5
+
+The quantized checkpoint from QuantDiT.py already holds the folded smoothing factors (qkv and fc1
+in adaLN, proj in the V rows of qkv; fc2 smoothed on the fly). Writes one PNG per sample into a
+folder under --sample-dir and, once all exist, `<folder>.npz` (arr_0: N×H×W×3 uint8, arr_1:
+labels), the format of ADM's evaluation suite. A rerun skips samples whose PNG exists and reads
+back, so an interrupted run resumes. Sample i's label and noise depend only on --global-seed and
+i: with full precision the images are the same for any number of processes or batch size, up to
+floating-point rounding. Per-tensor dynamic activation quantization takes its range over the
+whole batch, so quantized samples depend on which samples share a batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from checkpoints import ModelSpec, load_model
+from cli import add_model_arguments, create_logger, default_device, parse_device, run_cli, spec_and_checkpoint
+from diffusion import create_diffusion
+from errors import UserError
+from images import save_png
+from npzio import save_samples_npz
+from quant.checkpoint import load_quantized
+from sampling import SampleNoise, sample_uint8
+from vae import load_vae
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); a process group under torchrun (NCCL on GPUs, gloo on CPU)."""
+    if "RANK" not in os.environ:
+        return 0, 1, parse_device(device_name)
+    use_cuda = device_name.startswith("cuda") and torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def png_is_complete(path: Path) -> bool:
+    """True if the PNG exists and decodes fully (a truncated file is redone)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except (OSError, SyntaxError):
+        return False
+
+
+def load_sampler_model(args: argparse.Namespace, device: torch.device):
+    """(model, spec, label, source name) for --fp or --path, refusing bit-widths that disagree
+    with the checkpoint."""
+    if args.fp:
+        spec, ckpt = spec_and_checkpoint(args)
+        return load_model(spec, ckpt, device), spec, "FP", Path(ckpt).stem
+    if not args.path:
+        raise UserError("pass --path to a quantized checkpoint directory from QuantDiT.py, or --fp for full precision")
+    model, config, meta = load_quantized(args.path, device)
+    for flag, given, stored in (("--weight-bit", args.weight_bit, config.weight_bits),
+                                ("--act-bit", args.act_bit, config.act_bits)):
+        if given is not None and given != stored:
+            raise UserError(f"{flag} {given} disagrees with the checkpoint ({config.label}); drop the flag or "
+                            f"quantize again with QuantDiT.py {flag} {given}")
+    return model, ModelSpec.from_json_dict(meta["model_config"]), config.label, Path(args.path).name
+
+
+def sample_folder(args: argparse.Namespace, spec: ModelSpec, label: str, source: str) -> Path:
+    name = f"{source}-{label}-size-{spec.image_size}-cfg-{args.cfg_scale}-steps-{args.num_sampling_steps}-seed-{args.global_seed}"
+    return Path(args.sample_dir) / name
+
+
+def main(args: argparse.Namespace) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    rank, world, device = setup_distributed(args.device)
+    logger = create_logger("sample_merge_TAS", enabled=rank == 0)
+    torch.set_grad_enabled(False)
+    model, spec, label, source = load_sampler_model(args, device)
+    vae = load_vae(spec.vae, device)
+    diffusion = create_diffusion(str(args.num_sampling_steps))
+    folder = sample_folder(args, spec, label, source)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    mine = [i for i in range(rank, args.num_fid_samples, world)]
+    todo = [i for i in mine if not png_is_complete(folder / f"{i:06d}.png")]
+    logger.info(f"{label} samples into {folder}: {args.num_fid_samples} in all, {world} process(es), "
+                f"{len(mine) - len(todo)} of rank 0's {len(mine)} already done")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc="sampling", unit="img", disable=rank != 0)
+    start = time.perf_counter()
+    for first in range(0, len(todo), args.per_proc_batch_size):
+        batch = todo[first : first + args.per_proc_batch_size]
+        images, _ = sample_uint8(model, diffusion, vae, spec, batch, args.global_seed, args.cfg_scale, device=device)
+        for index, image in zip(batch, images):
+            save_png(image, folder / f"{index:06d}.png")
+        bar.update(len(batch))
+    bar.close()
+    elapsed = time.perf_counter() - start
+    if todo:
+        logger.info(f"rank 0: {len(todo)} images in {elapsed:.1f} s ({len(todo) / elapsed:.2f} img/s per process)")
+
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        npz_path = build_npz(folder, args.num_fid_samples, args.global_seed, spec.num_classes)
+        logger.info(f"wrote {args.num_fid_samples} samples to {npz_path}")
+        print(npz_path)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def build_npz(folder: Path, count: int, global_seed: int, num_classes: int) -> Path:
+    """`<folder>.npz` from PNGs 0 … count-1; labels are recomputed from each sample's seed."""
+    missing = [i for i in range(count) if not png_is_complete(folder / f"{i:06d}.png")]
+    if missing:
+        raise UserError(f"{len(missing)} samples are missing in {folder} (first: {missing[0]:06d}.png); run again to finish")
+    images = np.stack([np.asarray(Image.open(folder / f"{i:06d}.png").convert("RGB")) for i in range(count)])
+    labels = SampleNoise(global_seed, range(count), (1,), "cpu").labels(num_classes).numpy()
+    npz_path = folder.parent / f"{folder.name}.npz"  # not with_suffix: the name holds dots (cfg-1.5)
+    save_samples_npz(npz_path, images, labels)
+    return npz_path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--path", type=str, default=None, help="quantized checkpoint directory from QuantDiT.py")
+    parser.add_argument("--fp", action="store_true", help="sample the unquantized model (--ckpt/--model): the baseline")
+    parser.add_argument("--weight-bit", type=int, default=None,
+                        help="expected weight bits; refused if the checkpoint differs (default: the checkpoint's)")
+    parser.add_argument("--act-bit", type=int, default=None,
+                        help="expected activation bits; refused if the checkpoint differs (default: the checkpoint's)")
+    parser.add_argument("--num-fid-samples", type=int, default=50_000, help="samples in all, over all processes")
+    parser.add_argument("--per-proc-batch-size", type=int, default=32, help="samples per forward batch per process")
+    parser.add_argument("--num-sampling-steps", type=int, default=50, help="respaced diffusion steps")
+    parser.add_argument("--global-seed", type=int, default=0, help="sample i's label and noise depend on it and i")
+    parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1 = none)")
+    parser.add_argument("--sample-dir", type=str, default="samples", help="where the sample folder and npz go")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="allow TF32 matmuls on Ampere+ GPUs (--no-tf32 turns it off)")
+    parser.add_argument("--device", type=str, default=default_device(), help="cuda or cpu")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_args()))
