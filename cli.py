@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -72,3 +73,20 @@ def create_logger(name: str, enabled: bool = True) -> logging.Logger:
     else:
         logger.addHandler(logging.NullHandler())
     return logger
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun, a process group: NCCL with one GPU per local
+    rank when `device_name` asks for CUDA, otherwise gloo on the CPU. A plain process is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        return 0, 1, parse_device(device_name)
+    import torch.distributed as dist
+
+    use_cuda = device_name.startswith("cuda") and torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")

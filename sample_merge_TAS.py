@@ -18,7 +18,6 @@ whole batch, so quantized samples depend on which samples share a batch.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from checkpoints import ModelSpec, load_model
-from cli import add_model_arguments, create_logger, default_device, parse_device, run_cli, spec_and_checkpoint
+from cli import add_model_arguments, create_logger, default_device, run_cli, setup_distributed, spec_and_checkpoint
 from diffusion import create_diffusion
 from errors import UserError
 from images import save_png
@@ -36,20 +35,6 @@ from npzio import save_samples_npz
 from quant.checkpoint import load_quantized
 from sampling import SampleNoise, sample_uint8
 from vae import load_vae
-
-
-def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); a process group under torchrun (NCCL on GPUs, gloo on CPU)."""
-    if "RANK" not in os.environ:
-        return 0, 1, parse_device(device_name)
-    use_cuda = device_name.startswith("cuda") and torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
 
 
 def png_is_complete(path: Path) -> bool:

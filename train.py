@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoints import ModelSpec, read_spec_json, spec_from_name, write_spec_json
-from cli import create_logger, default_device, run_cli
+from cli import create_logger, default_device, run_cli, setup_distributed
 from data import FASHION_MNIST_DIR, ImageFolder, fashion_mnist_tensors
 from diffusion import create_diffusion
 from errors import UserError
@@ -40,20 +39,6 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     for name, param in model.named_parameters():
         if param.requires_grad:
             ema_params[name].lerp_(param.detach(), 1 - decay)
-
-
-def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); starts a process group under torchrun."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(device_name)
-    use_cuda = torch.cuda.is_available() and device_name.startswith("cuda")
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
 
 
 def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
