@@ -9,7 +9,7 @@ with the number of steps or with depth beyond the candidates themselves.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -25,11 +25,6 @@ class ErrorSums:
 
     squared_error: torch.Tensor  # (candidates,)
     reference_power: torch.Tensor | float = 0.0  # Σ y² of the FP output (a tensor: no GPU sync per step)
-    count: int = 0  # number of output elements compared per candidate
-    steps: int = field(default=0)
-
-    def mse(self) -> torch.Tensor:
-        return self.squared_error / max(self.count, 1)
 
     def relative(self) -> torch.Tensor:
         """Squared error relative to the FP output's power (0 = exact)."""
@@ -81,8 +76,6 @@ def score_candidates(
         entry = sums.setdefault(target.name, ErrorSums(torch.zeros_like(error)))
         entry.squared_error += error
         entry.reference_power = entry.reference_power + reference.float().pow(2).sum().double()
-        entry.count += reference.numel()
-        entry.steps += 1
 
     with input_hooks(model, targets, accumulate):
         run_sampling(model, diffusion, run, device, progress, desc=desc)
