@@ -18,18 +18,16 @@ from .smooth import static_activation_range
 
 def quantize_layer(
     linear: nn.Linear,
-    factors: torch.Tensor | None,
+    factors: torch.Tensor,
     config: QuantConfig,
     lora_iters: int,
     stats: ChannelStats | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[QuantizedLayer, tuple[float, ...]]:
-    """The layer with input divided by `factors` (shape (in,) or (candidates, in); None: no
+    """The layer with input divided by `factors` (shape (in,) or (candidates, in); ones: no
     smoothing) and weight columns multiplied by them, quantized with `lora_iters` alternating
     LoRA iterations (0: no LoRA). Returns the layer and its LoRA error history."""
-    weight = linear.weight.detach().float()
-    if factors is not None:
-        weight = weight * factors.unsqueeze(-2)
+    weight = linear.weight.detach().float() * factors.unsqueeze(-2)
     quantize = functools.partial(quantize_weight, bits=config.weight_bits, granularity=config.weight_granularity,
                                  group_size=config.weight_group_size, symmetric=config.weight_symmetric)
     rank = config.lora_rank if lora_iters > 0 else 0
@@ -39,15 +37,14 @@ def quantize_layer(
     if not config.act_dynamic:
         if stats is None:
             raise ValueError("static activation ranges need calibration statistics")
-        ones = torch.ones_like(stats.min)
-        static_range = static_activation_range(stats.min, stats.max, ones if factors is None else factors)
+        static_range = static_activation_range(stats.min, stats.max, factors)
     bias = None if linear.bias is None else linear.bias.detach().float()
     layer = QuantizedLayer(
         weight=fitted.weight,
         bias=bias,
         act_bits=config.act_bits,
         act_granularity=config.act_granularity,
-        smooth_inv=None if factors is None else 1.0 / factors,
+        smooth_inv=1.0 / factors,
         lora_left=fitted.left,
         lora_right=fitted.right,
         static_range=static_range,

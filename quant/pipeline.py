@@ -90,17 +90,15 @@ def quantize_dit(
         with stage("calibration (TAS statistics)"):
             stats = collect_channel_stats(model, diffusion, targets, run, device, progress)
 
-    def one_candidate(target: LayerTarget, lora_iters: int) -> tuple[QuantizedLayer, tuple[float, ...]]:
-        """The layer quantized with its chosen factors (1 when not smoothing) as a batch of one."""
-        f = factors[target.name]
+    def one_candidate(target: LayerTarget, f: torch.Tensor | None, lora_iters: int):
+        """The layer quantized with factors f (None: no smoothing) as a batch of one."""
         f = torch.ones(linears[target.name].in_features, device=device) if f is None else f
         return quantize_layer(linears[target.name], f.unsqueeze(0), config, lora_iters, stats.get(target.name),
                               generator)
 
     def rtn(target: LayerTarget) -> QuantizedLayer:
         """Plain round-to-nearest: no smoothing, no LoRA; the "before" of the report."""
-        ones = torch.ones(1, linears[target.name].in_features, device=device)
-        return quantize_layer(linears[target.name], ones, config, 0, stats.get(target.name))[0]
+        return one_candidate(target, None, 0)[0]
 
     factors: dict[str, torch.Tensor | None] = {t.name: None for t in targets}
     chosen: dict[str, int] = {}
@@ -136,7 +134,8 @@ def quantize_dit(
         from tqdm.auto import tqdm
 
         lora_iters = config.lora_iters if config.lora_rank else 0
-        fitted = {t.name: one_candidate(t, lora_iters) for t in tqdm(targets, desc="weights + LoRA", disable=not progress)}
+        fitted = {t.name: one_candidate(t, factors[t.name], lora_iters)
+                  for t in tqdm(targets, desc="weights + LoRA", disable=not progress)}
         finals = {name: layer for name, (layer, _) in fitted.items()}
         lora_errors = {name: errors for name, (_, errors) in fitted.items()}
 

@@ -103,12 +103,6 @@ def quantize_weight(
     return QuantizedWeight(codes, scale, zero.to(torch.uint8), bits, used_group)
 
 
-def fake_quant_weight(w: torch.Tensor, bits: int, granularity: str = "per_channel", group_size: int = 128,
-                      symmetric: bool = False) -> torch.Tensor:
-    """The weight as its quantized values (dequantized), in w's dtype."""
-    return quantize_weight(w, bits, granularity, group_size, symmetric).dequantize(torch.float32).to(w.dtype)
-
-
 #################################################################################
 #                               Activations                                     #
 #################################################################################
