@@ -28,7 +28,14 @@ from errors import UserError
 from fileio import sha256_of
 from quant.calibrate import CalibrationRun, default_calibration_labels
 from quant.checkpoint import save_quantized
-from quant.config import ACT_BITS_RANGE, WEIGHT_BITS_RANGE, WEIGHT_GRANULARITIES, QuantConfig, default_alpha_grid
+from quant.config import (
+    ACT_BITS_RANGE,
+    ADALN_WEIGHT_BITS,
+    WEIGHT_BITS_RANGE,
+    WEIGHT_GRANULARITIES,
+    QuantConfig,
+    default_alpha_grid,
+)
 from quant.pipeline import quantize_dit
 
 
@@ -39,7 +46,7 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
             weight_group_size=args.weight_group_size, act_granularity=args.act_granularity,
             act_dynamic=not args.static_act, smooth=not args.no_smooth, alpha_grid=tuple(args.alpha_grid),
             lora_rank=args.lora_rank, lora_iters=args.lora_iters, search_lora_iters=args.search_lora_iters,
-            search_rows_per_step=args.search_rows_per_step,
+            search_rows_per_step=args.search_rows_per_step, adaln_weight_bits=args.adaln_bit,
         )
     except ValueError as error:
         raise UserError(f"{error}") from None
@@ -105,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "or 16 labels cycling through the classes)")
     parser.add_argument("--alpha-grid", type=float, nargs="+", default=list(default_alpha_grid()),
                         help="smoothing strengths to search (default 0, 0.05, ..., 1)")
+    parser.add_argument("--adaln-bit", type=int, choices=ADALN_WEIGHT_BITS, default=defaults.global_adaln_bit,
+                        help="weight-only bits of each block's adaLN modulation layer, after folding (default from "
+                             f"config.py: {defaults.global_adaln_bit}; none = floating point, as in the paper)")
     parser.add_argument("--lora-rank", type=int, default=32, help="rank of the training-free LoRA (0: none)")
     parser.add_argument("--lora-iters", type=int, default=10, help="alternating quantize/low-rank iterations")
     parser.add_argument("--search-lora-iters", type=int, default=QuantConfig.search_lora_iters,

@@ -4,3 +4,5 @@ its settings as a QuantConfig, never from this module."""
 
 global_act_bit = 8
 global_weight_bit = 4
+# Weight-only bits of the adaLN modulation layers (None: floating point, as in the paper).
+global_adaln_bit = None

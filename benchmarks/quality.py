@@ -27,6 +27,7 @@ from classifier import DEFAULT_CLASSIFIER, features_and_predictions, load_classi
 from data import FASHION_MNIST_DIR, fashion_mnist_tensors, to_model_range  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from metrics import accuracy, frechet_distance_of_features, psnr  # noqa: E402
+from quant.backends import BACKENDS, prepare_for_inference  # noqa: E402
 from quant.calibrate import CalibrationRun, default_calibration_labels  # noqa: E402
 from quant.config import QuantConfig  # noqa: E402
 from quant.pipeline import quantize_dit  # noqa: E402
@@ -39,6 +40,7 @@ METHODS = {
     "DiTAS w/o grid (a=0.5)": dict(alpha_grid=(0.5,)),
     "RTN + LoRA": dict(smooth=False),
     "DiTAS": dict(),
+    "DiTAS + 8-bit adaLN": dict(adaln_weight_bits=8),
     # the grid search's stand-ins, measured against each other
     "DiTAS, search scored without LoRA": dict(search_lora_iters=0),
     "DiTAS, search on all rows": dict(search_rows_per_step=0),
@@ -46,6 +48,8 @@ METHODS = {
     "DiTAS, search on 512 rows": dict(search_rows_per_step=512),
     "DiTAS, search on 2048 rows": dict(search_rows_per_step=2048),
 }
+# The rows of the committed table (issue 5), in its order; the others are available by name.
+TABLE_METHODS = ["RTN", "SmoothQuant a=0.5", "DiTAS w/o LoRA", "DiTAS w/o grid (a=0.5)", "DiTAS", "RTN + LoRA"]
 
 
 def parse_setting(text: str) -> tuple[int, int]:
@@ -62,6 +66,10 @@ def generate(model, spec, n: int, batch: int, device) -> tuple[np.ndarray, np.nd
 
 def main(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    output = Path(args.output) if args.output else None
+    if output:
+        output.write_text("")
     spec = resolve_spec(None, None, args.ckpt)
     classifier = load_classifier(args.classifier, device)
     test_features, _ = features_and_predictions(classifier, fashion_mnist_tensors("test", args.data_path)[0])
@@ -76,7 +84,16 @@ def main(args: argparse.Namespace) -> None:
 
     fp_images, fp_labels = generate(load_model(spec, args.ckpt, device), spec, args.num_samples, args.batch, device)
     fp_row, fp_features = measure(fp_images, fp_labels)
-    rows = [{"setting": "FP", "method": "-", **fp_row}]
+    rows = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if output:  # one line per row as soon as it is measured, so an interrupted run keeps its rows
+            with output.open("a") as stream:
+                stream.write(json.dumps(row) + "\n")
+
+    add({"setting": "FP", "method": "-", **fp_row})
     run = CalibrationRun(default_calibration_labels(spec.num_classes), 1.5, 50, 0)
     for setting in args.settings:
         weight_bits, act_bits = parse_setting(setting)
@@ -86,13 +103,11 @@ def main(args: argparse.Namespace) -> None:
             model, _ = quantize_dit(load_model(spec, args.ckpt, device), create_diffusion("50"), config, run, device,
                                     progress=False)
             seconds = time.perf_counter() - start
+            prepare_for_inference(model, args.backend, torch.bfloat16 if args.backend == "triton" else torch.float32)
             images, labels = generate(model, spec, args.num_samples, args.batch, device)
             row, _ = measure(images, labels, fp_images, fp_features)
-            rows.append({"setting": config.label, "method": method, **row, "quant_s": seconds})
-            print(json.dumps(rows[-1]), flush=True)
+            add({"setting": config.label, "method": method, "backend": args.backend, **row, "quant_s": seconds})
 
-    if args.output:
-        Path(args.output).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     print("| setting | method | FD vs test | FD vs FP | class acc. | PSNR vs FP (dB) | quant. time (s) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -106,10 +121,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--classifier", default=DEFAULT_CLASSIFIER)
     parser.add_argument("--data-path", default=str(FASHION_MNIST_DIR))
     parser.add_argument("--num-samples", type=int, default=2000)
-    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=1000, help="images per sampling batch (twice the rows with CFG)")
     parser.add_argument("--settings", nargs="+", default=["W8A8", "W4A8", "W4A6", "W3A8"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=TABLE_METHODS, choices=list(METHODS))
     parser.add_argument("--output", default=None, help="JSON lines file for the rows")
+    parser.add_argument("--backend", choices=BACKENDS, default="fake",
+                        help="fake: the reference numerics (float32); triton: int8 kernels, float parts in bf16")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="TF32 matmuls on Ampere+ GPUs, as the samplers use by default")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args()
 

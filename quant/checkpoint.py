@@ -18,7 +18,7 @@ from checkpoints import ModelSpec
 from errors import UserError
 
 from .config import QuantConfig
-from .modules import QuantLinear
+from .modules import QuantLinear, WeightOnlyLinear
 from .targets import quant_targets, set_module
 
 WEIGHTS_FILE = "model.safetensors"
@@ -91,6 +91,11 @@ def build_quantized_shell(spec: ModelSpec, config: QuantConfig, on_the_fly_roles
                                 has_smooth=config.smooth and target.role in on_the_fly_roles,
                                 has_bias=linear.bias is not None)
             set_module(model, target.name, shell)
+        if config.adaln_weight_bits is not None:
+            for block in model.blocks:
+                linear = block.adaLN_modulation[-1]
+                block.adaLN_modulation[-1] = WeightOnlyLinear(linear.in_features, linear.out_features,
+                                                              config.adaln_weight_bits)
     return model
 
 

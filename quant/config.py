@@ -10,6 +10,7 @@ ACT_GRANULARITIES = ("per_tensor", "per_token")
 LOW_RANK_METHODS = ("exact", "randomized")
 WEIGHT_BITS_RANGE = (2, 8)
 ACT_BITS_RANGE = (4, 16)
+ADALN_WEIGHT_BITS = (8,)
 
 
 def default_alpha_grid() -> tuple[float, ...]:
@@ -46,6 +47,10 @@ class QuantConfig:
     # Rows (tokens) per timestep and layer used to score α, evenly strided; 0 uses all of them.
     # README.md gives the measured effect (512 of DiT-XL/2's 8,192 rows per step).
     search_rows_per_step: int = 512
+    # Weight-only quantization of each block's adaLN modulation layer (symmetric, per output
+    # channel) after the smoothing factors are folded into it; None keeps it in floating point
+    # (the paper). It holds a third of DiT-XL/2's weights; README.md gives the measured effect.
+    adaln_weight_bits: int | None = None
 
     def __post_init__(self):
         def check(condition: bool, message: str):
@@ -76,6 +81,8 @@ class QuantConfig:
         check(self.low_rank_method in LOW_RANK_METHODS,
               f"low-rank method must be one of {LOW_RANK_METHODS}, got {self.low_rank_method!r}")
         check(self.search_rows_per_step >= 0, "search rows per step must be >= 0")
+        check(self.adaln_weight_bits is None or self.adaln_weight_bits in ADALN_WEIGHT_BITS,
+              f"adaLN weight bits must be one of {ADALN_WEIGHT_BITS} or None, got {self.adaln_weight_bits}")
         object.__setattr__(self, "alpha_grid", tuple(float(a) for a in self.alpha_grid))
 
     def to_dict(self) -> dict:

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from .config import QuantConfig
-from .primitives import QuantizedLayer, QuantizedWeight
+from .primitives import QuantizedLayer, QuantizedWeight, quantize_weight
 
 PACKED_BITS = 4  # codes of at most this many bits are stored two per byte
 
@@ -80,3 +80,43 @@ class QuantLinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, W{self.weight_bits}A{self.act_bits}, "
                 f"group={self.group_size}, act={self.act_granularity}/{'dynamic' if self.act_range is None else 'static'}, "
                 f"lora_rank={rank}, smooth_on_the_fly={self.smooth_inv is not None}")
+
+
+class WeightOnlyLinear(nn.Module):
+    """y = x · Ŵᵀ + b with Ŵ = scale · (codes − zero): integer weights, floating-point activations.
+
+    Used for the adaLN modulation layers (QuantConfig.adaln_weight_bits): their input is the
+    per-sample conditioning (one row per image, not per token), so quantizing it saves memory
+    and bandwidth but no integer-GEMM time. Buffers as in QuantLinear, unpacked.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.register_buffer("weight_codes", torch.empty(out_features, in_features, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, 1, dtype=torch.float32, device=device))
+        self.register_buffer("weight_zero", torch.empty(out_features, 1, dtype=torch.uint8, device=device))
+        self.register_buffer("bias", torch.empty(out_features, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int) -> WeightOnlyLinear:
+        """Symmetric per-output-channel round-to-nearest of `linear`'s weight."""
+        weight = quantize_weight(linear.weight.detach(), bits, "per_channel", symmetric=True)
+        module = cls(linear.in_features, linear.out_features, bits, device=linear.weight.device)
+        module.weight_codes.copy_(weight.codes)
+        module.weight_scale.copy_(weight.scale)
+        module.weight_zero.copy_(weight.zero)
+        module.bias.copy_(linear.bias.detach())
+        return module
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        # the scale is applied in float32 so that casting the model to bf16 does not round it
+        weight = QuantizedWeight(self.weight_codes, self.weight_scale.float(), self.weight_zero, self.bits,
+                                 self.in_features)
+        return weight.dequantize(torch.float32).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.dequantized_weight(x.dtype), self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, W{self.bits} weight-only"

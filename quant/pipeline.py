@@ -22,7 +22,7 @@ from .calibrate import CalibrationRun, ChannelStats, collect_channel_stats
 from .config import QuantConfig
 from .fold import MODULATION_OF, fold_into_modulation, fold_into_value_rows
 from .layers import quantize_layer
-from .modules import QuantLinear
+from .modules import QuantLinear, WeightOnlyLinear
 from .primitives import QuantizedLayer
 from .scoring import score_candidates
 from .smooth import best_candidate, smoothing_factors, weight_channel_absmax
@@ -184,3 +184,8 @@ def install(model: nn.Module, targets: list[LayerTarget], layers: dict[str, Quan
             fold_into_modulation(block.adaLN_modulation[-1], t.role, s)
         elif t.role == "proj":
             fold_into_value_rows(block.attn.qkv, s)
+    if config.adaln_weight_bits is not None:
+        # after folding, so that the integer weights include the smoothing factors
+        for block in model.blocks:
+            block.adaLN_modulation[-1] = WeightOnlyLinear.from_linear(block.adaLN_modulation[-1],
+                                                                      config.adaln_weight_bits)

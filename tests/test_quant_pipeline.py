@@ -21,7 +21,7 @@ from quant.calibrate import CalibrationRun, default_calibration_labels
 from quant.checkpoint import load_quantized, save_quantized
 from quant.config import QuantConfig
 from quant.layers import quantize_layer
-from quant.modules import QuantLinear
+from quant.modules import QuantLinear, WeightOnlyLinear
 from quant.pipeline import install, quantize_dit
 from quant.primitives import unpack_int4
 from quant.targets import get_module, quant_targets
@@ -174,6 +174,29 @@ def test_any_dit_config_quantizes(tmp_path):
     loaded, _, _ = load_quantized(tmp_path / "q")
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 7]), torch.tensor([2, 2])
     assert torch.equal(loaded(x, t, y), quantized(x, t, y))
+
+
+def test_weight_only_adaln_is_close_smaller_and_round_trips(tmp_path):
+    spec = ModelSpec(dit_kwargs=dict(TINY_PIXEL_KWARGS), vae=None)
+    base = dict(lora_rank=4, alpha_grid=(0.5,))
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([2, 5])
+    outputs, sizes = {}, {}
+    for bits in (None, 8):
+        config = QuantConfig(adaln_weight_bits=bits, **base)
+        model, _ = quantize_dit(randomize(spec.build()), create_diffusion("2"), config, calibration(10), CPU,
+                                progress=False)
+        outputs[bits] = model(x, t, y)
+        sizes[bits] = sum(b.numel() * b.element_size() for b in model.state_dict().values())
+        if bits:
+            adaln = model.blocks[0].adaLN_modulation[-1]
+            assert isinstance(adaln, WeightOnlyLinear) and adaln.weight_codes.dtype == torch.uint8
+            save_quantized(tmp_path / "q", model, config, spec)
+            loaded, loaded_config, _ = load_quantized(tmp_path / "q")
+            assert loaded_config.adaln_weight_bits == 8
+            assert torch.equal(loaded(x, t, y), outputs[bits])
+    error = (outputs[8] - outputs[None]).norm() / outputs[None].norm()
+    assert 0 < error.item() < 0.05
+    assert sizes[8] < sizes[None]
 
 
 def test_static_and_per_token_activations_run():
