@@ -78,7 +78,8 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+        features = self.timestep_embedding(t, self.frequency_embedding_size)  # float32, for any t
+        return self.mlp(features.to(self.mlp[0].weight.dtype))  # the model's dtype (bf16 inference)
 
 
 class LabelEmbedder(nn.Module):

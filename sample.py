@@ -16,6 +16,7 @@ from cli import add_model_arguments, create_logger, default_device, parse_device
 from diffusion import create_diffusion
 from errors import UserError
 from images import make_grid, save_png, to_uint8
+from quant.backends import BACKEND_DTYPES, BACKEND_HELP, BACKENDS, prepare_for_inference
 from quant.checkpoint import load_quantized
 from sampling import SampleNoise, generate
 from vae import decode, load_vae
@@ -34,6 +35,7 @@ def main(args: argparse.Namespace) -> None:
     device = parse_device(args.device)
     if args.path:
         model, _, meta = load_quantized(args.path, device)
+        prepare_for_inference(model, args.backend, BACKEND_DTYPES[args.backend], logger.info)
         spec = ModelSpec.from_json_dict(meta["model_config"])
     else:
         spec, ckpt = spec_and_checkpoint(args)
@@ -54,6 +56,7 @@ def main(args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
+    parser.add_argument("--backend", choices=BACKENDS, default="fake", help=BACKEND_HELP)
     parser.add_argument("--path", type=str, default=None,
                         help="a quantized checkpoint directory from QuantDiT.py (instead of --ckpt)")
     parser.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")

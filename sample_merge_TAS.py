@@ -32,6 +32,7 @@ from diffusion import create_diffusion
 from errors import UserError
 from images import save_png
 from npzio import save_samples_npz
+from quant.backends import BACKEND_DTYPES, BACKEND_HELP, BACKENDS, prepare_for_inference
 from quant.checkpoint import load_quantized
 from sampling import SampleNoise, sample_uint8
 from vae import load_vae
@@ -47,7 +48,7 @@ def png_is_complete(path: Path) -> bool:
         return False
 
 
-def load_sampler_model(args: argparse.Namespace, device: torch.device):
+def load_sampler_model(args: argparse.Namespace, device: torch.device, log=print):
     """(model, spec, label, source name) for --fp or --path, refusing bit-widths that disagree
     with the checkpoint."""
     if args.fp:
@@ -56,6 +57,7 @@ def load_sampler_model(args: argparse.Namespace, device: torch.device):
     if not args.path:
         raise UserError("pass --path to a quantized checkpoint directory from QuantDiT.py, or --fp for full precision")
     model, config, meta = load_quantized(args.path, device)
+    prepare_for_inference(model, args.backend, BACKEND_DTYPES[args.backend], log)
     for flag, given, stored in (("--weight-bit", args.weight_bit, config.weight_bits),
                                 ("--act-bit", args.act_bit, config.act_bits)):
         if given is not None and given != stored:
@@ -75,7 +77,7 @@ def main(args: argparse.Namespace) -> None:
     rank, world, device = setup_distributed(args.device)
     logger = create_logger("sample_merge_TAS", enabled=rank == 0)
     torch.set_grad_enabled(False)
-    model, spec, label, source = load_sampler_model(args, device)
+    model, spec, label, source = load_sampler_model(args, device, logger.info)
     vae = load_vae(spec.vae, device)
     diffusion = create_diffusion(str(args.num_sampling_steps))
     folder = sample_folder(args, spec, label, source)
@@ -127,6 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--path", type=str, default=None, help="quantized checkpoint directory from QuantDiT.py")
+    parser.add_argument("--backend", choices=BACKENDS, default="fake", help=BACKEND_HELP)
     parser.add_argument("--fp", action="store_true", help="sample the unquantized model (--ckpt/--model): the baseline")
     parser.add_argument("--weight-bit", type=int, default=None,
                         help="expected weight bits; refused if the checkpoint differs (default: the checkpoint's)")

@@ -51,8 +51,13 @@ def generate(model, diffusion, labels: torch.Tensor, noise: SampleNoise, cfg_sca
         forward = model.forward_with_cfg
     else:
         z, kwargs, forward = x_T, dict(y=labels), model.forward
+    dtype = next(model.parameters()).dtype  # a bf16 model (quantized backends) gets bf16 inputs
+
+    def model_fn(x, t, **model_kwargs):
+        return forward(x.to(dtype), t, **model_kwargs).float()
+
     samples = diffusion.p_sample_loop(
-        forward, z.shape, z, clip_denoised=False, model_kwargs=kwargs, progress=progress, device=z.device,
+        model_fn, z.shape, z, clip_denoised=False, model_kwargs=kwargs, progress=progress, device=z.device,
         noise_fn=noise.noise_fn,
     )
     return samples[: len(labels)]

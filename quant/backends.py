@@ -1,0 +1,170 @@
+"""Inference backends of a quantized DiT, chosen when it is loaded.
+
+- `fake`: QuantLinear as saved; dequantizes and computes in float32 (the reference numerics).
+- `triton`: int8 GEMMs on CUDA (quant/kernels.py): W8A8, and W4A8 with the 4-bit codes kept
+  packed on the GPU; every layer a kernel does not cover (per-group weights, per-token or > 8-bit
+  activations) and every CPU run keep `fake`, said in one log line.
+
+`prepare_for_inference` also casts the model's floating-point parts to the compute dtype; the
+quantized layers keep their scales in float32 whatever that dtype is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .modules import QuantLinear, WeightOnlyLinear
+from .primitives import activation_qparams, unpack_int4
+
+BACKENDS = ("fake", "triton")
+# The float dtype each backend runs the model's unquantized parts in.
+BACKEND_DTYPES = {"fake": torch.float32, "triton": torch.bfloat16}
+BACKEND_HELP = ("how quantized layers run: fake (simulated, float32: the reference numerics) or triton (int8 "
+                "GEMM kernels on CUDA, the rest of the model in bf16; falls back to fake elsewhere)")
+MAX_KERNEL_ACT_BITS = 8
+
+
+def kernel_unsupported_reason(layer: QuantLinear) -> str | None:
+    """Why the integer kernels cannot run `layer` (None: they can)."""
+    if layer.group_size != layer.in_features:
+        return "per-group weight scales"
+    if layer.act_granularity != "per_tensor":
+        return f"{layer.act_granularity} activation ranges"
+    if layer.act_bits > MAX_KERNEL_ACT_BITS:
+        return f"{layer.act_bits}-bit activations"
+    return None
+
+
+class TritonQuantLinear(nn.Module):
+    """The same function as a QuantLinear, computed by the int8 kernels. Built from a QuantLinear;
+    holds only what the kernels read (codes signed or packed, int32 column sums and zero points,
+    float32 scales and bias, bf16 LoRA factors padded to a rank multiple of 16)."""
+
+    def __init__(self, source: QuantLinear):
+        super().__init__()
+        from .kernels import BYTE_SHIFT, LORA_MULTIPLE, LORA_TORCH_DTYPE, PACKED_SHIFT
+
+        self.in_features, self.out_features = source.in_features, source.out_features
+        self.act_bits, self.weight_bits, self.packed = source.act_bits, source.weight_bits, source.packed
+        shift = PACKED_SHIFT.value if self.packed else BYTE_SHIFT
+        codes = unpack_int4(source.weight_codes) if self.packed else source.weight_codes
+        signed = codes.to(torch.int32) - shift
+        weight = source.weight_codes if self.packed else signed.to(torch.int8)
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("column_sums", signed.sum(dim=1, dtype=torch.int32))
+        self.register_buffer("weight_zero", source.weight_zero.reshape(-1).to(torch.int32) - shift)
+        self.register_buffer("weight_scale", source.weight_scale.reshape(-1).float().contiguous())
+        self.register_buffer("bias", None if source.bias is None else source.bias.float().contiguous())
+        self.register_buffer("smooth_inv", None if source.smooth_inv is None else source.smooth_inv.float())
+        self.register_buffer("act_range", None if source.act_range is None else source.act_range.float())
+        left, right = source.lora_left, source.lora_right
+        if left is not None:
+            padded = -(-left.shape[1] // LORA_MULTIPLE) * LORA_MULTIPLE
+            left = F.pad(left.float(), (0, padded - left.shape[1])).to(LORA_TORCH_DTYPE).contiguous()
+            right = F.pad(right.float(), (0, 0, 0, padded - right.shape[0])).to(LORA_TORCH_DTYPE).contiguous()
+        self.register_buffer("lora_left", left)
+        self.register_buffer("lora_right", right)
+
+    def _apply(self, fn, recurse=True):
+        # Keep the kernels' dtypes when the model is cast (model.to(bfloat16) must not round the
+        # float32 scales); moving between devices still applies.
+        def same_dtype(t: torch.Tensor) -> torch.Tensor:
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(moved.device)
+
+        return super()._apply(same_dtype, recurse)
+
+    def qparams(self, x2d: torch.Tensor) -> torch.Tensor:
+        """[scale, zero] of the activation codes as a float32 device tensor (no host sync)."""
+        if self.act_range is not None:
+            lo, hi = self.act_range[0], self.act_range[1]
+        else:
+            smoothed = x2d if self.smooth_inv is None else x2d.float() * self.smooth_inv
+            lo, hi = torch.aminmax(smoothed)
+        return torch.stack(activation_qparams(lo, hi, self.act_bits))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features)
+        if x2d.stride(-1) != 1:
+            x2d = x2d.contiguous()
+        y = torch.ops.ditas.int8_linear(
+            x2d, self.qparams(x2d), self.smooth_inv, self.lora_right, self.weight, self.packed, self.column_sums,
+            self.weight_zero, self.weight_scale, self.bias, self.lora_left, self.act_bits,
+        )
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        rank = 0 if self.lora_left is None else self.lora_left.shape[1]
+        return (f"in={self.in_features}, out={self.out_features}, W{self.weight_bits}A{self.act_bits} int8 GEMM, "
+                f"packed={self.packed}, lora_rank(padded)={rank}, smooth_on_the_fly={self.smooth_inv is not None}")
+
+
+_registered = False
+
+
+def register_kernel_op() -> None:
+    """torch.ops.ditas.int8_linear: the kernels as one custom op, opaque to torch.compile (which
+    still fuses the range reduction and everything around it)."""
+    global _registered
+    if _registered:
+        return
+    from .kernels import int8_gemm, quantize_rows
+
+    @torch.library.custom_op("ditas::int8_linear", mutates_args=())
+    def int8_linear(x: torch.Tensor, qparams: torch.Tensor, smooth_inv: torch.Tensor | None,
+                    lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool, column_sums: torch.Tensor,
+                    weight_zero: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                    lora_left: torch.Tensor | None, act_bits: int) -> torch.Tensor:
+        codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right)
+        return int8_gemm(codes, rowsum, qparams, weight, packed, column_sums, weight_zero, weight_scale, bias, down,
+                         lora_left, x.dtype)
+
+    @int8_linear.register_fake
+    def _(x, qparams, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
+          lora_left, act_bits):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    _registered = True
+
+
+def cast_float_parts(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating-point parameters of every module except the quantized ones."""
+    for module in model.modules():
+        if isinstance(module, (QuantLinear, WeightOnlyLinear, TritonQuantLinear)):
+            continue
+        for parameter in module.parameters(recurse=False):
+            if parameter.is_floating_point():
+                parameter.data = parameter.data.to(dtype)
+
+
+def prepare_for_inference(model: nn.Module, backend: str = "fake", dtype: torch.dtype = torch.float32,
+                          log: Callable[[str], None] = print) -> nn.Module:
+    """The model ready to run with `backend`, its float parts in `dtype` (in place; returned)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    cast_float_parts(model, dtype)
+    if backend == "fake":
+        return model
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        log(f"backend triton needs a CUDA device (the model is on {device}): all {len(layers)} quantized layers "
+            "use the fake backend")
+        return model
+    register_kernel_op()
+    fallbacks: dict[str, int] = {}
+    for name, layer in layers:
+        reason = kernel_unsupported_reason(layer)
+        if reason:
+            fallbacks[reason] = fallbacks.get(reason, 0) + 1
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, TritonQuantLinear(layer))
+    if fallbacks:
+        log(f"backend triton: {sum(fallbacks.values())} of {len(layers)} quantized layers use the fake backend "
+            f"(not covered by the kernels: {', '.join(f'{n} with {r}' for r, n in fallbacks.items())})")
+    return model

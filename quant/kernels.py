@@ -1,0 +1,183 @@
+"""Triton kernels of the integer inference path: a quantize pass and an int8 GEMM.
+
+A DiTAS layer computes  y = Q_a(x ⊙ smooth_inv) · (Ŵ + L·R)ᵀ + b  with
+    x̂ = s_x · (q − z_x)            (per-tensor activation codes q in [0, 2^a − 1], a ≤ 8)
+    Ŵ = s_w[n] · (c − z_w[n])       (per-output-channel weight codes c in [0, 2^b − 1]).
+Both sides are stored shifted to signed int8 (q' = q − 128, c' = c − 128, or c − 8 for packed
+codes of b ≤ 4 bits), so that with z' = z − shift
+    Σ_k (q − z_x)(c − z_w) = Σ_k q'c' − z'_w Σ_k q' − z'_x Σ_k c' + K z'_x z'_w,
+an int8 tensor-core GEMM plus per-row (Σ_k q') and per-column (Σ_k c') corrections, all in int32.
+
+`quantize_rows` reads x once: it applies fc2's on-the-fly smoothing, writes the int8 codes and
+their row sums, and computes the LoRA down-projection (q − z_x)·Rᵀ from the same tile (the
+reference feeds the quantized activation to the LoRA branch too). `int8_linear` runs the GEMM
+and, in its epilogue, the zero-point corrections, both scales, the LoRA up-projection and the bias.
+The per-tensor range (one scalar pair) is computed beforehand by torch, where torch.compile fuses
+it into the producer of x; it is passed as a device tensor, so nothing synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Kernels read module globals only as tl.constexpr objects.
+ACT_SHIFT = tl.constexpr(128)  # activation codes are stored as q − 128 (int8)
+PACKED_SHIFT = tl.constexpr(8)  # packed (≤ 4-bit) weight codes are used as c − 8
+BYTE_SHIFT = 128  # unpacked weight codes are stored as c − 128
+ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 · 2^23: (v + M) − M rounds float32 |v| < 2^22 half to even
+LORA_MULTIPLE = 16  # tl.dot needs every dimension ≥ 16: the LoRA rank is zero-padded to a multiple
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# The LoRA products run on bf16 tensor cores; Triton's CPU interpreter (numpy) has no bf16, so
+# under it they run in float32 (tests check the kernels' logic there, not bf16 rounding).
+LORA_TORCH_DTYPE = torch.float32 if INTERPRETED else torch.bfloat16
+LORA_DTYPE = tl.constexpr(tl.float32 if INTERPRETED else tl.bfloat16)
+
+
+def _configs(options: list[dict], interpreted: dict) -> list[triton.Config]:
+    """Autotuning candidates; one small tile under the CPU interpreter (tests), where timing is moot."""
+    chosen = [interpreted] if INTERPRETED else options
+    return [triton.Config({k: v for k, v in o.items() if k.startswith("BLOCK") or k == "GROUP_M"},
+                          num_warps=o.get("warps", 4), num_stages=o.get("stages", 3)) for o in chosen]
+
+
+QUANTIZE_CONFIGS = _configs(
+    [dict(BLOCK_M=32, BLOCK_K=128, warps=4), dict(BLOCK_M=64, BLOCK_K=128, warps=4)],
+    dict(BLOCK_M=16, BLOCK_K=32),
+)
+
+GEMM_CONFIGS = _configs(
+    [dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, warps=8, stages=3),
+     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, warps=8, stages=3),
+     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=4, stages=4)],
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2),
+)
+
+
+@triton.autotune(configs=QUANTIZE_CONFIGS, key=["K", "RANK", "HAS_SMOOTH"])
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, smooth_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr,
+    M, stride_xm,
+    K: tl.constexpr, QMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    scale = tl.load(qparams_ptr)
+    zero = tl.load(qparams_ptr + 1)
+    rowsum = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if RANK > 0:
+        down = tl.zeros([BLOCK_M, RANK], dtype=tl.float32)
+        ranks = tl.arange(0, RANK)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            x = x * tl.load(smooth_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        rounded = (x / scale + ROUND_MAGIC) - ROUND_MAGIC
+        q = tl.minimum(tl.maximum(rounded + zero, 0.0), QMAX)
+        shifted = tl.where(mask, q - ACT_SHIFT, 0.0).to(tl.int32)
+        tl.store(codes_ptr + rows[:, None] * K + cols[None, :], shifted.to(tl.int8), mask=mask)
+        rowsum += tl.sum(shifted, axis=1)
+        if RANK > 0:
+            centered = tl.where(mask, q - zero, 0.0).to(LORA_DTYPE)  # integers |v| ≤ 255: exact in bf16
+            right = tl.load(right_ptr + ranks[None, :] * K + cols[:, None], mask=col_ok[:, None], other=0.0)
+            down += tl.dot(centered, right)
+    tl.store(rowsum_ptr + rows, rowsum, mask=row_ok)
+    if RANK > 0:
+        tl.store(down_ptr + rows[:, None] * RANK + ranks[None, :], down, mask=row_ok[:, None])
+
+
+@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "PACKED", "RANK"])
+@triton.jit
+def _int8_gemm_kernel(
+    a_ptr, b_ptr, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr,
+    out_ptr, M, N, stride_om,
+    K: tl.constexpr, PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # grouped tile order: GROUP_M row tiles share each column tile while it is in L2
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < M, cols < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0)
+        if PACKED:
+            half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(b_ptr + cols[:, None] * (K // 2) + half[None, :],
+                             mask=col_ok[:, None] & (half < K // 2)[None, :], other=PACKED_SHIFT * 17)
+            low = (packed & 0xF).to(tl.int8) - PACKED_SHIFT
+            high = (packed >> 4).to(tl.int8) - PACKED_SHIFT
+            b = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))  # element 2j is the low nibble
+        else:
+            b = tl.load(b_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+
+    scale_x = tl.load(qparams_ptr)
+    zero_x = tl.load(qparams_ptr + 1).to(tl.int32) - ACT_SHIFT
+    rowsum = tl.load(rowsum_ptr + rows, mask=row_ok, other=0)
+    colsum = tl.load(colsum_ptr + cols, mask=col_ok, other=0)
+    zero_w = tl.load(wzero_ptr + cols, mask=col_ok, other=0)
+    exact = acc - zero_x * colsum[None, :] - zero_w[None, :] * rowsum[:, None] + K * zero_x * zero_w[None, :]
+    y = exact.to(tl.float32) * (scale_x * tl.load(wscale_ptr + cols, mask=col_ok, other=0.0))[None, :]
+    if RANK > 0:
+        ranks = tl.arange(0, RANK)
+        down = tl.load(down_ptr + rows[:, None] * RANK + ranks[None, :], mask=row_ok[:, None], other=0.0)
+        left = tl.load(left_ptr + cols[:, None] * RANK + ranks[None, :], mask=col_ok[:, None], other=0.0)
+        y += tl.dot((down * scale_x).to(LORA_DTYPE), tl.trans(left))
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def quantize_rows(x: torch.Tensor, qparams: torch.Tensor, act_bits: int, smooth_inv: torch.Tensor | None,
+                  right: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(int8 codes − 128 (M, K), their int32 row sums (M,), fp32 (q − z)·Rᵀ (M, rank) or None) of a
+    2-D x with stride 1 along K; qparams = [scale, zero] (float32, on x's device)."""
+    m, k = x.shape
+    rank = 0 if right is None else right.shape[0]
+    codes = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    rowsum = torch.empty(m, dtype=torch.int32, device=x.device)
+    down = torch.empty(m, max(rank, 1), dtype=torch.float32, device=x.device)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
+    _quantize_rows_kernel[grid](
+        x, smooth_inv if smooth_inv is not None else qparams, qparams, right if right is not None else qparams,
+        codes, rowsum, down, m, x.stride(0),
+        K=k, QMAX=float(2**act_bits - 1), HAS_SMOOTH=smooth_inv is not None, RANK=rank,
+    )
+    return codes, rowsum, down if rank else None
+
+
+def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, weight: torch.Tensor, packed: bool,
+              colsum: torch.Tensor, zero_w: torch.Tensor, scale_w: torch.Tensor, bias: torch.Tensor | None,
+              down: torch.Tensor | None, left: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """The GEMM with its epilogue: out (M, N) = s_x s_w (Σ q'c' − corrections) + s_x·down·Lᵀ + b."""
+    m, k = codes.shape
+    n = weight.shape[0]
+    out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
+    rank = 0 if left is None else left.shape[1]
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _int8_gemm_kernel[grid](
+        codes, weight, rowsum, colsum, zero_w, scale_w, bias if bias is not None else scale_w, qparams,
+        down if down is not None else scale_w, left if left is not None else scale_w, out, m, n, out.stride(0),
+        K=k, PACKED=packed, HAS_BIAS=bias is not None, RANK=rank,
+    )
+    return out

@@ -1,0 +1,124 @@
+"""The inference backends: the int8 kernels (run by Triton's CPU interpreter here; the GPU check is
+benchmarks/speed.py --parts check) against the fake reference, and model preparation."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import TINY_PIXEL_KWARGS, randomize
+
+if "quant.kernels" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
+triton = pytest.importorskip("triton")
+
+from checkpoints import ModelSpec  # noqa: E402
+from quant.backends import (  # noqa: E402
+    TritonQuantLinear,
+    kernel_unsupported_reason,
+    prepare_for_inference,
+    register_kernel_op,
+)
+from quant.config import QuantConfig  # noqa: E402
+from quant.kernels import INTERPRETED, quantize_rows  # noqa: E402
+from quant.modules import QuantLinear  # noqa: E402
+from quant.primitives import QuantizedLayer, quantize_activation, quantize_weight  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not INTERPRETED, reason="the kernels were loaded without the interpreter")
+
+
+def random_quant_linear(in_features, out_features, weight_bits=4, act_bits=8, rank=4, smooth=False,
+                        static=False, granularity="per_channel", act_granularity="per_tensor", seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    config = QuantConfig(weight_bits=weight_bits, act_bits=act_bits, lora_rank=rank, act_dynamic=not static,
+                         weight_granularity=granularity, weight_group_size=16, act_granularity=act_granularity)
+    weight = quantize_weight(torch.randn(out_features, in_features, generator=generator), weight_bits, granularity, 16)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    layer = QuantizedLayer(
+        weight, randn(out_features), act_bits, act_granularity,
+        smooth_inv=torch.rand(in_features, generator=generator) + 0.5 if smooth else None,
+        lora_left=randn(out_features, rank) * 0.1 if rank else None,
+        lora_right=randn(rank, in_features) * 0.1 if rank else None,
+        static_range=(torch.tensor(-2.5), torch.tensor(3.0)) if static else None,
+    )
+    return QuantLinear.from_layer(layer, config)
+
+
+@pytest.mark.parametrize("weight_bits,act_bits,rank,smooth,static", [
+    (4, 8, 32, True, False),  # W4A8 packed, LoRA, fc2's on-the-fly smoothing
+    (8, 8, 0, False, False),  # W8A8, no LoRA
+    (3, 6, 4, False, False),  # 3-bit packed weights, 6-bit activations, rank padded to 16
+    (8, 8, 4, True, True),  # static activation range
+])
+def test_kernels_match_the_fake_reference(weight_bits, act_bits, rank, smooth, static):
+    register_kernel_op()
+    fake = random_quant_linear(48, 40, weight_bits, act_bits, rank, smooth, static)
+    kernel = TritonQuantLinear(fake)
+    x = torch.randn(3, 13, 48) * 2 + 0.3  # 39 rows: partial tiles in M, N (40) and K (48)
+    expected = fake(x)
+    got = kernel(x)
+    assert got.shape == expected.shape == (3, 13, 40)
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+
+
+def test_quantize_pass_writes_the_reference_codes_and_row_sums():
+    x = torch.randn(37, 64) * 3
+    lo, hi = x.min(), x.max()
+    codes, scale, zero = quantize_activation(x, 8, lo, hi)
+    qparams = torch.stack([scale, zero])
+    kernel_codes, rowsum, down = quantize_rows(x, qparams, 8, None, None)
+    assert down is None
+    assert torch.equal(kernel_codes.to(torch.int32), codes.to(torch.int32) - 128)
+    assert torch.equal(rowsum, (codes.to(torch.int32) - 128).sum(dim=1))
+
+
+def test_kernel_op_schema_and_fake_tensor_rule():
+    register_kernel_op()
+    kernel = TritonQuantLinear(random_quant_linear(32, 16, rank=4, smooth=True))
+    x = torch.randn(20, 32)
+    args = (x, kernel.qparams(x), kernel.smooth_inv, kernel.lora_right, kernel.weight, kernel.packed,
+            kernel.column_sums, kernel.weight_zero, kernel.weight_scale, kernel.bias, kernel.lora_left, 8)
+    torch.library.opcheck(torch.ops.ditas.int8_linear.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_kernel_layer_keeps_float32_scales_when_the_model_is_cast():
+    kernel = TritonQuantLinear(random_quant_linear(32, 16))
+    scale = kernel.weight_scale.clone()
+    kernel.to(torch.bfloat16)
+    assert kernel.weight_scale.dtype == torch.float32 and torch.equal(kernel.weight_scale, scale)
+    assert kernel.weight.dtype == torch.uint8 and kernel.weight.shape == (16, 16)  # 4-bit codes stay packed
+
+
+def test_layers_the_kernels_do_not_cover_are_named():
+    assert kernel_unsupported_reason(random_quant_linear(32, 16)) is None
+    assert "per-group" in kernel_unsupported_reason(random_quant_linear(32, 16, granularity="per_group"))
+    assert "per_token" in kernel_unsupported_reason(random_quant_linear(32, 16, act_granularity="per_token"))
+    assert "12-bit" in kernel_unsupported_reason(random_quant_linear(32, 16, act_bits=12))
+
+
+def test_triton_backend_on_cpu_falls_back_to_fake_with_one_log_line():
+    from quant.pipeline import install
+    from quant.targets import quant_targets
+
+    model = randomize(ModelSpec(dit_kwargs=dict(TINY_PIXEL_KWARGS), vae=None).build())
+    targets = quant_targets(model)
+    layers = {t.name: QuantLinear.as_layer(random_quant_linear(*reversed(model.get_submodule(t.name).weight.shape)))
+              for t in targets}
+    install(model, targets, layers, {t.name: None for t in targets}, QuantConfig(lora_rank=4))
+    lines = []
+    prepare_for_inference(model, "triton", torch.bfloat16, log=lines.append)
+    assert len(lines) == 1 and "needs a CUDA device" in lines[0] and "fake" in lines[0]
+    assert all(not isinstance(m, TritonQuantLinear) for m in model.modules())
+    assert model.x_embedder.proj.weight.dtype == torch.bfloat16
+    assert model.blocks[0].attn.qkv.weight_scale.dtype == torch.float32
+    out = model(torch.randn(2, 1, 8, 8, dtype=torch.bfloat16), torch.tensor([1, 2]), torch.tensor([0, 1]))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    with pytest.raises(ValueError, match="unknown backend"):
+        prepare_for_inference(model, "cuda-magic")
