@@ -10,7 +10,7 @@ an int8 tensor-core GEMM plus per-row (Σ_k q') and per-column (Σ_k c') correct
 
 `quantize_rows` reads x once: it applies fc2's on-the-fly smoothing, writes the int8 codes and
 their row sums, and computes the LoRA down-projection (q − z_x)·Rᵀ from the same tile (the
-reference feeds the quantized activation to the LoRA branch too). `int8_linear` runs the GEMM
+reference feeds the quantized activation to the LoRA branch too). `int8_gemm` runs the GEMM
 and, in its epilogue, the zero-point corrections, both scales, the LoRA up-projection and the bias.
 The per-tensor range (one scalar pair) is computed beforehand by torch, where torch.compile fuses
 it into the producer of x; it is passed as a device tensor, so nothing synchronises with the host.
