@@ -7,8 +7,8 @@ Parts (--parts):
 - check: every kernel against the `fake` backend on the same quantized layer (relative error, fresh
   random inputs with channel outliers, float32 and bf16 inputs), at all DiT-XL/2 and demo shapes.
 - gemm: the quantized layers' GEMMs at DiT-XL/2 shapes (M = batch × 2 (CFG) × 256 tokens) in
-  TFLOP/s (2·M·N·K per second) against bf16 cuBLAS: the int8 GEMM with its epilogue alone, and the
-  whole layer (range reduction, quantize pass, GEMM).
+  TFLOP/s (2·M·N·K per second) against bf16 cuBLAS and cuBLAS's plain int8 GEMM (torch._int_mm):
+  the int8 GEMM with its epilogue alone, and the whole layer (range reduction, quantize pass, GEMM).
 - sample: 50-step sampling with CFG (batch --batch, so 2 × batch rows), random weights, no VAE:
   ms per step, images per second, peak GPU memory and model bytes for each --rows entry.
   Each row is warmed up (compilation, autotuning) with a few forward calls before the timed run.
@@ -125,6 +125,13 @@ def gemm_microbenchmark(device, batch: int, emit) -> None:
         weight = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
         row = {"part": "gemm", "layer": role, "M": m, "K": k, "N": n,
                "bf16_cublas_TFLOPs": flops / bench_ms(functools.partial(torch.nn.functional.linear, x, weight)) / 1e9}
+        # cuBLAS's int8 GEMM (no epilogue): the int8 ceiling of this card at this shape
+        a8 = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device)
+        b8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=device)
+        try:
+            row["int8_cublas_TFLOPs"] = flops / bench_ms(functools.partial(torch._int_mm, a8, b8.t())) / 1e9
+        except RuntimeError as error:  # a private op: its layout rules change between releases
+            row["int8_cublas_TFLOPs"], row["int8_cublas_error"] = float("nan"), str(error).splitlines()[0]
         for bits in (8, 4):
             _, kernel = quantized_layer_pair(k, n, bits, role == "fc2", device)
             qparams = kernel.qparams(x)
@@ -244,10 +251,11 @@ def print_tables(rows: list[dict]) -> None:
                   f"| {r['model_MB']:.0f} |")
     gemm = [r for r in rows if r["part"] == "gemm"]
     if gemm:
-        print("\n| layer | M×K×N | bf16 cuBLAS | W8A8 GEMM | W8A8 layer | W4A8 GEMM | W4A8 layer |  (TFLOP/s)")
-        print("|---|---|---|---|---|---|---|")
+        print("\n| layer | M×K×N | bf16 cuBLAS | int8 cuBLAS | W8A8 GEMM | W8A8 layer | W4A8 GEMM | W4A8 layer |  (TFLOP/s)")
+        print("|---|---|---|---|---|---|---|---|")
         for r in gemm:
             print(f"| {r['layer']} | {r['M']}×{r['K']}×{r['N']} | {r['bf16_cublas_TFLOPs']:.0f} | "
+                  f"{r['int8_cublas_TFLOPs']:.0f} | "
                   f"{r['w8a8_gemm_TFLOPs']:.0f} | {r['w8a8_layer_TFLOPs']:.0f} | {r['w4a8_gemm_TFLOPs']:.0f} | "
                   f"{r['w4a8_layer_TFLOPs']:.0f} |")
 
