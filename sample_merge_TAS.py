@@ -57,12 +57,12 @@ def load_sampler_model(args: argparse.Namespace, device: torch.device, log=print
     if not args.path:
         raise UserError("pass --path to a quantized checkpoint directory from QuantDiT.py, or --fp for full precision")
     model, config, meta = load_quantized(args.path, device)
-    prepare_for_inference(model, args.backend, BACKEND_DTYPES[args.backend], log)
     for flag, given, stored in (("--weight-bit", args.weight_bit, config.weight_bits),
                                 ("--act-bit", args.act_bit, config.act_bits)):
         if given is not None and given != stored:
             raise UserError(f"{flag} {given} disagrees with the checkpoint ({config.label}); drop the flag or "
                             f"quantize again with QuantDiT.py {flag} {given}")
+    prepare_for_inference(model, args.backend, BACKEND_DTYPES[args.backend], log)
     return model, ModelSpec.from_json_dict(meta["model_config"]), config.label, Path(args.path).name
 
 

@@ -64,6 +64,19 @@ def layer_shapes(hidden: int) -> dict[str, tuple[int, int]]:
             "fc2": (4 * hidden, hidden)}
 
 
+def random_quantized_layer(linear: torch.nn.Linear, config: QuantConfig, on_the_fly: bool,
+                           generator: torch.Generator):
+    """(layer, factors): `linear` quantized by round-to-nearest with a one-iteration LoRA; with
+    `on_the_fly`, smoothed by random factors kept in the layer (fc2's kind), else unsmoothed (None)."""
+    factors = torch.rand(linear.in_features, generator=generator) * 2 + 0.5 if on_the_fly else None
+    used = torch.ones(linear.in_features) if factors is None else factors
+    device = linear.weight.device
+    layer = quantize_layer(linear, used.to(device).unsqueeze(0), config, 1, generator=generator)[0].select(0)
+    if factors is None:
+        return dataclasses.replace(layer, smooth_inv=None), None
+    return layer, factors.to(device)
+
+
 def quantized_layer_pair(in_features: int, out_features: int, weight_bits: int, on_the_fly: bool, device,
                          seed: int = 0) -> tuple[QuantLinear, TritonQuantLinear]:
     """One random layer quantized (rank-32 LoRA, optional on-the-fly smoothing) as fake and kernel modules."""
@@ -71,13 +84,8 @@ def quantized_layer_pair(in_features: int, out_features: int, weight_bits: int, 
     linear = torch.nn.Linear(in_features, out_features).to(device)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(out_features, in_features, generator=generator) * 0.02)
-    factors = (torch.rand(in_features, generator=generator) * 2 + 0.5) if on_the_fly else torch.ones(in_features)
     config = QuantConfig(weight_bits=weight_bits, act_bits=8)
-    layer, _ = quantize_layer(linear, factors.to(device).unsqueeze(0), config, 1, generator=generator)
-    layer = layer.select(0)
-    if not on_the_fly:
-        layer = dataclasses.replace(layer, smooth_inv=None)
-    fake = QuantLinear.from_layer(layer, config)
+    fake = QuantLinear.from_layer(random_quantized_layer(linear, config, on_the_fly, generator)[0], config)
     return fake, TritonQuantLinear(fake)
 
 
@@ -151,11 +159,8 @@ def synthetic_quantized_dit(name: str, image_size: int, device, weight_bits: int
     targets = quant_targets(model)
     layers, factors = {}, {}
     for target in targets:
-        linear = get_module(model, target.name)
-        on_the_fly = target.role == "fc2"
-        f = (torch.rand(linear.in_features, generator=generator) + 0.5) if on_the_fly else torch.ones(linear.in_features)
-        layers[target.name] = quantize_layer(linear, f.to(device).unsqueeze(0), config, 1, generator=generator)[0].select(0)
-        factors[target.name] = f.to(device) if on_the_fly else None
+        layers[target.name], factors[target.name] = random_quantized_layer(
+            get_module(model, target.name), config, target.role == "fc2", generator)
     install(model, targets, layers, factors, config)
     return model
 

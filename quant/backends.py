@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .modules import QuantLinear, WeightOnlyLinear
 from .primitives import activation_qparams, unpack_int4
+from .targets import set_module
 
 BACKENDS = ("fake", "triton")
 # The float dtype each backend runs the model's unquantized parts in.
@@ -162,8 +163,7 @@ def prepare_for_inference(model: nn.Module, backend: str = "fake", dtype: torch.
         if reason:
             fallbacks[reason] = fallbacks.get(reason, 0) + 1
             continue
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, TritonQuantLinear(layer))
+        set_module(model, name, TritonQuantLinear(layer))
     if fallbacks:
         log(f"backend triton: {sum(fallbacks.values())} of {len(layers)} quantized layers use the fake backend "
             f"(not covered by the kernels: {', '.join(f'{n} with {r}' for r, n in fallbacks.items())})")

@@ -110,7 +110,7 @@ class WeightOnlyLinear(nn.Module):
         return module
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        # the scale is applied in float32 so that casting the model to bf16 does not round it
+        # dequantized in float32, then rounded once to the compute dtype
         weight = QuantizedWeight(self.weight_codes, self.weight_scale.float(), self.weight_zero, self.bits,
                                  self.in_features)
         return weight.dequantize(torch.float32).to(dtype)
