@@ -8,11 +8,13 @@
 The quantized checkpoint from QuantDiT.py already holds the folded smoothing factors (qkv and fc1
 in adaLN, proj in the V rows of qkv; fc2 smoothed on the fly). Writes one PNG per sample into a
 folder under --sample-dir and, once all exist, `<folder>.npz` (arr_0: N×H×W×3 uint8, arr_1:
-labels), the format of ADM's evaluation suite. A rerun skips samples whose PNG exists and reads
-back, so an interrupted run resumes. Sample i's label and noise depend only on --global-seed and
-i: with full precision the images are the same for any number of processes or batch size, up to
-floating-point rounding. Per-tensor dynamic activation quantization takes its range over the
-whole batch, so quantized samples depend on which samples share a batch.
+labels), the format of ADM's evaluation suite. Sample i's label and noise depend only on
+--global-seed and i. Batch b holds samples b·B … b·B + B − 1 (B = --per-proc-batch-size) and runs
+on process b mod N, so every batch holds the same samples whatever the number of processes: the
+images are the same on 1 or N GPUs, also for quantized models, whose per-tensor dynamic activation
+ranges are taken over the whole batch (a different B changes quantized images). A rerun skips the
+batches whose PNGs all exist and read back, and redraws the others whole, so an interrupted run
+resumes to the same images.
 """
 
 from __future__ import annotations
@@ -83,24 +85,22 @@ def main(args: argparse.Namespace) -> None:
     folder = sample_folder(args, spec, label, source)
     folder.mkdir(parents=True, exist_ok=True)
 
-    mine = [i for i in range(rank, args.num_fid_samples, world)]
-    todo = [i for i in mine if not png_is_complete(folder / f"{i:06d}.png")]
+    mine = rank_batches(args.num_fid_samples, args.per_proc_batch_size, rank, world)
+    todo = [batch for batch in mine if not all(png_is_complete(folder / f"{i:06d}.png") for i in batch)]
     logger.info(f"{label} samples into {folder}: {args.num_fid_samples} in all, {world} process(es), "
-                f"{len(mine) - len(todo)} of rank 0's {len(mine)} already done")
+                f"{len(mine) - len(todo)} of rank 0's {len(mine)} batches already done")
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(todo), desc="sampling", unit="img", disable=rank != 0)
-    start = time.perf_counter()
-    for first in range(0, len(todo), args.per_proc_batch_size):
-        batch = todo[first : first + args.per_proc_batch_size]
+    bar = tqdm(total=sum(map(len, todo)), desc="sampling", unit="img", disable=rank != 0)
+    finished = [time.perf_counter()]  # time after each batch
+    for batch in todo:
         images, _ = sample_uint8(model, diffusion, vae, spec, batch, args.global_seed, args.cfg_scale, device=device)
         for index, image in zip(batch, images):
             save_png(image, folder / f"{index:06d}.png")
+        finished.append(time.perf_counter())
         bar.update(len(batch))
     bar.close()
-    elapsed = time.perf_counter() - start
-    if todo:
-        logger.info(f"rank 0: {len(todo)} images in {elapsed:.1f} s ({len(todo) / elapsed:.2f} img/s per process)")
+    log_sampling_rate(logger, todo, finished, world, device)
 
     if world > 1:
         dist.barrier()
@@ -111,6 +111,27 @@ def main(args: argparse.Namespace) -> None:
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def rank_batches(count: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """The batches of sample indices that process `rank` of `world` draws: batch b is
+    [b·batch_size, (b+1)·batch_size) ∩ [0, count) and belongs to process b mod world."""
+    starts = range(rank * batch_size, count, world * batch_size)
+    return [list(range(start, min(start + batch_size, count))) for start in starts]
+
+
+def log_sampling_rate(logger, batches: list[list[int]], finished: list[float], world: int, device) -> None:
+    """Log images per second summed over the processes. The first batch is left out when there are
+    more (it carries the warm-up: autotuning, compilation, cuBLAS heuristics)."""
+    skip = 1 if len(batches) > 1 else 0
+    images = sum(len(b) for b in batches[skip:])
+    seconds = finished[-1] - finished[skip]
+    rate = torch.tensor([images / seconds if images else 0.0], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(rate)
+    if rate.item() > 0:
+        logger.info(f"sampling rate: {rate.item():.2f} img/s over {world} process(es)"
+                    f"{' (first batch left out: warm-up)' if skip else ''}")
 
 
 def build_npz(folder: Path, count: int, global_seed: int, num_classes: int) -> Path:

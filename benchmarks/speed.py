@@ -8,7 +8,9 @@ Parts (--parts):
   random inputs with channel outliers, float32 and bf16 inputs), at all DiT-XL/2 and demo shapes.
 - gemm: the quantized layers' GEMMs at DiT-XL/2 shapes (M = batch × 2 (CFG) × 256 tokens) in
   TFLOP/s (2·M·N·K per second) against bf16 cuBLAS and cuBLAS's plain int8 GEMM (torch._int_mm):
-  the int8 GEMM with its epilogue alone, and the whole layer (range reduction, quantize pass, GEMM).
+  the int8 GEMM with its epilogue alone (default tile loads and the other kind: TMA or pointers),
+  and the whole layer eagerly (range reduction, quantize pass, GEMM).
+- profile: GPU kernel time of one forward per --rows entry, by kind of kernel (torch profiler).
 - sample: 50-step sampling with CFG (batch --batch, so 2 × batch rows), random weights, no VAE:
   ms per step, images per second, peak GPU memory and model bytes for each --rows entry.
   Each row is warmed up (compilation, autotuning) with a few forward calls before the timed run.
@@ -48,13 +50,22 @@ ROWS = {
     "fp32": (None, None, torch.float32, False),
     "bf16": (None, None, torch.bfloat16, False),
     "bf16-compile": (None, None, torch.bfloat16, True),
-    "fake-w4a8-compile": (4, "fake", torch.bfloat16, True),
+    # fake is not compiled: dynamo fails on the frozen dataclass QuantLinear builds per call
+    "fake-w4a8": (4, "fake", torch.bfloat16, False),
     "w8a8": (8, "triton", torch.bfloat16, False),
     "w8a8-compile": (8, "triton", torch.bfloat16, True),
     "w4a8": (4, "triton", torch.bfloat16, False),
     "w4a8-compile": (4, "triton", torch.bfloat16, True),
 }
 HIDDEN = {"DiT-XL/2": 1152, "demo": 256}
+# GEMM variants: name -> (weight bits, TritonQuantLinear options)
+# (the defaults: W8 tiles by pointer loads, packed W4 tiles through TMA; each also the other way)
+GEMM_VARIANTS = {
+    "w8a8": (8, {}),
+    "w8a8-tma": (8, dict(use_tma=True)),
+    "w4a8": (4, {}),
+    "w4a8-no-tma": (4, dict(use_tma=False)),
+}
 TOKENS = 256  # DiT-XL/2 at 256² (32² latents, patch 2)
 
 
@@ -78,7 +89,7 @@ def random_quantized_layer(linear: torch.nn.Linear, config: QuantConfig, on_the_
 
 
 def quantized_layer_pair(in_features: int, out_features: int, weight_bits: int, on_the_fly: bool, device,
-                         seed: int = 0) -> tuple[QuantLinear, TritonQuantLinear]:
+                         seed: int = 0, **kernel_options) -> tuple[QuantLinear, TritonQuantLinear]:
     """One random layer quantized (rank-32 LoRA, optional on-the-fly smoothing) as fake and kernel modules."""
     generator = torch.Generator().manual_seed(seed)
     linear = torch.nn.Linear(in_features, out_features).to(device)
@@ -86,7 +97,7 @@ def quantized_layer_pair(in_features: int, out_features: int, weight_bits: int, 
         linear.weight.copy_(torch.randn(out_features, in_features, generator=generator) * 0.02)
     config = QuantConfig(weight_bits=weight_bits, act_bits=8)
     fake = QuantLinear.from_layer(random_quantized_layer(linear, config, on_the_fly, generator)[0], config)
-    return fake, TritonQuantLinear(fake)
+    return fake, TritonQuantLinear(fake, **kernel_options)
 
 
 def outlier_input(rows: int, features: int, device, dtype, seed: int) -> torch.Tensor:
@@ -102,16 +113,20 @@ def check_kernels(device, emit) -> bool:
     ok = True
     for model_name, hidden in HIDDEN.items():
         for role, (k, n) in layer_shapes(hidden).items():
-            for bits in (8, 4, 3):
-                fake, kernel = quantized_layer_pair(k, n, bits, role == "fc2", device)
+            for bits, options in [*GEMM_VARIANTS.values(), (3, {})]:
+                fake, kernel = quantized_layer_pair(k, n, bits, role == "fc2", device, **options)
                 for dtype, tolerance in ((torch.float32, 2e-3), (torch.bfloat16, 8e-3)):
                     x = outlier_input(4000, k, device, dtype, seed=bits * 7 + k)
                     reference = fake(x.float()).float()
-                    error = ((kernel(x).float() - reference).norm() / reference.norm()).item()
+                    try:  # a variant that fails to compile is reported as failed, not fatal
+                        error = ((kernel(x).float() - reference).norm() / reference.norm()).item()
+                    except Exception as failure:  # noqa: BLE001
+                        error = float("nan")
+                        print(f"check {model_name} {role} {bits} {options}: {str(failure).splitlines()[0]}")
                     passed = error < tolerance
                     ok &= passed
                     emit({"part": "check", "model": model_name, "layer": role, "shape": [4000, k, n],
-                          "weight_bits": bits, "input": str(dtype).removeprefix("torch."),
+                          "weight_bits": bits, "options": options, "input": str(dtype).removeprefix("torch."),
                           "relative_error": error, "tolerance": tolerance, "passed": passed})
     return ok
 
@@ -140,15 +155,22 @@ def gemm_microbenchmark(device, batch: int, emit) -> None:
             row["int8_cublas_TFLOPs"] = flops / bench_ms(functools.partial(torch._int_mm, a8, b8.t())) / 1e9
         except RuntimeError as error:  # a private op: its layout rules change between releases
             row["int8_cublas_TFLOPs"], row["int8_cublas_error"] = float("nan"), str(error).splitlines()[0]
-        for bits in (8, 4):
-            _, kernel = quantized_layer_pair(k, n, bits, role == "fc2", device)
+        for variant, (bits, options) in GEMM_VARIANTS.items():
+            _, kernel = quantized_layer_pair(k, n, bits, role == "fc2", device, **options)
             qparams = kernel.qparams(x)
             codes, rowsum, down = quantize_rows(x, qparams, 8, kernel.smooth_inv, kernel.lora_right)
             gemm = functools.partial(int8_gemm, codes, rowsum, qparams, kernel.weight, kernel.packed,
                                      kernel.column_sums, kernel.weight_zero, kernel.weight_scale, kernel.bias, down,
-                                     kernel.lora_left, torch.bfloat16)
-            row[f"w{bits}a8_gemm_TFLOPs"] = flops / bench_ms(gemm) / 1e9
-            row[f"w{bits}a8_layer_TFLOPs"] = flops / bench_ms(functools.partial(kernel, x)) / 1e9
+                                     kernel.lora_left, torch.bfloat16, kernel.use_tma)
+            try:  # a variant that fails to compile is reported, not fatal
+                row[f"{variant}_gemm_TFLOPs"] = flops / bench_ms(gemm) / 1e9
+            except Exception as error:  # noqa: BLE001
+                row[f"{variant}_gemm_TFLOPs"], row[f"{variant}_error"] = float("nan"), str(error).splitlines()[0]
+                continue
+            if not options:  # the defaults: also the whole layer
+                row[f"w{bits}a8_layer_TFLOPs"] = flops / bench_ms(functools.partial(kernel, x)) / 1e9
+            row[f"quantize_ms_w{bits}"] = bench_ms(functools.partial(quantize_rows, x, qparams, 8, kernel.smooth_inv,
+                                                                     kernel.lora_right))
         emit(row)
 
 
@@ -210,6 +232,54 @@ def time_sampling(model, dtype, args, device) -> dict:
             "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
 
 
+# GPU kernel name patterns -> the share of a forward they are counted in (first match wins)
+KERNEL_KINDS = (
+    ("int8 GEMM + epilogue", ("_int8_gemm_kernel",)),
+    ("quantize pass", ("_quantize_rows_kernel",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),  # before GEMMs: cuDNN's names hold "sm90" too
+    ("float GEMM (cuBLAS)", ("gemm", "nvjet", "xmma", "cutlass", "sm90")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, patterns in KERNEL_KINDS:
+        if any(p.lower() in lowered for p in patterns):
+            return kind
+    return "other (norms, modulation, GELU, ranges, casts)"
+
+
+@torch.no_grad()
+def profile_forward(model, dtype, args, device, forwards: int = 2) -> dict:
+    """GPU kernel time of one CFG forward at the benchmark batch, by kind of kernel (ms)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    spec = spec_from_name(args.model, image_size=args.image_size)
+    rows = 2 * args.batch
+    x = torch.randn(rows, spec.in_channels, spec.input_size, spec.input_size, device=device, dtype=dtype)
+    t = torch.full((rows,), 500, device=device)
+    y = torch.randint(0, 1000, (rows,), device=device)
+    for _ in range(3):
+        model(x, t, y)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(forwards):
+            model(x, t, y)
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    top = []
+    for event in prof.key_averages():
+        micros = getattr(event, "self_device_time_total", 0.0)
+        if micros <= 0 or event.key.startswith(("aten::", "cuda", "Memcpy", "Memset")):
+            continue
+        kind = kernel_kind(event.key)
+        totals[kind] = totals.get(kind, 0.0) + micros / 1000 / forwards
+        top.append((micros / 1000 / forwards, event.key[:90]))
+    top.sort(reverse=True)
+    return {"ms_per_forward": {k: round(v, 2) for k, v in sorted(totals.items())},
+            "gpu_ms_per_forward": round(sum(totals.values()), 2), "top_kernels": top[:12]}
+
+
 def main(args: argparse.Namespace) -> None:
     device = torch.device("cuda")
     register_kernel_op()
@@ -230,6 +300,12 @@ def main(args: argparse.Namespace) -> None:
         print(f"kernel check: {'all passed' if passed else 'FAILED'}", flush=True)
     if "gemm" in args.parts:
         gemm_microbenchmark(device, args.batch, emit)
+    if "profile" in args.parts:
+        for name in args.rows:
+            model = build_row(name, args, device)
+            emit({"part": "profile", "row": name, **profile_forward(model, ROWS[name][2], args, device)})
+            del model
+            torch.cuda.empty_cache()
     if "sample" in args.parts:
         torch.backends.cuda.matmul.allow_tf32 = True  # the published sampler's setting (fp32 row)
         for name in args.rows:
@@ -256,18 +332,18 @@ def print_tables(rows: list[dict]) -> None:
                   f"| {r['model_MB']:.0f} |")
     gemm = [r for r in rows if r["part"] == "gemm"]
     if gemm:
-        print("\n| layer | M×K×N | bf16 cuBLAS | int8 cuBLAS | W8A8 GEMM | W8A8 layer | W4A8 GEMM | W4A8 layer |  (TFLOP/s)")
-        print("|---|---|---|---|---|---|---|---|")
+        columns = ["bf16_cublas", "int8_cublas", *(f"{v}_gemm" for v in GEMM_VARIANTS), "w8a8_layer", "w4a8_layer"]
+        print("\n| layer | M×K×N | " + " | ".join(c.replace("_", " ") for c in columns) + " |  (TFLOP/s)")
+        print("|---|---|" + "---|" * len(columns))
         for r in gemm:
-            print(f"| {r['layer']} | {r['M']}×{r['K']}×{r['N']} | {r['bf16_cublas_TFLOPs']:.0f} | "
-                  f"{r['int8_cublas_TFLOPs']:.0f} | "
-                  f"{r['w8a8_gemm_TFLOPs']:.0f} | {r['w8a8_layer_TFLOPs']:.0f} | {r['w4a8_gemm_TFLOPs']:.0f} | "
-                  f"{r['w4a8_layer_TFLOPs']:.0f} |")
+            print(f"| {r['layer']} | {r['M']}×{r['K']}×{r['N']} | "
+                  + " | ".join(f"{r[c + '_TFLOPs']:.0f}" for c in columns) + " |")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["check", "gemm", "sample"], choices=["check", "gemm", "sample"])
+    parser.add_argument("--parts", nargs="+", default=["check", "gemm", "sample"],
+                        choices=["check", "gemm", "profile", "sample"])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--model", default="DiT-XL/2")
     parser.add_argument("--image-size", type=int, default=256)

@@ -45,16 +45,19 @@ class TritonQuantLinear(nn.Module):
     holds only what the kernels read (codes signed or packed, int32 column sums and zero points,
     float32 scales and bias, bf16 LoRA factors padded to a rank multiple of 16)."""
 
-    def __init__(self, source: QuantLinear):
+    def __init__(self, source: QuantLinear, use_tma: bool | None = None):
         super().__init__()
-        from .kernels import BYTE_SHIFT, LORA_MULTIPLE, LORA_TORCH_DTYPE, PACKED_SHIFT
+        from .kernels import BYTE_SHIFT, LORA_MULTIPLE, LORA_TORCH_DTYPE, PACKED_SHIFT, pack_split
 
         self.in_features, self.out_features = source.in_features, source.out_features
         self.act_bits, self.weight_bits, self.packed = source.act_bits, source.weight_bits, source.packed
+        # TMA tile loads: 1.1-1.2x faster for packed weights on an H100, slower for int8 codes
+        # except at fc2's shape (benchmarks/RESULTS.md). TMA needs 16-byte aligned row strides.
+        self.use_tma = (self.packed and self.in_features % 16 == 0) if use_tma is None else use_tma
         shift = PACKED_SHIFT.value if self.packed else BYTE_SHIFT
         codes = unpack_int4(source.weight_codes) if self.packed else source.weight_codes
         signed = codes.to(torch.int32) - shift
-        weight = source.weight_codes if self.packed else signed.to(torch.int8)
+        weight = pack_split(codes) if self.packed else signed.to(torch.int8)
         self.register_buffer("weight", weight.contiguous())
         self.register_buffer("column_sums", signed.sum(dim=1, dtype=torch.int32))
         self.register_buffer("weight_zero", source.weight_zero.reshape(-1).to(torch.int32) - shift)
@@ -94,14 +97,14 @@ class TritonQuantLinear(nn.Module):
             x2d = x2d.contiguous()
         y = torch.ops.ditas.int8_linear(
             x2d, self.qparams(x2d), self.smooth_inv, self.lora_right, self.weight, self.packed, self.column_sums,
-            self.weight_zero, self.weight_scale, self.bias, self.lora_left, self.act_bits,
+            self.weight_zero, self.weight_scale, self.bias, self.lora_left, self.act_bits, self.use_tma,
         )
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         rank = 0 if self.lora_left is None else self.lora_left.shape[1]
         return (f"in={self.in_features}, out={self.out_features}, W{self.weight_bits}A{self.act_bits} int8 GEMM, "
-                f"packed={self.packed}, lora_rank(padded)={rank}, smooth_on_the_fly={self.smooth_inv is not None}")
+                f"packed={self.packed}, tma={self.use_tma}, lora_rank(padded)={rank}, smooth_on_the_fly={self.smooth_inv is not None}")
 
 
 _registered = False
@@ -119,14 +122,14 @@ def register_kernel_op() -> None:
     def int8_linear(x: torch.Tensor, qparams: torch.Tensor, smooth_inv: torch.Tensor | None,
                     lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool, column_sums: torch.Tensor,
                     weight_zero: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                    lora_left: torch.Tensor | None, act_bits: int) -> torch.Tensor:
+                    lora_left: torch.Tensor | None, act_bits: int, use_tma: bool) -> torch.Tensor:
         codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right)
         return int8_gemm(codes, rowsum, qparams, weight, packed, column_sums, weight_zero, weight_scale, bias, down,
-                         lora_left, x.dtype)
+                         lora_left, x.dtype, use_tma)
 
     @int8_linear.register_fake
     def _(x, qparams, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
-          lora_left, act_bits):
+          lora_left, act_bits, use_tma):
         return x.new_empty(x.shape[0], weight.shape[0])
 
     _registered = True

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -30,6 +31,12 @@ PACKED_SHIFT = tl.constexpr(8)  # packed (≤ 4-bit) weight codes are used as c 
 BYTE_SHIFT = 128  # unpacked weight codes are stored as c − 128
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 · 2^23: (v + M) − M rounds float32 |v| < 2^22 half to even
 LORA_MULTIPLE = 16  # tl.dot needs every dimension ≥ 16: the LoRA rank is zero-padded to a multiple
+# Packed ≤ 4-bit weights, "split" layout: K is cut into spans of PACK_SPAN; byte j of a span holds
+# k = j in its low nibble and k = j + PACK_SPAN/2 in its high nibble, so a span unpacks into two
+# ready-made [N, PACK_SPAN/2] operands (two dots) with no register shuffle. K is padded to whole
+# spans with code 8 (0 after the shift), which adds nothing to the products.
+PACK_SPAN = 128
+HALF_SPAN = tl.constexpr(PACK_SPAN // 2)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # The LoRA products run on bf16 tensor cores; Triton's CPU interpreter (numpy) has no bf16, so
@@ -52,7 +59,8 @@ QUANTIZE_CONFIGS = _configs(
 
 GEMM_CONFIGS = _configs(
     [dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, warps=8, stages=3),
-     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, warps=8, stages=3),
+     dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, warps=8, stages=3),
+     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, warps=8, stages=4),
      dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=4, stages=4)],
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2),
 )
@@ -95,12 +103,25 @@ def _quantize_rows_kernel(
         tl.store(down_ptr + rows[:, None] * RANK + ranks[None, :], down, mask=row_ok[:, None])
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "PACKED", "RANK"])
+@triton.jit
+def _activation_tile(a_ptr, rows, row_ok, k0, K: tl.constexpr, WIDTH: tl.constexpr):
+    ks = k0 + tl.arange(0, WIDTH)
+    return tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0)
+
+
+@triton.jit
+def _unpack_span(packed):
+    """The two signed [BLOCK_N, HALF_SPAN] operands of one split-packed span of bytes."""
+    return (packed & 0xF).to(tl.int8) - PACKED_SHIFT, (packed >> 4).to(tl.int8) - PACKED_SHIFT
+
+
+@triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K", "PACKED", "USE_TMA", "RANK"])
 @triton.jit
 def _int8_gemm_kernel(
     a_ptr, b_ptr, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr,
     out_ptr, M, N, stride_om,
-    K: tl.constexpr, PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr,
+    K: tl.constexpr, PACKED_K: tl.constexpr, PACKED: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RANK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # grouped tile order: GROUP_M row tiles share each column tile while it is in L2
@@ -116,19 +137,39 @@ def _int8_gemm_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0)
-        if PACKED:
-            half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            packed = tl.load(b_ptr + cols[:, None] * (K // 2) + half[None, :],
-                             mask=col_ok[:, None] & (half < K // 2)[None, :], other=PACKED_SHIFT * 17)
-            low = (packed & 0xF).to(tl.int8) - PACKED_SHIFT
-            high = (packed >> 4).to(tl.int8) - PACKED_SHIFT
-            b = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))  # element 2j is the low nibble
-        else:
-            b = tl.load(b_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0)
-        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+    # With USE_TMA, tiles come through tensor descriptors; out-of-bounds rows and columns read as
+    # 0 (a zero activation column adds nothing; rows and columns past M and N are not stored).
+    if PACKED:  # split-packed ≤ 4-bit codes: each span gives two dots of HALF_SPAN
+        if USE_TMA:
+            a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [K, 1], [BLOCK_M, HALF_SPAN])
+            b_desc = tl.make_tensor_descriptor(b_ptr, [N, PACKED_K], [PACKED_K, 1], [BLOCK_N, HALF_SPAN])
+        for k0 in range(0, K, 2 * HALF_SPAN):
+            if USE_TMA:
+                low, high = _unpack_span(b_desc.load([pid_n * BLOCK_N, k0 // 2]))
+                a_low = a_desc.load([pid_m * BLOCK_M, k0])
+                a_high = a_desc.load([pid_m * BLOCK_M, k0 + HALF_SPAN])
+            else:
+                half = k0 // 2 + tl.arange(0, HALF_SPAN)
+                low, high = _unpack_span(tl.load(b_ptr + cols[:, None] * PACKED_K + half[None, :],
+                                                 mask=col_ok[:, None], other=PACKED_SHIFT * 17))
+                a_low = _activation_tile(a_ptr, rows, row_ok, k0, K, HALF_SPAN)
+                a_high = _activation_tile(a_ptr, rows, row_ok, k0 + HALF_SPAN, K, HALF_SPAN)
+            acc = tl.dot(a_low, tl.trans(low), acc, out_dtype=tl.int32)
+            acc = tl.dot(a_high, tl.trans(high), acc, out_dtype=tl.int32)
+    else:
+        if USE_TMA:
+            a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [K, 1], [BLOCK_M, BLOCK_K])
+            b_desc = tl.make_tensor_descriptor(b_ptr, [N, K], [K, 1], [BLOCK_N, BLOCK_K])
+        for k0 in range(0, K, BLOCK_K):
+            if USE_TMA:
+                a = a_desc.load([pid_m * BLOCK_M, k0])
+                w = b_desc.load([pid_n * BLOCK_N, k0])
+            else:
+                a = _activation_tile(a_ptr, rows, row_ok, k0, K, BLOCK_K)
+                ks = k0 + tl.arange(0, BLOCK_K)
+                w = tl.load(b_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :],
+                            other=0)
+            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
 
     scale_x = tl.load(qparams_ptr)
     zero_x = tl.load(qparams_ptr + 1).to(tl.int32) - ACT_SHIFT
@@ -146,6 +187,32 @@ def _int8_gemm_kernel(
         y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
+
+
+def pack_split(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes in [0, 15] -> (N, K'/2) uint8 in the split layout, K' = K rounded up to PACK_SPAN."""
+    n, k = codes.shape
+    padded = -(-k // PACK_SPAN) * PACK_SPAN
+    spans = F.pad(codes.to(torch.uint8), (0, padded - k), value=PACKED_SHIFT.value).reshape(n, -1, 2, PACK_SPAN // 2)
+    return (spans[:, :, 0] | (spans[:, :, 1] << 4)).reshape(n, padded // 2).contiguous()
+
+
+def unpack_split(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of pack_split: (N, k) codes."""
+    n = packed.shape[0]
+    spans = packed.reshape(n, -1, PACK_SPAN // 2)
+    return torch.stack([spans & 0xF, spans >> 4], dim=2).reshape(n, -1)[:, :k]
+
+
+_allocator_set = False
+
+
+def _ensure_descriptor_allocator() -> None:
+    """Device-side tensor descriptors need scratch memory from an allocator Triton is given."""
+    global _allocator_set
+    if not _allocator_set:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _allocator_set = True
 
 
 def quantize_rows(x: torch.Tensor, qparams: torch.Tensor, act_bits: int, smooth_inv: torch.Tensor | None,
@@ -168,8 +235,13 @@ def quantize_rows(x: torch.Tensor, qparams: torch.Tensor, act_bits: int, smooth_
 
 def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, weight: torch.Tensor, packed: bool,
               colsum: torch.Tensor, zero_w: torch.Tensor, scale_w: torch.Tensor, bias: torch.Tensor | None,
-              down: torch.Tensor | None, left: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """The GEMM with its epilogue: out (M, N) = s_x s_w (Σ q'c' − corrections) + s_x·down·Lᵀ + b."""
+              down: torch.Tensor | None, left: torch.Tensor | None, out_dtype: torch.dtype,
+              use_tma: bool = False) -> torch.Tensor:
+    """The GEMM with its epilogue: out (M, N) = s_x s_w (Σ q'c' − corrections) + s_x·down·Lᵀ + b.
+    `weight` is int8 (N, K) signed codes, or (packed) uint8 codes in the split layout (pack_split).
+    `use_tma` loads tiles with Hopper's tensor memory accelerator (device-side descriptors)."""
+    if use_tma:
+        _ensure_descriptor_allocator()
     m, k = codes.shape
     n = weight.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
@@ -178,6 +250,7 @@ def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, 
     _int8_gemm_kernel[grid](
         codes, weight, rowsum, colsum, zero_w, scale_w, bias if bias is not None else scale_w, qparams,
         down if down is not None else scale_w, left if left is not None else scale_w, out, m, n, out.stride(0),
-        K=k, PACKED=packed, HAS_BIAS=bias is not None, RANK=rank,
+        K=k, PACKED_K=weight.shape[1], PACKED=packed, USE_TMA=use_tma,
+        HAS_BIAS=bias is not None, RANK=rank,
     )
     return out

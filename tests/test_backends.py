@@ -23,7 +23,7 @@ from quant.backends import (  # noqa: E402
     register_kernel_op,
 )
 from quant.config import QuantConfig  # noqa: E402
-from quant.kernels import INTERPRETED, quantize_rows  # noqa: E402
+from quant.kernels import INTERPRETED, PACK_SPAN, pack_split, quantize_rows, unpack_split  # noqa: E402
 from quant.modules import QuantLinear  # noqa: E402
 from quant.primitives import QuantizedLayer, quantize_activation, quantize_weight  # noqa: E402
 
@@ -50,16 +50,18 @@ def random_quant_linear(in_features, out_features, weight_bits=4, act_bits=8, ra
     return QuantLinear.from_layer(layer, config)
 
 
-@pytest.mark.parametrize("weight_bits,act_bits,rank,smooth,static", [
-    (4, 8, 32, True, False),  # W4A8 packed, LoRA, fc2's on-the-fly smoothing
-    (8, 8, 0, False, False),  # W8A8, no LoRA
-    (3, 6, 4, False, False),  # 3-bit packed weights, 6-bit activations, rank padded to 16
-    (8, 8, 4, True, True),  # static activation range
+@pytest.mark.parametrize("weight_bits,act_bits,rank,smooth,static,options", [
+    (4, 8, 32, True, False, {}),  # W4A8 packed (TMA loads), LoRA, fc2's on-the-fly smoothing
+    (4, 8, 32, True, False, dict(use_tma=False)),  # the same with pointer loads
+    (8, 8, 0, False, False, {}),  # W8A8 (pointer loads), no LoRA
+    (8, 8, 4, False, False, dict(use_tma=True)),
+    (3, 6, 4, False, False, {}),  # 3-bit packed weights, 6-bit activations, rank padded to 16
+    (8, 8, 4, True, True, {}),  # static activation range
 ])
-def test_kernels_match_the_fake_reference(weight_bits, act_bits, rank, smooth, static):
+def test_kernels_match_the_fake_reference(weight_bits, act_bits, rank, smooth, static, options):
     register_kernel_op()
     fake = random_quant_linear(48, 40, weight_bits, act_bits, rank, smooth, static)
-    kernel = TritonQuantLinear(fake)
+    kernel = TritonQuantLinear(fake, **options)
     x = torch.randn(3, 13, 48) * 2 + 0.3  # 39 rows: partial tiles in M, N (40) and K (48)
     expected = fake(x)
     got = kernel(x)
@@ -83,7 +85,8 @@ def test_kernel_op_schema_and_fake_tensor_rule():
     kernel = TritonQuantLinear(random_quant_linear(32, 16, rank=4, smooth=True))
     x = torch.randn(20, 32)
     args = (x, kernel.qparams(x), kernel.smooth_inv, kernel.lora_right, kernel.weight, kernel.packed,
-            kernel.column_sums, kernel.weight_zero, kernel.weight_scale, kernel.bias, kernel.lora_left, 8)
+            kernel.column_sums, kernel.weight_zero, kernel.weight_scale, kernel.bias, kernel.lora_left, 8,
+            kernel.use_tma)
     torch.library.opcheck(torch.ops.ditas.int8_linear.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -93,7 +96,20 @@ def test_kernel_layer_keeps_float32_scales_when_the_model_is_cast():
     scale = kernel.weight_scale.clone()
     kernel.to(torch.bfloat16)
     assert kernel.weight_scale.dtype == torch.float32 and torch.equal(kernel.weight_scale, scale)
-    assert kernel.weight.dtype == torch.uint8 and kernel.weight.shape == (16, 16)  # 4-bit codes stay packed
+    assert kernel.weight.dtype == torch.uint8 and kernel.weight.shape == (16, 64)  # packed, K padded to 128
+
+
+@pytest.mark.parametrize("k", [32, 128, 200])
+def test_split_packing_round_trips_and_pairs_k_with_k_plus_half_span(k):
+    codes = torch.randint(0, 16, (5, k), dtype=torch.uint8)
+    packed = pack_split(codes)
+    assert packed.shape == (5, -(-k // PACK_SPAN) * PACK_SPAN // 2) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_split(packed, k), codes)
+    half = PACK_SPAN // 2
+    if k >= PACK_SPAN:
+        assert torch.equal(packed[:, 3], codes[:, 3] | (codes[:, 3 + half] << 4))
+    padded = unpack_split(packed, packed.shape[1] * 2)
+    assert (padded[:, k:] == 8).all()  # padding codes are zero after the shift
 
 
 def test_layers_the_kernels_do_not_cover_are_named():

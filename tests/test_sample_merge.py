@@ -70,15 +70,25 @@ def test_interrupted_run_resumes_to_the_same_npz(tiny_ckpt, tmp_path):
     kept = os.path.join(folder, "000000.png")
     kept_mtime = os.stat(kept).st_mtime_ns
     os.remove(npz)
-    os.remove(os.path.join(folder, "000004.png"))  # as if the run had stopped there
-    with open(os.path.join(folder, "000003.png"), "r+b") as f:  # a truncated image is redone
+    os.remove(os.path.join(folder, "000004.png"))  # as if the run had stopped in the second batch (4, 5)
+    with open(os.path.join(folder, "000005.png"), "r+b") as f:  # a truncated image is redone
         f.truncate(20)
     resumed = load_samples_npz(fp_run(tiny_ckpt, tmp_path))
     assert np.array_equal(resumed[0], reference[0]) and np.array_equal(resumed[1], reference[1])
-    assert os.stat(kept).st_mtime_ns == kept_mtime  # finished samples were not redrawn
+    assert os.stat(kept).st_mtime_ns == kept_mtime  # the finished first batch (0–3) was not redrawn
 
 
-def test_quantized_checkpoint_samples_and_refuses_other_bit_widths(tiny_ckpt, tmp_path):
+def test_batches_hold_the_same_samples_for_any_process_count():
+    from sample_merge_TAS import rank_batches
+
+    one = rank_batches(10, 4, 0, 1)
+    assert one == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    three = [rank_batches(10, 4, rank, 3) for rank in range(3)]
+    assert three == [[[0, 1, 2, 3]], [[4, 5, 6, 7]], [[8, 9]]]
+    assert sorted(b for r in range(2) for b in rank_batches(10, 4, r, 2)) == one
+
+
+def test_quantized_samples_are_the_same_on_two_processes_and_other_bit_widths_are_refused(tiny_ckpt, tmp_path):
     spec = ModelSpec(dit_kwargs=dict(TINY_PIXEL_KWARGS), vae=None)
     model = spec.build()
     model.load_state_dict(torch.load(tiny_ckpt, weights_only=True))
@@ -86,8 +96,30 @@ def test_quantized_checkpoint_samples_and_refuses_other_bit_widths(tiny_ckpt, tm
     quantized, _ = quantize_dit(model, create_diffusion("2"), config, CalibrationRun(tuple(range(10)), 1.5, 2, 0),
                                 torch.device("cpu"), progress=False)
     save_quantized(tmp_path / "q", quantized, config, spec)
-    ok = sampler("--path", str(tmp_path / "q"), "--num-fid-samples", "2", "--sample-dir", str(tmp_path / "s"))
-    assert ok.returncode == 0, ok.stderr
-    assert load_samples_npz(ok.stdout.strip().splitlines()[-1])[0].shape == (2, 8, 8, 3)
+    runs = {}
+    for nproc in (None, 2):  # batches of 2 out of 5 samples: one process draws 3 batches, two draw 2 and 1
+        result = sampler("--path", str(tmp_path / "q"), "--num-fid-samples", "5", "--per-proc-batch-size", "2",
+                         "--sample-dir", str(tmp_path / f"s{nproc}"), nproc=nproc)
+        assert result.returncode == 0, result.stderr
+        assert "sampling rate:" in result.stderr
+        runs[nproc] = load_samples_npz(result.stdout.strip().splitlines()[-1])
+    assert runs[None][0].shape == (5, 8, 8, 3)
+    # dynamic per-tensor ranges are taken over a batch: the same batches give the same images
+    assert np.array_equal(runs[None][0], runs[2][0]) and np.array_equal(runs[None][1], runs[2][1])
     bad = sampler("--path", str(tmp_path / "q"), "--act-bit", "6", "--num-fid-samples", "2")
     assert bad.returncode == 2 and "--act-bit 6 disagrees with the checkpoint (W4A8)" in bad.stderr
+
+
+def test_multi_gpu_comparison_counts_identical_images(tmp_path):
+    from benchmarks.multi_gpu import compare
+    from npzio import save_samples_npz
+
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    other = images.copy()
+    other[2, 0, 0, 0] ^= 3  # one pixel of one image differs
+    labels = np.arange(4)
+    save_samples_npz(tmp_path / "one.npz", images, labels)
+    save_samples_npz(tmp_path / "two.npz", other, labels)
+    result = compare(tmp_path / "one.npz", tmp_path / "two.npz")
+    assert result == {"labels_equal": True, "identical_images": 3, "images": 4,
+                      "max_abs_difference": abs(int(images[2, 0, 0, 0]) - int(other[2, 0, 0, 0]))}
