@@ -157,7 +157,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--act-bit", type=int, default=None,
                         help="expected activation bits; refused if the checkpoint differs (default: the checkpoint's)")
     parser.add_argument("--num-fid-samples", type=int, default=50_000, help="samples in all, over all processes")
-    parser.add_argument("--per-proc-batch-size", type=int, default=32, help="samples per forward batch per process")
+    parser.add_argument("--per-proc-batch-size", type=int, default=32,
+                        help="samples per forward batch per process; batches are dealt whole to processes, and "
+                             "quantized images depend on it (activation ranges are taken over a batch)")
     parser.add_argument("--num-sampling-steps", type=int, default=50, help="respaced diffusion steps")
     parser.add_argument("--global-seed", type=int, default=0, help="sample i's label and noise depend on it and i")
     parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1 = none)")

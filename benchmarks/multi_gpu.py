@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from npzio import load_samples_npz  # noqa: E402
+from quant.backends import BACKENDS  # noqa: E402
 
 DEMO_CKPT = ROOT / "assets" / "demo" / "dit_fmnist.safetensors"
 RATE = re.compile(r"sampling rate: ([0-9.]+) img/s")
@@ -145,7 +146,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=int, default=2, help="processes (GPUs) of the run compared with one")
     parser.add_argument("--models", nargs="+", default=["demo", "xl"], choices=["demo", "xl"])
-    parser.add_argument("--backend", default="triton", help="backend of the W4A8 runs (see sample_merge_TAS.py)")
+    parser.add_argument("--backend", default="triton", choices=BACKENDS, help="backend of the W4A8 runs")
     parser.add_argument("--num-sampling-steps", type=int, default=50)
     parser.add_argument("--demo-samples", type=int, default=2048)
     parser.add_argument("--demo-batch", type=int, default=256)
