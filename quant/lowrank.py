@@ -68,14 +68,18 @@ def quantize_with_low_rank(
     def fit(residual):
         return exact_low_rank(residual, rank) if method == "exact" else randomized_low_rank(residual, rank, generator)
 
+    def fit_residual(q: QuantizedWeight):
+        """(L, R, ‖W − Q − L·R‖) for the quantized weight q."""
+        residual = w - q.dequantize()
+        left, right = fit(residual)
+        return left, right, float(torch.linalg.norm(residual - left @ right))
+
     best_q = quantize(w)
-    best_left, best_right = fit(w - best_q.dequantize())
-    best_error = float(torch.linalg.norm(w - best_q.dequantize() - best_left @ best_right))
+    best_left, best_right, best_error = fit_residual(best_q)
     errors = [best_error]
     for _ in range(iters - 1):
         q = quantize(w - best_left @ best_right)
-        left, right = fit(w - q.dequantize())
-        error = float(torch.linalg.norm(w - q.dequantize() - left @ right))
+        left, right, error = fit_residual(q)
         if error > best_error:
             break
         best_q, best_left, best_right, best_error = q, left, right, error
