@@ -14,7 +14,6 @@ lines, appended to --output as measured, and as a markdown table at the end.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -28,6 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.rowlog import RowLog  # noqa: E402
 from npzio import load_samples_npz  # noqa: E402
 from quant.backends import BACKENDS  # noqa: E402
 
@@ -111,14 +111,7 @@ def compare(one: Path, many: Path) -> dict:
 
 def main(args: argparse.Namespace) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
-    rows = []
-
-    def emit(row: dict) -> None:
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.output:
-            with open(args.output, "a") as stream:
-                stream.write(json.dumps(row) + "\n")
+    log = RowLog(args.output)
 
     import torch
 
@@ -130,14 +123,14 @@ def main(args: argparse.Namespace) -> None:
     for case in cases:
         npz_one, rate_one, wall_one = sample(case, 1, args)
         npz_many, rate_many, wall_many = sample(case, args.nproc, args)
-        emit({"card": card, "case": case.name, "samples": case.num_samples, "per_proc_batch": case.batch,
+        log.add({"card": card, "case": case.name, "samples": case.num_samples, "per_proc_batch": case.batch,
               "steps": args.num_sampling_steps, "nproc": args.nproc, "rate_1": rate_one, "rate_n": rate_many,
               "scaling": rate_many / rate_one, "wall_s_1": wall_one, "wall_s_n": wall_many,
               **compare(npz_one, npz_many)})
     print(f"\n| case | samples (batch / process) | img/s, 1 GPU | img/s, {args.nproc} GPUs | scaling "
           "| identical images | max pixel difference |")
     print("|---|---|---|---|---|---|---|")
-    for r in rows:
+    for r in log.rows:
         print(f"| {r['case']} | {r['samples']} ({r['per_proc_batch']}) | {r['rate_1']:.1f} | {r['rate_n']:.1f} "
               f"| {r['scaling']:.2f}× | {r['identical_images']} / {r['images']} | {r['max_abs_difference']} |")
 

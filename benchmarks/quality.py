@@ -12,7 +12,6 @@ Prints a markdown table and writes JSON lines to --output.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.rowlog import RowLog  # noqa: E402
 from checkpoints import load_model, resolve_spec  # noqa: E402
 from classifier import DEFAULT_CLASSIFIER, features_and_predictions, load_classifier  # noqa: E402
 from data import FASHION_MNIST_DIR, fashion_mnist_tensors, to_model_range  # noqa: E402
@@ -67,9 +67,7 @@ def generate(model, spec, n: int, batch: int, device) -> tuple[np.ndarray, np.nd
 def main(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    output = Path(args.output) if args.output else None
-    if output:
-        output.write_text("")
+    log = RowLog(args.output, start_empty=True)
     spec = resolve_spec(None, None, args.ckpt)
     classifier = load_classifier(args.classifier, device)
     test_features, _ = features_and_predictions(classifier, fashion_mnist_tensors("test", args.data_path)[0])
@@ -84,16 +82,7 @@ def main(args: argparse.Namespace) -> None:
 
     fp_images, fp_labels = generate(load_model(spec, args.ckpt, device), spec, args.num_samples, args.batch, device)
     fp_row, fp_features = measure(fp_images, fp_labels)
-    rows = []
-
-    def add(row: dict) -> None:
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if output:  # one line per row as soon as it is measured, so an interrupted run keeps its rows
-            with output.open("a") as stream:
-                stream.write(json.dumps(row) + "\n")
-
-    add({"setting": "FP", "method": "-", **fp_row})
+    log.add({"setting": "FP", "method": "-", **fp_row})
     run = CalibrationRun(default_calibration_labels(spec.num_classes), 1.5, 50, 0)
     for setting in args.settings:
         weight_bits, act_bits = parse_setting(setting)
@@ -106,11 +95,11 @@ def main(args: argparse.Namespace) -> None:
             prepare_for_inference(model, args.backend, BACKEND_DTYPES[args.backend])
             images, labels = generate(model, spec, args.num_samples, args.batch, device)
             row, _ = measure(images, labels, fp_images, fp_features)
-            add({"setting": config.label, "method": method, "backend": args.backend, **row, "quant_s": seconds})
+            log.add({"setting": config.label, "method": method, "backend": args.backend, **row, "quant_s": seconds})
 
     print("| setting | method | FD vs test | FD vs FP | class acc. | PSNR vs FP (dB) | quant. time (s) |")
     print("|---|---|---|---|---|---|---|")
-    for r in rows:
+    for r in log.rows:
         print(f"| {r['setting']} | {r['method']} | {r['fd_test']:.3f} | {r.get('fd_fp', float('nan')):.3f} | "
               f"{100 * r['accuracy']:.1f} % | {r.get('psnr_fp', float('nan')):.2f} | {r.get('quant_s', float('nan')):.1f} |")
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.quantize_speed import random_dit  # noqa: E402
+from benchmarks.rowlog import RowLog  # noqa: E402
 from checkpoints import spec_from_name  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from quant.backends import TritonQuantLinear, prepare_for_inference, register_kernel_op  # noqa: E402
@@ -283,41 +283,28 @@ def profile_forward(model, dtype, args, device, forwards: int = 2) -> dict:
 def main(args: argparse.Namespace) -> None:
     device = torch.device("cuda")
     register_kernel_op()
-    output = Path(args.output) if args.output else None
-    card = torch.cuda.get_device_name()
-    rows: list[dict] = []
-
-    def emit(row: dict) -> None:
-        row = {"card": card, **row}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if output:
-            with output.open("a") as stream:
-                stream.write(json.dumps(row) + "\n")
+    log = RowLog(args.output, common={"card": torch.cuda.get_device_name()})
 
     if "check" in args.parts:
-        passed = check_kernels(device, emit)
+        passed = check_kernels(device, log.add)
         print(f"kernel check: {'all passed' if passed else 'FAILED'}", flush=True)
     if "gemm" in args.parts:
-        gemm_microbenchmark(device, args.batch, emit)
-    if "profile" in args.parts:
-        for name in args.rows:
-            model = build_row(name, args, device)
-            emit({"part": "profile", "row": name, **profile_forward(model, ROWS[name][2], args, device)})
-            del model
-            torch.cuda.empty_cache()
-    if "sample" in args.parts:
+        gemm_microbenchmark(device, args.batch, log.add)
+    if "profile" in args.parts or "sample" in args.parts:
         torch.backends.cuda.matmul.allow_tf32 = True  # the published sampler's setting (fp32 row)
-        for name in args.rows:
+        for name in args.rows:  # one model per row serves both parts
             start = time.perf_counter()
             model = build_row(name, args, device)
-            result = time_sampling(model, ROWS[name][2], args, device)
-            emit({"part": "sample", "row": name, "model": args.model, "batch": args.batch,
-                  "steps": args.num_sampling_steps, "adaln_bit": args.adaln_bit if ROWS[name][0] else None,
-                  **result, "model_MB": model_bytes(model) / 1e6, "wall_s": time.perf_counter() - start})
+            if "profile" in args.parts:
+                log.add({"part": "profile", "row": name, **profile_forward(model, ROWS[name][2], args, device)})
+            if "sample" in args.parts:
+                result = time_sampling(model, ROWS[name][2], args, device)
+                log.add({"part": "sample", "row": name, "model": args.model, "batch": args.batch,
+                         "steps": args.num_sampling_steps, "adaln_bit": args.adaln_bit if ROWS[name][0] else None,
+                         **result, "model_MB": model_bytes(model) / 1e6, "wall_s": time.perf_counter() - start})
             del model
             torch.cuda.empty_cache()
-    print_tables(rows)
+    print_tables(log.rows)
 
 
 def print_tables(rows: list[dict]) -> None:
