@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.rowlog import RowLog  # noqa: E402
 from npzio import load_samples_npz  # noqa: E402
 from quant.backends import BACKENDS  # noqa: E402
+from quant.checkpoint import META_FILE  # noqa: E402
 
 DEMO_CKPT = ROOT / "assets" / "demo" / "dit_fmnist.safetensors"
 RATE = re.compile(r"sampling rate: ([0-9.]+) img/s")
@@ -53,7 +54,8 @@ def run(command: list[str], env: dict[str, str], timeout: float) -> subprocess.C
 
 
 def quantize(ckpt: Path, output: Path, env: dict[str, str], timeout: float) -> Path:
-    if not (output / "config.json").exists():
+    """A W4A8 checkpoint of `ckpt` at `output`, made by QuantDiT.py unless one is there already."""
+    if not (output / META_FILE).exists():
         run([sys.executable, "QuantDiT.py", "--ckpt", str(ckpt), "--weight-bit", "4", "--act-bit", "8",
              "--output", str(output)], env, timeout)
     return output
