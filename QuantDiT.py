@@ -30,6 +30,7 @@ from quant.calibrate import CalibrationRun, default_calibration_labels
 from quant.checkpoint import save_quantized
 from quant.config import (
     ACT_BITS_RANGE,
+    ACT_GRANULARITIES,
     ADALN_WEIGHT_BITS,
     WEIGHT_BITS_RANGE,
     WEIGHT_GRANULARITIES,
@@ -115,16 +116,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adaln-bit", type=int, choices=ADALN_WEIGHT_BITS, default=defaults.global_adaln_bit,
                         help="weight-only bits of each block's adaLN modulation layer, after folding (default from "
                              f"config.py: {defaults.global_adaln_bit}; none = floating point, as in the paper)")
-    parser.add_argument("--lora-rank", type=int, default=32, help="rank of the training-free LoRA (0: none)")
-    parser.add_argument("--lora-iters", type=int, default=10, help="alternating quantize/low-rank iterations")
+    parser.add_argument("--lora-rank", type=int, default=QuantConfig.lora_rank, help="rank of the training-free LoRA (0: none)")
+    parser.add_argument("--lora-iters", type=int, default=QuantConfig.lora_iters, help="alternating quantize/low-rank iterations")
     parser.add_argument("--search-lora-iters", type=int, default=QuantConfig.search_lora_iters,
                         help="LoRA iterations used while scoring α (a cheaper stand-in for --lora-iters)")
     parser.add_argument("--search-rows-per-step", type=int, default=QuantConfig.search_rows_per_step,
                         help="token rows per timestep and layer used to score α (0: all)")
     parser.add_argument("--weight-granularity", choices=[g for g in WEIGHT_GRANULARITIES if g != "per_tensor"],
-                        default="per_channel", help="one weight scale per output channel, or per group of inputs")
-    parser.add_argument("--weight-group-size", type=int, default=128, help="inputs per group for per_group")
-    parser.add_argument("--act-granularity", choices=["per_tensor", "per_token"], default="per_tensor",
+                        default=QuantConfig.weight_granularity, help="one weight scale per output channel, or per group of inputs")
+    parser.add_argument("--weight-group-size", type=int, default=QuantConfig.weight_group_size, help="inputs per group for per_group")
+    parser.add_argument("--act-granularity", choices=ACT_GRANULARITIES, default=QuantConfig.act_granularity,
                         help="one activation range per tensor (the paper) or per token")
     parser.add_argument("--static-act", action="store_true",
                         help="fix activation ranges from calibration instead of computing them per forward")
