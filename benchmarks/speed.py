@@ -38,7 +38,7 @@ from benchmarks.quantize_speed import random_dit  # noqa: E402
 from benchmarks.rowlog import RowLog  # noqa: E402
 from checkpoints import spec_from_name  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
-from quant.backends import TritonQuantLinear, prepare_for_inference, register_kernel_op  # noqa: E402
+from quant.backends import TritonQuantLinear, TritonQuantMlp, prepare_for_inference, register_kernel_op  # noqa: E402
 from quant.config import QuantConfig  # noqa: E402
 from quant.layers import quantize_layer  # noqa: E402
 from quant.modules import QuantLinear  # noqa: E402
@@ -57,14 +57,17 @@ ROWS = {
     "w4a8": (4, "triton", torch.bfloat16, False),
     "w4a8-compile": (4, "triton", torch.bfloat16, True),
 }
-HIDDEN = {"DiT-XL/2": 1152, "demo": 256}
-# GEMM variants: name -> (weight bits, TritonQuantLinear options)
-# (the defaults: W8 tiles by pointer loads, packed W4 tiles through TMA; each also the other way)
+HIDDEN = {"demo": 256, "DiT-XL/2": 1152}
+# GEMM variants: name -> (weight bits, TritonQuantLinear options, extra int8_gemm options)
+# (the defaults: W8 tiles by pointer loads, packed W4 tiles through TMA; each also the other way;
+# and Triton's automatic warp specialisation of the tile loop)
 GEMM_VARIANTS = {
-    "w8a8": (8, {}),
-    "w8a8-tma": (8, dict(use_tma=True)),
-    "w4a8": (4, {}),
-    "w4a8-no-tma": (4, dict(use_tma=False)),
+    "w8a8": (8, {}, {}),
+    "w8a8-tma": (8, dict(use_tma=True), {}),
+    "w8a8-ws": (8, {}, dict(warp_specialize=True)),
+    "w4a8": (4, {}, {}),
+    "w4a8-no-tma": (4, dict(use_tma=False), {}),
+    "w4a8-ws": (4, {}, dict(warp_specialize=True)),
 }
 TOKENS = 256  # DiT-XL/2 at 256² (32² latents, patch 2)
 
@@ -107,28 +110,52 @@ def outlier_input(rows: int, features: int, device, dtype, seed: int) -> torch.T
     return x.to(device=device, dtype=dtype)
 
 
+def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((got.float() - reference).norm() / reference.norm()).item()
+
+
 @torch.no_grad()
 def check_kernels(device, emit) -> bool:
     torch.backends.cuda.matmul.allow_tf32 = False  # the fake reference in true float32
     ok = True
+
+    def record(case: dict, kernel_module, fake_module) -> None:
+        nonlocal ok
+        for dtype, tolerance in ((torch.float32, 2e-3), (torch.bfloat16, 8e-3)):
+            x = outlier_input(4000, case["shape"][1], device, dtype, seed=case["weight_bits"] * 7 + case["shape"][1])
+            try:  # a variant that fails to compile is reported as failed, not fatal
+                error = relative_error(kernel_module(x), fake_module(x.float()).float())
+            except Exception as failure:  # noqa: BLE001
+                error = float("nan")
+                print(f"check {case}: {str(failure).splitlines()[0]}")
+            passed = error < tolerance
+            ok &= passed
+            emit({"part": "check", **case, "input": str(dtype).removeprefix("torch."), "relative_error": error,
+                  "tolerance": tolerance, "passed": passed})
+
+    # each weight format with each way of loading tiles (warp specialisation is a GEMM option only)
+    layer_variants = {(bits, tuple(options.items())) for bits, options, _ in GEMM_VARIANTS.values()} | {(3, ())}
     for model_name, hidden in HIDDEN.items():
         for role, (k, n) in layer_shapes(hidden).items():
-            for bits, options in [*GEMM_VARIANTS.values(), (3, {})]:
-                fake, kernel = quantized_layer_pair(k, n, bits, role == "fc2", device, **options)
-                for dtype, tolerance in ((torch.float32, 2e-3), (torch.bfloat16, 8e-3)):
-                    x = outlier_input(4000, k, device, dtype, seed=bits * 7 + k)
-                    reference = fake(x.float()).float()
-                    try:  # a variant that fails to compile is reported as failed, not fatal
-                        error = ((kernel(x).float() - reference).norm() / reference.norm()).item()
-                    except Exception as failure:  # noqa: BLE001
-                        error = float("nan")
-                        print(f"check {model_name} {role} {bits} {options}: {str(failure).splitlines()[0]}")
-                    passed = error < tolerance
-                    ok &= passed
-                    emit({"part": "check", "model": model_name, "layer": role, "shape": [4000, k, n],
-                          "weight_bits": bits, "options": options, "input": str(dtype).removeprefix("torch."),
-                          "relative_error": error, "tolerance": tolerance, "passed": passed})
+            for bits, options in sorted(layer_variants):
+                fake, kernel = quantized_layer_pair(k, n, bits, role == "fc2", device, **dict(options))
+                record({"model": model_name, "layer": role, "shape": [4000, k, n], "weight_bits": bits,
+                        "options": dict(options)}, kernel, fake)
+        for bits in (8, 4):  # fc1 -> GELU -> fc2 with GELU and fc2's range in fc1's epilogue
+            fake_mlp, fused = quantized_mlp_pair(hidden, bits, device)
+            record({"model": model_name, "layer": "mlp (fused)", "shape": [4000, hidden, hidden], "weight_bits": bits,
+                    "options": {}}, fused, fake_mlp)
     return ok
+
+
+def quantized_mlp_pair(hidden: int, weight_bits: int, device) -> tuple[torch.nn.Module, TritonQuantMlp]:
+    """A DiT Mlp with random quantized fc1 and fc2 (fc2 smoothed on the fly), as fake and fused kernel modules."""
+    from models import Mlp
+
+    mlp = Mlp(hidden, 4 * hidden)
+    mlp.fc1 = quantized_layer_pair(hidden, 4 * hidden, weight_bits, False, device, seed=1)[0]
+    mlp.fc2 = quantized_layer_pair(4 * hidden, hidden, weight_bits, True, device, seed=2)[0]
+    return mlp, TritonQuantMlp(TritonQuantLinear(mlp.fc1), TritonQuantLinear(mlp.fc2))
 
 
 def bench_ms(fn) -> float:
@@ -138,8 +165,8 @@ def bench_ms(fn) -> float:
 
 
 @torch.no_grad()
-def gemm_microbenchmark(device, batch: int, emit) -> None:
-    from quant.kernels import int8_gemm, quantize_rows
+def gemm_microbenchmark(device, batch: int, variants: list[str], emit) -> None:
+    from quant.kernels import _int8_gemm_kernel, int8_gemm, quantize_rows
 
     m = 2 * batch * TOKENS
     for role, (k, n) in layer_shapes(HIDDEN["DiT-XL/2"]).items():
@@ -155,19 +182,25 @@ def gemm_microbenchmark(device, batch: int, emit) -> None:
             row["int8_cublas_TFLOPs"] = flops / bench_ms(functools.partial(torch._int_mm, a8, b8.t())) / 1e9
         except RuntimeError as error:  # a private op: its layout rules change between releases
             row["int8_cublas_TFLOPs"], row["int8_cublas_error"] = float("nan"), str(error).splitlines()[0]
-        for variant, (bits, options) in GEMM_VARIANTS.items():
+        for variant in variants:
+            bits, options, gemm_options = GEMM_VARIANTS[variant]
             _, kernel = quantized_layer_pair(k, n, bits, role == "fc2", device, **options)
             qparams = kernel.qparams(x)
             codes, rowsum, down = quantize_rows(x, qparams, 8, kernel.smooth_inv, kernel.lora_right)
             gemm = functools.partial(int8_gemm, codes, rowsum, qparams, kernel.weight, kernel.packed,
                                      kernel.column_sums, kernel.weight_zero, kernel.weight_scale, kernel.bias, down,
-                                     kernel.lora_left, torch.bfloat16, kernel.use_tma)
+                                     kernel.lora_left, torch.bfloat16, kernel.use_tma, **gemm_options)
             try:  # a variant that fails to compile is reported, not fatal
                 row[f"{variant}_gemm_TFLOPs"] = flops / bench_ms(gemm) / 1e9
+                row[f"{variant}_config"] = str(_int8_gemm_kernel.best_config)
             except Exception as error:  # noqa: BLE001
                 row[f"{variant}_gemm_TFLOPs"], row[f"{variant}_error"] = float("nan"), str(error).splitlines()[0]
                 continue
-            if not options:  # the defaults: also the whole layer
+            if role == "fc1" and not options and not gemm_options:  # + GELU and fc2's range in the epilogue
+                bounds = torch.full((2,), float("inf"), device=device)
+                fused = functools.partial(gemm, gelu=True, bounds=bounds, bounds_scale=kernel.column_sums.float())
+                row[f"w{bits}a8_gelu_range_gemm_TFLOPs"] = flops / bench_ms(fused) / 1e9
+            if not options and not gemm_options:  # the defaults: also the whole layer
                 row[f"w{bits}a8_layer_TFLOPs"] = flops / bench_ms(functools.partial(kernel, x)) / 1e9
             row[f"quantize_ms_w{bits}"] = bench_ms(functools.partial(quantize_rows, x, qparams, 8, kernel.smooth_inv,
                                                                      kernel.lora_right))
@@ -289,7 +322,7 @@ def main(args: argparse.Namespace) -> None:
         passed = check_kernels(device, log.add)
         print(f"kernel check: {'all passed' if passed else 'FAILED'}", flush=True)
     if "gemm" in args.parts:
-        gemm_microbenchmark(device, args.batch, log.add)
+        gemm_microbenchmark(device, args.batch, args.gemm_variants, log.add)
     if "profile" in args.parts or "sample" in args.parts:
         torch.backends.cuda.matmul.allow_tf32 = True  # the published sampler's setting (fp32 row)
         for name in args.rows:  # one model per row serves both parts
@@ -319,19 +352,23 @@ def print_tables(rows: list[dict]) -> None:
                   f"| {r['model_MB']:.0f} |")
     gemm = [r for r in rows if r["part"] == "gemm"]
     if gemm:
-        columns = ["bf16_cublas", "int8_cublas", *(f"{v}_gemm" for v in GEMM_VARIANTS), "w8a8_layer", "w4a8_layer"]
+        columns = ["bf16_cublas", "int8_cublas", *(f"{v}_gemm" for v in GEMM_VARIANTS), "w8a8_layer", "w4a8_layer",
+                   "w8a8_gelu_range_gemm", "w4a8_gelu_range_gemm"]
         print("\n| layer | M×K×N | " + " | ".join(c.replace("_", " ") for c in columns) + " |  (TFLOP/s)")
         print("|---|---|" + "---|" * len(columns))
         for r in gemm:
             print(f"| {r['layer']} | {r['M']}×{r['K']}×{r['N']} | "
-                  + " | ".join(f"{r[c + '_TFLOPs']:.0f}" for c in columns) + " |")
+                  + " | ".join(f"{r.get(c + '_TFLOPs', float('nan')):.0f}" for c in columns) + " |")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["check", "gemm", "sample"],
                         choices=["check", "gemm", "profile", "sample"])
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS),
+                        help="models of the profile and sample parts")
+    parser.add_argument("--gemm-variants", nargs="+", default=list(GEMM_VARIANTS), choices=list(GEMM_VARIANTS),
+                        help="int8 GEMM variants of the gemm part")
     parser.add_argument("--model", default="DiT-XL/2")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=64, help="images per batch (2× rows with CFG)")

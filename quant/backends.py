@@ -85,21 +85,26 @@ class TritonQuantLinear(nn.Module):
     def qparams(self, x2d: torch.Tensor) -> torch.Tensor:
         """[scale, zero] of the activation codes as a float32 device tensor (no host sync)."""
         if self.act_range is not None:
-            lo, hi = self.act_range[0], self.act_range[1]
-        else:
-            smoothed = x2d if self.smooth_inv is None else x2d.float() * self.smooth_inv
-            lo, hi = torch.aminmax(smoothed)
+            return self.qparams_of_range(self.act_range[0], self.act_range[1])
+        smoothed = x2d if self.smooth_inv is None else x2d * self.smooth_inv
+        # Row-wise first: a reduction along the rows' axis, which torch.compile fuses into the
+        # producer's row kernel (LayerNorm + modulation) instead of a slow whole-tensor reduction.
+        return self.qparams_of_range(smoothed.amin(dim=1).amin(), smoothed.amax(dim=1).amax())
+
+    def qparams_of_range(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         return torch.stack(activation_qparams(lo, hi, self.act_bits))
 
+    def kernel_tensors(self) -> tuple:
+        """The layer's arguments of the ditas ops, after (x, qparams)."""
+        return (self.smooth_inv, self.lora_right, self.weight, self.packed, self.column_sums, self.weight_zero,
+                self.weight_scale, self.bias, self.lora_left, self.act_bits, self.use_tma)
+
+    def linear_2d(self, x2d: torch.Tensor, qparams: torch.Tensor) -> torch.Tensor:
+        return torch.ops.ditas.int8_linear(x2d, qparams, *self.kernel_tensors())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2d = x.reshape(-1, self.in_features)
-        if x2d.stride(-1) != 1:
-            x2d = x2d.contiguous()
-        y = torch.ops.ditas.int8_linear(
-            x2d, self.qparams(x2d), self.smooth_inv, self.lora_right, self.weight, self.packed, self.column_sums,
-            self.weight_zero, self.weight_scale, self.bias, self.lora_left, self.act_bits, self.use_tma,
-        )
-        return y.reshape(*x.shape[:-1], self.out_features)
+        x2d = rows_of(x, self.in_features)
+        return self.linear_2d(x2d, self.qparams(x2d)).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         rank = 0 if self.lora_left is None else self.lora_left.shape[1]
@@ -107,30 +112,92 @@ class TritonQuantLinear(nn.Module):
                 f"packed={self.packed}, tma={self.use_tma}, lora_rank(padded)={rank}, smooth_on_the_fly={self.smooth_inv is not None}")
 
 
+def rows_of(x: torch.Tensor, features: int) -> torch.Tensor:
+    """x as (rows, features) with stride 1 along the features, as the kernels read it."""
+    x2d = x.reshape(-1, features)
+    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+
+
+class TritonQuantMlp(nn.Module):
+    """DiT's Mlp (fc1 -> tanh GELU -> fc2) on the kernels with two passes over the hidden
+    activations fewer: fc1's GEMM epilogue applies GELU and reduces fc2's per-tensor input range
+    (of GELU output × fc2's smoothing factors) while it stores the output."""
+
+    def __init__(self, fc1: TritonQuantLinear, fc2: TritonQuantLinear):
+        super().__init__()
+        self.fc1, self.fc2 = fc1, fc2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = rows_of(x, self.fc1.in_features)
+        dynamic = self.fc2.act_range is None
+        hidden, bounds = torch.ops.ditas.int8_linear_gelu(x2d, self.fc1.qparams(x2d), *self.fc1.kernel_tensors(),
+                                                          self.fc2.smooth_inv, dynamic)
+        qparams = self.fc2.qparams_of_range(bounds[0], -bounds[1]) if dynamic else self.fc2.qparams(hidden)
+        return self.fc2.linear_2d(hidden, qparams).reshape(*x.shape[:-1], self.fc2.out_features)
+
+
+def fusable_mlp(module: nn.Module) -> bool:
+    """Whether `module` is a DiT Mlp whose two layers both run on the kernels."""
+    act = getattr(module, "act", None)
+    return (isinstance(getattr(module, "fc1", None), TritonQuantLinear)
+            and isinstance(getattr(module, "fc2", None), TritonQuantLinear)
+            and isinstance(act, nn.GELU) and act.approximate == "tanh")
+
+
+def fuse_mlps(model: nn.Module) -> int:
+    """Swap every Mlp whose two layers run on the kernels for a TritonQuantMlp (in place); how many."""
+    names = [name for name, module in model.named_modules() if fusable_mlp(module)]
+    for name in names:
+        mlp = model.get_submodule(name)
+        set_module(model, name, TritonQuantMlp(mlp.fc1, mlp.fc2))
+    return len(names)
+
+
 _registered = False
 
 
 def register_kernel_op() -> None:
-    """torch.ops.ditas.int8_linear: the kernels as one custom op, opaque to torch.compile (which
-    still fuses the range reduction and everything around it)."""
+    """torch.ops.ditas.int8_linear and int8_linear_gelu: the kernels as custom ops, opaque to
+    torch.compile (which still fuses the range reductions and everything around them)."""
     global _registered
     if _registered:
         return
     from .kernels import int8_gemm, quantize_rows
+
+    def run(x, qparams, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
+            lora_left, act_bits, use_tma, **epilogue):
+        codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right)
+        return int8_gemm(codes, rowsum, qparams, weight, packed, column_sums, weight_zero, weight_scale, bias, down,
+                         lora_left, x.dtype, use_tma, **epilogue)
 
     @torch.library.custom_op("ditas::int8_linear", mutates_args=())
     def int8_linear(x: torch.Tensor, qparams: torch.Tensor, smooth_inv: torch.Tensor | None,
                     lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool, column_sums: torch.Tensor,
                     weight_zero: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                     lora_left: torch.Tensor | None, act_bits: int, use_tma: bool) -> torch.Tensor:
-        codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right)
-        return int8_gemm(codes, rowsum, qparams, weight, packed, column_sums, weight_zero, weight_scale, bias, down,
-                         lora_left, x.dtype, use_tma)
+        return run(x, qparams, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
+                   lora_left, act_bits, use_tma)
 
     @int8_linear.register_fake
-    def _(x, qparams, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
-          lora_left, act_bits, use_tma):
+    def _(x, qparams, smooth_inv, lora_right, weight, *rest):
         return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.custom_op("ditas::int8_linear_gelu", mutates_args=())
+    def int8_linear_gelu(x: torch.Tensor, qparams: torch.Tensor, smooth_inv: torch.Tensor | None,
+                         lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool,
+                         column_sums: torch.Tensor, weight_zero: torch.Tensor, weight_scale: torch.Tensor,
+                         bias: torch.Tensor | None, lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
+                         bounds_scale: torch.Tensor | None, with_bounds: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """GELU(linear(x)), and [min, −max] of its output × bounds_scale (+inf when not with_bounds)."""
+        bounds = torch.full((2,), float("inf"), dtype=torch.float32, device=x.device)
+        out = run(x, qparams, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
+                  lora_left, act_bits, use_tma, gelu=True, bounds=bounds if with_bounds else None,
+                  bounds_scale=bounds_scale)
+        return out, bounds
+
+    @int8_linear_gelu.register_fake
+    def _(x, qparams, smooth_inv, lora_right, weight, *rest):
+        return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(2, dtype=torch.float32)
 
     _registered = True
 
@@ -167,6 +234,7 @@ def prepare_for_inference(model: nn.Module, backend: str = "fake", dtype: torch.
             fallbacks[reason] = fallbacks.get(reason, 0) + 1
             continue
         set_module(model, name, TritonQuantLinear(layer))
+    fuse_mlps(model)
     if fallbacks:
         log(f"backend triton: {sum(fallbacks.values())} of {len(layers)} quantized layers use the fake backend "
             f"(not covered by the kernels: {', '.join(f'{n} with {r}' for r, n in fallbacks.items())})")

@@ -18,12 +18,14 @@ triton = pytest.importorskip("triton")
 from checkpoints import ModelSpec  # noqa: E402
 from quant.backends import (  # noqa: E402
     TritonQuantLinear,
+    TritonQuantMlp,
+    fuse_mlps,
     kernel_unsupported_reason,
     prepare_for_inference,
     register_kernel_op,
 )
 from quant.config import QuantConfig  # noqa: E402
-from quant.kernels import INTERPRETED, PACK_SPAN, pack_split, quantize_rows, unpack_split  # noqa: E402
+from quant.kernels import INTERPRETED, PACK_SPAN, int8_gemm, pack_split, quantize_rows, unpack_split  # noqa: E402
 from quant.modules import QuantLinear  # noqa: E402
 from quant.primitives import QuantizedLayer, quantize_activation, quantize_weight  # noqa: E402
 
@@ -69,6 +71,50 @@ def test_kernels_match_the_fake_reference(weight_bits, act_bits, rank, smooth, s
     assert ((got - expected).norm() / expected.norm()).item() < 1e-5
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_fused_mlp_matches_fc1_gelu_fc2_of_the_fake_layers(static):
+    from models import Mlp
+
+    register_kernel_op()
+    mlp = Mlp(48, 80)
+    mlp.fc1 = random_quant_linear(48, 80, rank=8, static=static, seed=1)
+    mlp.fc2 = random_quant_linear(80, 48, rank=8, smooth=True, static=static, seed=2)
+    x = torch.randn(2, 21, 48) * 2 + 0.3  # 42 rows: partial tiles
+    expected = mlp(x)
+    assert fuse_mlps(mlp) == 0  # fake layers: nothing to fuse
+    mlp.fc1, mlp.fc2 = TritonQuantLinear(mlp.fc1), TritonQuantLinear(mlp.fc2)
+    model = torch.nn.ModuleDict({"mlp": mlp})
+    assert fuse_mlps(model) == 1 and isinstance(model["mlp"], TritonQuantMlp)
+    got = model["mlp"](x)
+    assert got.shape == expected.shape
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+
+
+def test_gemm_epilogue_reduces_the_range_of_its_scaled_output():
+    kernel = TritonQuantLinear(random_quant_linear(64, 40, rank=0))
+    x = torch.randn(37, 64)
+    qparams = kernel.qparams(x)
+    codes, rowsum, _ = quantize_rows(x, qparams, 8, None, None)
+    scale = torch.rand(40) + 0.5
+    bounds = torch.full((2,), float("inf"))
+    out = int8_gemm(codes, rowsum, qparams, kernel.weight, kernel.packed, kernel.column_sums, kernel.weight_zero,
+                    kernel.weight_scale, kernel.bias, None, None, torch.float32, gelu=True, bounds=bounds,
+                    bounds_scale=scale)
+    plain = int8_gemm(codes, rowsum, qparams, kernel.weight, kernel.packed, kernel.column_sums, kernel.weight_zero,
+                      kernel.weight_scale, kernel.bias, None, None, torch.float32)
+    torch.testing.assert_close(out, torch.nn.functional.gelu(plain, approximate="tanh"), rtol=1e-5, atol=1e-6)
+    scaled = out * scale
+    assert bounds[0] == scaled.min() and -bounds[1] == scaled.max()
+
+
+def test_row_wise_range_equals_the_whole_tensor_range():
+    kernel = TritonQuantLinear(random_quant_linear(64, 16, smooth=True))
+    x = torch.randn(30, 64) * 3
+    smoothed = x * kernel.smooth_inv
+    expected = torch.stack(quantize_activation(smoothed, 8, smoothed.min(), smoothed.max())[1:])
+    assert torch.equal(kernel.qparams(x), expected)
+
+
 def test_quantize_pass_writes_the_reference_codes_and_row_sums():
     x = torch.randn(37, 64) * 3
     lo, hi = x.min(), x.max()
@@ -88,6 +134,8 @@ def test_kernel_op_schema_and_fake_tensor_rule():
             kernel.column_sums, kernel.weight_zero, kernel.weight_scale, kernel.bias, kernel.lora_left, 8,
             kernel.use_tma)
     torch.library.opcheck(torch.ops.ditas.int8_linear.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.ditas.int8_linear_gelu.default, (*args, torch.rand(16) + 0.5, True),
                           test_utils=("test_schema", "test_faketensor"))
 
 
