@@ -57,17 +57,18 @@ ROWS = {
     "w4a8": (4, "triton", torch.bfloat16, False),
     "w4a8-compile": (4, "triton", torch.bfloat16, True),
 }
-HIDDEN = {"demo": 256, "DiT-XL/2": 1152}
-# GEMM variants: name -> (weight bits, TritonQuantLinear options, extra int8_gemm options)
-# (the defaults: W8 tiles by pointer loads, packed W4 tiles through TMA; each also the other way;
-# and Triton's automatic warp specialisation of the tile loop)
+HIDDEN = {"DiT-XL/2": 1152, "demo": 256}
+# GEMM variants: name -> (weight bits, TritonQuantLinear options, extra int8_gemm options).
+# The defaults: W8 tiles by pointer loads; packed W4 codes unpacked to int8 once per call at
+# these row counts, then the W8 GEMM. Also: W8 through TMA, and W4 unpacked inside the GEMM's
+# main loop (TMA or pointer loads), the path of calls with fewer rows.
+IN_KERNEL = dict(unpack_from_rows=2**62)
 GEMM_VARIANTS = {
     "w8a8": (8, {}, {}),
     "w8a8-tma": (8, dict(use_tma=True), {}),
-    "w8a8-ws": (8, {}, dict(warp_specialize=True)),
     "w4a8": (4, {}, {}),
-    "w4a8-no-tma": (4, dict(use_tma=False), {}),
-    "w4a8-ws": (4, {}, dict(warp_specialize=True)),
+    "w4a8-in-kernel": (4, {}, IN_KERNEL),
+    "w4a8-in-kernel-no-tma": (4, dict(use_tma=False), IN_KERNEL),
 }
 TOKENS = 256  # DiT-XL/2 at 256² (32² latents, patch 2)
 
@@ -115,14 +116,17 @@ def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def check_kernels(device, emit) -> bool:
+def check_kernels(device, models: list[str], emit) -> bool:
+    from quant.kernels import UNPACK_FROM_ROWS
+
     torch.backends.cuda.matmul.allow_tf32 = False  # the fake reference in true float32
     ok = True
 
     def record(case: dict, kernel_module, fake_module) -> None:
         nonlocal ok
+        rows, features = case["shape"][:2]
         for dtype, tolerance in ((torch.float32, 2e-3), (torch.bfloat16, 8e-3)):
-            x = outlier_input(4000, case["shape"][1], device, dtype, seed=case["weight_bits"] * 7 + case["shape"][1])
+            x = outlier_input(rows, features, device, dtype, seed=case["weight_bits"] * 7 + features)
             try:  # a variant that fails to compile is reported as failed, not fatal
                 error = relative_error(kernel_module(x), fake_module(x.float()).float())
             except Exception as failure:  # noqa: BLE001
@@ -133,14 +137,17 @@ def check_kernels(device, emit) -> bool:
             emit({"part": "check", **case, "input": str(dtype).removeprefix("torch."), "relative_error": error,
                   "tolerance": tolerance, "passed": passed})
 
-    # each weight format with each way of loading tiles (warp specialisation is a GEMM option only)
+    # Each weight format with each way of loading tiles; packed formats also below
+    # UNPACK_FROM_ROWS rows, where the GEMM unpacks them in its main loop.
     layer_variants = {(bits, tuple(options.items())) for bits, options, _ in GEMM_VARIANTS.values()} | {(3, ())}
-    for model_name, hidden in HIDDEN.items():
+    for model_name in models:
+        hidden = HIDDEN[model_name]
         for role, (k, n) in layer_shapes(hidden).items():
             for bits, options in sorted(layer_variants):
                 fake, kernel = quantized_layer_pair(k, n, bits, role == "fc2", device, **dict(options))
-                record({"model": model_name, "layer": role, "shape": [4000, k, n], "weight_bits": bits,
-                        "options": dict(options)}, kernel, fake)
+                for rows in (4000, UNPACK_FROM_ROWS - 24) if kernel.packed else (4000,):
+                    record({"model": model_name, "layer": role, "shape": [rows, k, n], "weight_bits": bits,
+                            "options": dict(options)}, kernel, fake)
         for bits in (8, 4):  # fc1 -> GELU -> fc2 with GELU and fc2's range in fc1's epilogue
             fake_mlp, fused = quantized_mlp_pair(hidden, bits, device)
             record({"model": model_name, "layer": "mlp (fused)", "shape": [4000, hidden, hidden], "weight_bits": bits,
@@ -319,7 +326,7 @@ def main(args: argparse.Namespace) -> None:
     log = RowLog(args.output, common={"card": torch.cuda.get_device_name()})
 
     if "check" in args.parts:
-        passed = check_kernels(device, log.add)
+        passed = check_kernels(device, args.check_models, log.add)
         print(f"kernel check: {'all passed' if passed else 'FAILED'}", flush=True)
     if "gemm" in args.parts:
         gemm_microbenchmark(device, args.batch, args.gemm_variants, log.add)
@@ -367,6 +374,8 @@ def parse_args() -> argparse.Namespace:
                         choices=["check", "gemm", "profile", "sample"])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS),
                         help="models of the profile and sample parts")
+    parser.add_argument("--check-models", nargs="+", default=list(HIDDEN), choices=list(HIDDEN),
+                        help="whose layer shapes the check part runs, in this order")
     parser.add_argument("--gemm-variants", nargs="+", default=list(GEMM_VARIANTS), choices=list(GEMM_VARIANTS),
                         help="int8 GEMM variants of the gemm part")
     parser.add_argument("--model", default="DiT-XL/2")

@@ -18,7 +18,6 @@ it into the producer of x; it is passed as a device tensor, so nothing synchroni
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -44,14 +43,20 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # under it they run in float32 (tests check the kernels' logic there, not bf16 rounding).
 LORA_TORCH_DTYPE = torch.float32 if INTERPRETED else torch.bfloat16
 LORA_DTYPE = tl.constexpr(tl.float32 if INTERPRETED else tl.bfloat16)
-INTERPRETER_LOOP = tl.constexpr(INTERPRETED)
+# GELU's tanh by the GPU's one-instruction approximation (max relative error 2^-11, below the
+# bf16 rounding of the output); the interpreter has no inline PTX and uses exp instead.
+FAST_TANH = tl.constexpr(not INTERPRETED)
+# Packed weights of a layer called with at least this many rows are unpacked to int8 once per
+# call (a few microseconds) and multiplied by the int8 GEMM: in the compute-bound regime,
+# unpacking inside the GEMM's main loop costs more (benchmarks/RESULTS.md). Fewer rows: the GEMM
+# reads the packed bytes itself.
+UNPACK_FROM_ROWS = 1024
 
 
 def _configs(options: list[dict], interpreted: dict) -> list[triton.Config]:
     """Autotuning candidates; one small tile under the CPU interpreter (tests), where timing is moot."""
     chosen = [interpreted] if INTERPRETED else options
-    meta_keys = ("BLOCK", "GROUP_M", "PERSISTENT")
-    return [triton.Config({k: v for k, v in o.items() if k.startswith(meta_keys)},
+    return [triton.Config({k: v for k, v in o.items() if k.startswith("BLOCK") or k == "GROUP_M"},
                           num_warps=o.get("warps", 4), num_stages=o.get("stages", 3)) for o in chosen]
 
 
@@ -60,17 +65,14 @@ QUANTIZE_CONFIGS = _configs(
     dict(BLOCK_M=16, BLOCK_K=32),
 )
 
-# PERSISTENT: one program per multiprocessor walks the output tiles, so one tile's epilogue
-# overlaps the next tile's loads (the loop nest is flattened and software-pipelined as one loop).
-_TILES = [dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, warps=8, stages=3),
-          dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, warps=8, stages=3),
-          dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, warps=8, stages=4),
-          dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=4, stages=4)]
 GEMM_CONFIGS = _configs(
-    [*(dict(t, PERSISTENT=False) for t in _TILES), *(dict(t, PERSISTENT=True) for t in _TILES[:3])],
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2, PERSISTENT=True),
+    [dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, warps=8, stages=3),
+     dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, warps=8, stages=3),
+     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, warps=8, stages=4),
+     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=4, stages=4)],
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2),
 )
-INTERPRETED_PROGRAMS = 2  # the interpreter's "multiprocessors": tests walk several tiles per program
+UNPACK_BLOCK_N = 64
 
 
 @triton.autotune(configs=QUANTIZE_CONFIGS, key=["K", "RANK", "HAS_SMOOTH"])
@@ -123,63 +125,76 @@ def _unpack_span(packed):
 
 
 @triton.jit
-def _grouped_tile(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
-    """(row tile, column tile) of linear tile index `tile`: GROUP_M row tiles share each column
-    tile while it is in L2."""
-    per_group = GROUP_M * tiles_n
-    first_m = (tile // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    return first_m + (tile % per_group) % group_rows, (tile % per_group) // group_rows
-
-
-@triton.jit
 def _gelu_tanh(y):
-    # 0.5·y·(1 + tanh(u)) = y·sigmoid(2u), u = √(2/π)·(y + 0.044715·y³): nn.GELU(approximate="tanh")
-    return y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
+    """nn.GELU(approximate="tanh"): 0.5·y·(1 + tanh(√(2/π)·(y + 0.044715·y³)))."""
+    u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+    if FAST_TANH:
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [u], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    else:
+        t = 2 * tl.sigmoid(2 * u) - 1
+    return 0.5 * y * (1 + t)
 
 
+@triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K", "PACKED", "USE_TMA", "RANK", "GELU", "BOUNDS"])
 @triton.jit
-def _gemm_tile(
-    tile, a_src, b_src, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, scale_x, zero_x, down_ptr, left_ptr,
-    out_ptr, bounds_ptr, bounds_scale_ptr, M, N, stride_om, tiles_m, tiles_n,
+def _int8_gemm_kernel(
+    a_ptr, b_ptr, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr,
+    out_ptr, bounds_ptr, bounds_scale_ptr, M, N, stride_om,
     K: tl.constexpr, PACKED_K: tl.constexpr, PACKED: tl.constexpr, USE_TMA: tl.constexpr,
     HAS_BIAS: tl.constexpr, RANK: tl.constexpr, GELU: tl.constexpr, BOUNDS: tl.constexpr,
     BOUNDS_SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """One output tile: the int8 main loop and the epilogue. a_src/b_src are tensor descriptors
-    (USE_TMA) or pointers."""
-    pid_m, pid_n = _grouped_tile(tile, tiles_m, tiles_n, GROUP_M)
+    # grouped tile order: GROUP_M row tiles share each column tile while it is in L2
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
+
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    # With USE_TMA, tiles come through tensor descriptors; out-of-bounds rows and columns read as
+    # 0 (a zero activation column adds nothing; rows and columns past M and N are not stored).
     if PACKED:  # split-packed ≤ 4-bit codes: each span gives two dots of HALF_SPAN
+        if USE_TMA:
+            a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [K, 1], [BLOCK_M, HALF_SPAN])
+            b_desc = tl.make_tensor_descriptor(b_ptr, [N, PACKED_K], [PACKED_K, 1], [BLOCK_N, HALF_SPAN])
         for k0 in range(0, K, 2 * HALF_SPAN):
             if USE_TMA:
-                low, high = _unpack_span(b_src.load([pid_n * BLOCK_N, k0 // 2]))
-                a_low = a_src.load([pid_m * BLOCK_M, k0])
-                a_high = a_src.load([pid_m * BLOCK_M, k0 + HALF_SPAN])
+                low, high = _unpack_span(b_desc.load([pid_n * BLOCK_N, k0 // 2]))
+                a_low = a_desc.load([pid_m * BLOCK_M, k0])
+                a_high = a_desc.load([pid_m * BLOCK_M, k0 + HALF_SPAN])
             else:
                 half = k0 // 2 + tl.arange(0, HALF_SPAN)
-                low, high = _unpack_span(tl.load(b_src + cols[:, None] * PACKED_K + half[None, :],
+                low, high = _unpack_span(tl.load(b_ptr + cols[:, None] * PACKED_K + half[None, :],
                                                  mask=col_ok[:, None], other=PACKED_SHIFT * 17))
-                a_low = _activation_tile(a_src, rows, row_ok, k0, K, HALF_SPAN)
-                a_high = _activation_tile(a_src, rows, row_ok, k0 + HALF_SPAN, K, HALF_SPAN)
+                a_low = _activation_tile(a_ptr, rows, row_ok, k0, K, HALF_SPAN)
+                a_high = _activation_tile(a_ptr, rows, row_ok, k0 + HALF_SPAN, K, HALF_SPAN)
             acc = tl.dot(a_low, tl.trans(low), acc, out_dtype=tl.int32)
             acc = tl.dot(a_high, tl.trans(high), acc, out_dtype=tl.int32)
     else:
+        if USE_TMA:
+            a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [K, 1], [BLOCK_M, BLOCK_K])
+            b_desc = tl.make_tensor_descriptor(b_ptr, [N, K], [K, 1], [BLOCK_N, BLOCK_K])
         for k0 in range(0, K, BLOCK_K):
             if USE_TMA:
-                a = a_src.load([pid_m * BLOCK_M, k0])
-                w = b_src.load([pid_n * BLOCK_N, k0])
+                a = a_desc.load([pid_m * BLOCK_M, k0])
+                w = b_desc.load([pid_n * BLOCK_N, k0])
             else:
-                a = _activation_tile(a_src, rows, row_ok, k0, K, BLOCK_K)
+                a = _activation_tile(a_ptr, rows, row_ok, k0, K, BLOCK_K)
                 ks = k0 + tl.arange(0, BLOCK_K)
-                w = tl.load(b_src + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :],
+                w = tl.load(b_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :],
                             other=0)
             acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
 
+    scale_x = tl.load(qparams_ptr)
+    zero_x = tl.load(qparams_ptr + 1).to(tl.int32) - ACT_SHIFT
     rowsum = tl.load(rowsum_ptr + rows, mask=row_ok, other=0)
     colsum = tl.load(colsum_ptr + cols, mask=col_ok, other=0)
     zero_w = tl.load(wzero_ptr + cols, mask=col_ok, other=0)
@@ -206,47 +221,17 @@ def _gemm_tile(
         tl.atomic_min(bounds_ptr + 1, -tl.max(tl.where(in_bounds, v, float("-inf"))))
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K", "PACKED", "USE_TMA", "RANK", "GELU", "BOUNDS",
-                                            "WARP_SPECIALIZE"])
 @triton.jit
-def _int8_gemm_kernel(
-    a_ptr, b_ptr, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr,
-    out_ptr, bounds_ptr, bounds_scale_ptr, M, N, stride_om,
-    K: tl.constexpr, PACKED_K: tl.constexpr, PACKED: tl.constexpr, USE_TMA: tl.constexpr,
-    HAS_BIAS: tl.constexpr, RANK: tl.constexpr, GELU: tl.constexpr, BOUNDS: tl.constexpr,
-    BOUNDS_SCALED: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PERSISTENT: tl.constexpr,
-):
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    # With USE_TMA, tiles come through tensor descriptors; out-of-bounds rows and columns read as
-    # 0 (a zero activation column adds nothing; rows and columns past M and N are not stored).
-    a_src, b_src = a_ptr, b_ptr
-    if USE_TMA:
-        if PACKED:
-            a_src = tl.make_tensor_descriptor(a_ptr, [M, K], [K, 1], [BLOCK_M, HALF_SPAN])
-            b_src = tl.make_tensor_descriptor(b_ptr, [N, PACKED_K], [PACKED_K, 1], [BLOCK_N, HALF_SPAN])
-        else:
-            a_src = tl.make_tensor_descriptor(a_ptr, [M, K], [K, 1], [BLOCK_M, BLOCK_K])
-            b_src = tl.make_tensor_descriptor(b_ptr, [N, K], [K, 1], [BLOCK_N, BLOCK_K])
-    scale_x = tl.load(qparams_ptr)
-    zero_x = tl.load(qparams_ptr + 1).to(tl.int32) - ACT_SHIFT
-    # One tile per program, or (PERSISTENT) one program per multiprocessor striding over the tiles.
-    if INTERPRETER_LOOP:  # the CPU interpreter runs tl.range only with constant bounds
-        tile = tl.program_id(0)
-        while tile < tiles_m * tiles_n:
-            _gemm_tile(tile, a_src, b_src, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, scale_x, zero_x,
-                       down_ptr, left_ptr, out_ptr, bounds_ptr, bounds_scale_ptr, M, N, stride_om, tiles_m, tiles_n,
-                       K, PACKED_K, PACKED, USE_TMA, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED,
-                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
-            tile += tl.num_programs(0)
-    else:
-        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, tl.num_programs(0), flatten=PERSISTENT,
-                             warp_specialize=WARP_SPECIALIZE):
-            _gemm_tile(tile, a_src, b_src, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, scale_x, zero_x,
-                       down_ptr, left_ptr, out_ptr, bounds_ptr, bounds_scale_ptr, M, N, stride_om, tiles_m, tiles_n,
-                       K, PACKED_K, PACKED, USE_TMA, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED,
-                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+def _unpack_kernel(packed_ptr, out_ptr, N, K: tl.constexpr, PACKED_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split-packed codes -> signed int8 (c − 8), (N, K) row-major: one span of BLOCK_N rows per program."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * 2 * HALF_SPAN
+    half = tl.arange(0, HALF_SPAN)
+    row_ok = rows[:, None] < N
+    low, high = _unpack_span(tl.load(packed_ptr + rows[:, None] * PACKED_K + k0 // 2 + half[None, :], mask=row_ok))
+    low_k, high_k = k0 + half, k0 + HALF_SPAN + half
+    tl.store(out_ptr + rows[:, None] * K + low_k[None, :], low, mask=row_ok & (low_k < K)[None, :])
+    tl.store(out_ptr + rows[:, None] * K + high_k[None, :], high, mask=row_ok & (high_k < K)[None, :])
 
 
 def pack_split(codes: torch.Tensor) -> torch.Tensor:
@@ -293,36 +278,38 @@ def quantize_rows(x: torch.Tensor, qparams: torch.Tensor, act_bits: int, smooth_
     return codes, rowsum, down if rank else None
 
 
-@functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return INTERPRETED_PROGRAMS if INTERPRETED else torch.cuda.get_device_properties(device_index).multi_processor_count
+def unpack_signed(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Split-packed (N, K'/2) codes -> (N, k) int8 codes − 8, the int8 GEMM's weight operand."""
+    n = packed.shape[0]
+    out = torch.empty(n, k, dtype=torch.int8, device=packed.device)
+    _unpack_kernel[(triton.cdiv(n, UNPACK_BLOCK_N), triton.cdiv(k, PACK_SPAN))](
+        packed, out, n, K=k, PACKED_K=packed.shape[1], BLOCK_N=UNPACK_BLOCK_N)
+    return out
 
 
 def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, weight: torch.Tensor, packed: bool,
               colsum: torch.Tensor, zero_w: torch.Tensor, scale_w: torch.Tensor, bias: torch.Tensor | None,
               down: torch.Tensor | None, left: torch.Tensor | None, out_dtype: torch.dtype,
               use_tma: bool = False, gelu: bool = False, bounds: torch.Tensor | None = None,
-              bounds_scale: torch.Tensor | None = None, warp_specialize: bool = False) -> torch.Tensor:
+              bounds_scale: torch.Tensor | None = None, unpack_from_rows: int = UNPACK_FROM_ROWS) -> torch.Tensor:
     """The GEMM with its epilogue: out (M, N) = s_x s_w (Σ q'c' − corrections) + s_x·down·Lᵀ + b,
     then GELU (tanh) with `gelu`.
-    `weight` is int8 (N, K) signed codes, or (packed) uint8 codes in the split layout (pack_split).
+    `weight` is int8 (N, K) signed codes, or (packed) uint8 codes in the split layout (pack_split);
+    with M ≥ `unpack_from_rows`, packed codes are first unpacked to int8 (same shift, so the
+    column sums and zero points hold), and the int8 GEMM runs with pointer loads.
     `use_tma` loads tiles with Hopper's tensor memory accelerator (device-side descriptors).
     `bounds`: a float32 (2,) tensor holding +inf, into which the kernel reduces [min, −max] of its
     stored output (times `bounds_scale` per column when given): the next layer's activation range
-    without another pass over `out`. `warp_specialize` asks Triton to split loads and MMAs into
-    separate warps (experimental)."""
+    without another pass over `out`."""
+    m, k = codes.shape
+    if packed and m >= unpack_from_rows:
+        weight, packed, use_tma = unpack_signed(weight, k), False, False
     if use_tma:
         _ensure_descriptor_allocator()
-    m, k = codes.shape
     n = weight.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
     rank = 0 if left is None else left.shape[1]
-    programs = _multiprocessors(codes.device.index or 0)
-
-    def grid(meta):
-        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
-        return (min(tiles, programs) if meta["PERSISTENT"] else tiles,)
-
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     placeholder = scale_w  # any float32 tensor, for pointers a kernel variant never reads
     _int8_gemm_kernel[grid](
         codes, weight, rowsum, colsum, zero_w, scale_w, placeholder if bias is None else bias, qparams,
@@ -331,6 +318,5 @@ def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, 
         m, n, out.stride(0),
         K=k, PACKED_K=weight.shape[1], PACKED=packed, USE_TMA=use_tma, HAS_BIAS=bias is not None, RANK=rank,
         GELU=gelu, BOUNDS=bounds is not None, BOUNDS_SCALED=bounds_scale is not None,
-        WARP_SPECIALIZE=warp_specialize,
     )
     return out

@@ -25,7 +25,15 @@ from quant.backends import (  # noqa: E402
     register_kernel_op,
 )
 from quant.config import QuantConfig  # noqa: E402
-from quant.kernels import INTERPRETED, PACK_SPAN, int8_gemm, pack_split, quantize_rows, unpack_split  # noqa: E402
+from quant.kernels import (  # noqa: E402
+    INTERPRETED,
+    PACK_SPAN,
+    int8_gemm,
+    pack_split,
+    quantize_rows,
+    unpack_signed,
+    unpack_split,
+)
 from quant.modules import QuantLinear  # noqa: E402
 from quant.primitives import QuantizedLayer, quantize_activation, quantize_weight  # noqa: E402
 
@@ -158,6 +166,23 @@ def test_split_packing_round_trips_and_pairs_k_with_k_plus_half_span(k):
         assert torch.equal(packed[:, 3], codes[:, 3] | (codes[:, 3 + half] << 4))
     padded = unpack_split(packed, packed.shape[1] * 2)
     assert (padded[:, k:] == 8).all()  # padding codes are zero after the shift
+
+
+@pytest.mark.parametrize("k", [200, 256])
+def test_unpacking_to_int8_gives_the_signed_codes(k):
+    codes = torch.randint(0, 16, (70, k), dtype=torch.uint8)
+    assert torch.equal(unpack_signed(pack_split(codes), k), (codes.to(torch.int16) - 8).to(torch.int8))
+
+
+def test_packed_gemm_unpacked_first_equals_unpacking_in_the_main_loop():
+    kernel = TritonQuantLinear(random_quant_linear(200, 40, weight_bits=4, rank=0))
+    x = torch.randn(37, 200)
+    qparams = kernel.qparams(x)
+    codes, rowsum, _ = quantize_rows(x, qparams, 8, None, None)
+    args = (codes, rowsum, qparams, kernel.weight, True, kernel.column_sums, kernel.weight_zero, kernel.weight_scale,
+            kernel.bias, None, None, torch.float32)
+    torch.testing.assert_close(int8_gemm(*args, unpack_from_rows=0), int8_gemm(*args, unpack_from_rows=10**9),
+                               rtol=0, atol=0)
 
 
 def test_layers_the_kernels_do_not_cover_are_named():
