@@ -50,8 +50,8 @@ ROWS = {
     "fp32": (None, None, torch.float32, False),
     "bf16": (None, None, torch.bfloat16, False),
     "bf16-compile": (None, None, torch.bfloat16, True),
-    # fake is not compiled: dynamo fails on the frozen dataclass QuantLinear builds per call
     "fake-w4a8": (4, "fake", torch.bfloat16, False),
+    "fake-w4a8-compile": (4, "fake", torch.bfloat16, True),
     "w8a8": (8, "triton", torch.bfloat16, False),
     "w8a8-compile": (8, "triton", torch.bfloat16, True),
     "w4a8": (4, "triton", torch.bfloat16, False),

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from .config import QuantConfig
-from .primitives import QuantizedLayer, QuantizedWeight, quantize_weight
+from .primitives import QuantizedLayer, QuantizedWeight, dequantize_codes, quantize_weight, quantized_linear
 
 PACKED_BITS = 4  # codes of at most this many bits are stored two per byte
 
@@ -73,7 +73,15 @@ class QuantLinear(nn.Module):
                               self.smooth_inv, self.lora_left, self.lora_right, static)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.as_layer()(x, dtype=torch.float32).to(x.dtype)
+        # QuantizedLayer.__call__'s arithmetic on the buffers directly, in float32; building the
+        # frozen dataclasses here would make torch.compile (dynamo) trace their hashing
+        def f32(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.float()
+
+        weight = dequantize_codes(self.weight_codes, self.weight_scale, self.weight_zero, self.packed)
+        static = None if self.act_range is None else (self.act_range[0].float(), self.act_range[1].float())
+        return quantized_linear(x.float(), weight, f32(self.bias), self.act_bits, self.act_granularity,
+                                f32(self.smooth_inv), f32(self.lora_left), f32(self.lora_right), static).to(x.dtype)
 
     def extra_repr(self) -> str:
         rank = 0 if self.lora_left is None else self.lora_left.shape[1]
@@ -111,9 +119,7 @@ class WeightOnlyLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         # dequantized in float32, then rounded once to the compute dtype
-        weight = QuantizedWeight(self.weight_codes, self.weight_scale.float(), self.weight_zero, self.bits,
-                                 self.in_features)
-        return weight.dequantize(torch.float32).to(dtype)
+        return dequantize_codes(self.weight_codes, self.weight_scale.float(), self.weight_zero, False).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.dequantized_weight(x.dtype), self.bias.to(x.dtype))

@@ -19,6 +19,17 @@ EPS = 1e-8
 #################################################################################
 
 
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, packed: bool,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Ŵ = scale · (codes − zero) of a QuantizedWeight's tensors (a plain function of tensors, so
+    that torch.compile traces it without building the dataclass)."""
+    codes = unpack_int4(codes) if packed else codes
+    *lead, out, inp = codes.shape
+    groups = scale.shape[-1]
+    codes = codes.reshape(*lead, out, groups, inp // groups).to(dtype)
+    return ((codes - zero.to(dtype).unsqueeze(-1)) * scale.to(dtype).unsqueeze(-1)).reshape(*lead, out, inp)
+
+
 @dataclass(frozen=True)
 class QuantizedWeight:
     """b-bit codes of a (…, out, in) weight with one (scale, zero) per group of `group_size`
@@ -42,13 +53,7 @@ class QuantizedWeight:
         return QuantizedWeight(pack_int4(self.codes), self.scale, self.zero, self.bits, self.group_size, True)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        codes = self.unpacked_codes()
-        *lead, out, inp = codes.shape
-        groups = self.scale.shape[-1]
-        codes = codes.reshape(*lead, out, groups, inp // groups).to(dtype)
-        zero = self.zero.to(dtype).unsqueeze(-1)
-        scale = self.scale.to(dtype).unsqueeze(-1)
-        return ((codes - zero) * scale).reshape(*lead, out, inp)
+        return dequantize_codes(self.codes, self.scale, self.zero, self.packed, dtype)
 
     def select(self, index: int) -> QuantizedWeight:
         """Candidate `index` of a weight with a leading candidate dimension."""

@@ -96,6 +96,14 @@ def test_quantized_layers_hold_integer_codes(demo_ditas):
         assert (module.smooth_inv is not None) == (target.role == "fc2")
 
 
+def test_quantized_block_compiles_in_one_graph_with_the_same_output(demo_ditas):
+    model, _ = demo_ditas
+    block = model.blocks[0]  # QuantLinear layers (fc2 smoothed on the fly)
+    x, c = torch.randn(2, 16, block.attn.qkv.in_features), torch.randn(2, block.attn.qkv.in_features)
+    compiled = torch.compile(block, fullgraph=True, backend="eager")  # fullgraph: a graph break fails
+    assert torch.equal(compiled(x, c), block(x, c))
+
+
 def test_checkpoint_reloads_bit_identically(tmp_path, demo_ditas):
     model, report = demo_ditas
     spec = resolve_spec(None, None, DEMO)
