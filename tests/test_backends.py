@@ -98,18 +98,20 @@ def test_fused_mlp_matches_fc1_gelu_fc2_of_the_fake_layers(static):
     assert ((got - expected).norm() / expected.norm()).item() < 1e-5
 
 
-def test_gemm_epilogue_reduces_the_range_of_its_scaled_output():
-    kernel = TritonQuantLinear(random_quant_linear(64, 40, rank=0))
-    x = torch.randn(37, 64)
+def gemm_arguments(kernel: TritonQuantLinear, x: torch.Tensor) -> tuple:
+    """int8_gemm's positional arguments for `x` through a LoRA-free, unsmoothed kernel layer."""
     qparams = kernel.qparams(x)
     codes, rowsum, _ = quantize_rows(x, qparams, 8, None, None)
+    return (codes, rowsum, qparams, kernel.weight, kernel.packed, kernel.column_sums, kernel.weight_zero,
+            kernel.weight_scale, kernel.bias, None, None, torch.float32)
+
+
+def test_gemm_epilogue_reduces_the_range_of_its_scaled_output():
+    args = gemm_arguments(TritonQuantLinear(random_quant_linear(64, 40, rank=0)), torch.randn(37, 64))
     scale = torch.rand(40) + 0.5
     bounds = torch.full((2,), float("inf"))
-    out = int8_gemm(codes, rowsum, qparams, kernel.weight, kernel.packed, kernel.column_sums, kernel.weight_zero,
-                    kernel.weight_scale, kernel.bias, None, None, torch.float32, gelu=True, bounds=bounds,
-                    bounds_scale=scale)
-    plain = int8_gemm(codes, rowsum, qparams, kernel.weight, kernel.packed, kernel.column_sums, kernel.weight_zero,
-                      kernel.weight_scale, kernel.bias, None, None, torch.float32)
+    out = int8_gemm(*args, gelu=True, bounds=bounds, bounds_scale=scale)
+    plain = int8_gemm(*args)
     torch.testing.assert_close(out, torch.nn.functional.gelu(plain, approximate="tanh"), rtol=1e-5, atol=1e-6)
     scaled = out * scale
     assert bounds[0] == scaled.min() and -bounds[1] == scaled.max()
@@ -176,11 +178,8 @@ def test_unpacking_to_int8_gives_the_signed_codes(k):
 
 def test_packed_gemm_unpacked_first_equals_unpacking_in_the_main_loop():
     kernel = TritonQuantLinear(random_quant_linear(200, 40, weight_bits=4, rank=0))
-    x = torch.randn(37, 200)
-    qparams = kernel.qparams(x)
-    codes, rowsum, _ = quantize_rows(x, qparams, 8, None, None)
-    args = (codes, rowsum, qparams, kernel.weight, True, kernel.column_sums, kernel.weight_zero, kernel.weight_scale,
-            kernel.bias, None, None, torch.float32)
+    assert kernel.packed
+    args = gemm_arguments(kernel, torch.randn(37, 200))
     torch.testing.assert_close(int8_gemm(*args, unpack_from_rows=0), int8_gemm(*args, unpack_from_rows=10**9),
                                rtol=0, atol=0)
 
