@@ -49,6 +49,32 @@ def spec_and_checkpoint(args: argparse.Namespace) -> tuple[ModelSpec, str]:
     return spec, ckpt
 
 
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    """--compile and --cuda-graph: how the sampler runs the model (both default to on with CUDA)."""
+    group = parser.add_argument_group("speed")
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="regional torch.compile of the DiT blocks, once per batch shape (default: on with CUDA, "
+                            "off on the CPU, where compiling costs more than it saves)")
+    group.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                       help="replay each sampling step's model call from a CUDA graph captured at its first call "
+                            "(default: on with CUDA; CUDA only)")
+
+
+def speed_up_sampling(model: torch.nn.Module, args: argparse.Namespace, device: torch.device, log=print):
+    """Apply --compile to `model` (in place) and return the StepGraphs of --cuda-graph (or None)."""
+    from sampling import StepGraphs, compile_blocks
+
+    on_cuda = device.type == "cuda"
+    if args.cuda_graph and not on_cuda:
+        raise UserError("--cuda-graph needs a CUDA device; drop it or pass --device cuda")
+    compiled = on_cuda if args.compile is None else args.compile
+    graphed = on_cuda if args.cuda_graph is None else args.cuda_graph
+    if compiled:
+        compile_blocks(model)
+    log(f"model calls: {'compiled' if compiled else 'eager'}, {'CUDA graphs' if graphed else 'no CUDA graphs'}")
+    return StepGraphs() if graphed else None
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -12,7 +12,16 @@ import argparse
 import torch
 
 from checkpoints import ModelSpec, load_model
-from cli import add_model_arguments, create_logger, default_device, parse_device, run_cli, spec_and_checkpoint
+from cli import (
+    add_model_arguments,
+    add_speed_arguments,
+    create_logger,
+    default_device,
+    parse_device,
+    run_cli,
+    spec_and_checkpoint,
+    speed_up_sampling,
+)
 from diffusion import create_diffusion
 from errors import UserError
 from images import make_grid, save_png, to_uint8
@@ -40,6 +49,7 @@ def main(args: argparse.Namespace) -> None:
     else:
         spec, ckpt = spec_and_checkpoint(args)
         model = load_model(spec, ckpt, device)
+    graphs = speed_up_sampling(model, args, device, logger.info)
     vae = load_vae(spec.vae, device)
     diffusion = create_diffusion(str(args.num_sampling_steps))
 
@@ -48,7 +58,7 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"--class-labels must lie in 0..{spec.num_classes - 1}")
     y = torch.tensor(labels, device=device)
     noise = SampleNoise(args.seed, range(len(labels)), (spec.in_channels, spec.input_size, spec.input_size), device)
-    samples = decode(vae, generate(model, diffusion, y, noise, args.cfg_scale, progress=True))
+    samples = decode(vae, generate(model, diffusion, y, noise, args.cfg_scale, progress=True, graphs=graphs))
     save_png(make_grid(to_uint8(samples), nrow=args.nrow), args.output)
     logger.info(f"saved {len(labels)} samples to {args.output}")
 
@@ -67,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: about square)")
     parser.add_argument("--output", type=str, default="sample.png", help="where to write the PNG grid")
     parser.add_argument("--device", type=str, default=default_device(), help="cuda or cpu")
+    add_speed_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -29,7 +29,16 @@ import torch.distributed as dist
 from PIL import Image
 
 from checkpoints import ModelSpec, load_model
-from cli import add_model_arguments, create_logger, default_device, run_cli, setup_distributed, spec_and_checkpoint
+from cli import (
+    add_model_arguments,
+    add_speed_arguments,
+    create_logger,
+    default_device,
+    run_cli,
+    setup_distributed,
+    spec_and_checkpoint,
+    speed_up_sampling,
+)
 from diffusion import create_diffusion
 from errors import UserError
 from images import save_png
@@ -80,6 +89,7 @@ def main(args: argparse.Namespace) -> None:
     logger = create_logger("sample_merge_TAS", enabled=rank == 0)
     torch.set_grad_enabled(False)
     model, spec, label, source = load_sampler_model(args, device, logger.info)
+    graphs = speed_up_sampling(model, args, device, logger.info)
     vae = load_vae(spec.vae, device)
     diffusion = create_diffusion(str(args.num_sampling_steps))
     folder = sample_folder(args, spec, label, source)
@@ -94,7 +104,8 @@ def main(args: argparse.Namespace) -> None:
     bar = tqdm(total=sum(map(len, todo)), desc="sampling", unit="img", disable=rank != 0)
     finished = [time.perf_counter()]  # time after each batch
     for batch in todo:
-        images, _ = sample_uint8(model, diffusion, vae, spec, batch, args.global_seed, args.cfg_scale, device=device)
+        images, _ = sample_uint8(model, diffusion, vae, spec, batch, args.global_seed, args.cfg_scale, device=device,
+                                 graphs=graphs)
         for index, image in zip(batch, images):
             save_png(image, folder / f"{index:06d}.png")
         finished.append(time.perf_counter())
@@ -167,6 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="allow TF32 matmuls on Ampere+ GPUs (--no-tf32 turns it off)")
     parser.add_argument("--device", type=str, default=default_device(), help="cuda or cpu")
+    add_speed_arguments(parser)
     return parser.parse_args(argv)
 
 

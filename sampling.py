@@ -4,7 +4,8 @@ it lands in, the batch size, or the number of processes."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 import torch
@@ -39,32 +40,92 @@ class SampleNoise:
         return noise.repeat(x.shape[0] // noise.shape[0], *([1] * (x.ndim - 1)))
 
 
+class StepGraphs:
+    """CUDA graphs of the sampler's model call, captured once per input signature and replayed.
+
+    Sampling calls the model with one shape at every step, so after the first call each step is
+    one graph replay: the launch cost of every kernel (and of the Python, Triton and
+    torch.compile layers above it) is paid once, at capture, instead of at every step. A graph
+    replays fixed kernels on fixed memory, so the captured function must not synchronise with
+    the host and must allocate only inside the capture (the int8 kernels do both). It is run
+    `warmup_calls` times on a side stream before capture, where compilation and autotuning happen.
+    Each signature keeps its own memory pool (about one forward's activations)."""
+
+    def __init__(self, warmup_calls: int = 2):
+        self.warmup_calls = warmup_calls
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def __call__(self, fn: Callable[..., torch.Tensor], key: Hashable, *inputs: torch.Tensor) -> torch.Tensor:
+        """fn(*inputs); `key` names what else fn depends on (the caller promises that the same key
+        and input shapes mean the same computation)."""
+        signature = (key, *((tuple(t.shape), t.dtype, t.device) for t in inputs))
+        if signature not in self._graphs:
+            self._graphs[signature] = self._capture(fn, inputs)
+        graph, static_inputs, static_output = self._graphs[signature]
+        for static, value in zip(static_inputs, inputs):
+            static.copy_(value)
+        graph.replay()
+        return static_output.clone()  # the next replay overwrites the static output
+
+    def _capture(self, fn, inputs):
+        static_inputs = [t.clone() for t in inputs]
+        side = torch.cuda.Stream(device=static_inputs[0].device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup_calls):
+                fn(*static_inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_output = fn(*static_inputs)
+        return graph, static_inputs, static_output
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """Regional torch.compile: one compiled DiT block serves all of them (compiled once per batch
+    shape; static shapes), and the final layer."""
+    # Every compiled module shares the cache of nn.Module._call_impl, and each batch shape adds
+    # an entry per module class; past the recompile limit (8) dynamo silently runs eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for block in model.blocks:
+        block.compile(dynamic=False)
+    model.final_layer.compile(dynamic=False)
+
+
 @torch.no_grad()
-def generate(model, diffusion, labels: torch.Tensor, noise: SampleNoise, cfg_scale: float, progress: bool = False) -> torch.Tensor:
+def generate(model, diffusion, labels: torch.Tensor, noise: SampleNoise, cfg_scale: float, progress: bool = False,
+             graphs: StepGraphs | None = None) -> torch.Tensor:
     """Ancestral sampling of one model-space sample per label, with classifier-free guidance when
-    cfg_scale > 1 (the batch is doubled; the second half uses the null class)."""
+    cfg_scale > 1 (the batch is doubled; the second half uses the null class). With `graphs`,
+    every model call is a CUDA graph replay (captured at the first call of each batch shape)."""
     x_T = noise.draw()
     if cfg_scale > 1.0:
         null = torch.full_like(labels, model.y_embedder.num_classes)
-        z = torch.cat([x_T, x_T])
-        kwargs = dict(y=torch.cat([labels, null]), cfg_scale=cfg_scale)
-        forward = model.forward_with_cfg
+        z, y = torch.cat([x_T, x_T]), torch.cat([labels, null])
+        forward = functools.partial(model.forward_with_cfg, cfg_scale=cfg_scale)
     else:
-        z, kwargs, forward = x_T, dict(y=labels), model.forward
+        z, y, forward = x_T, labels, model.forward
     dtype = next(model.parameters()).dtype  # a bf16 model (quantized backends) gets bf16 inputs
 
-    def model_fn(x, t, **model_kwargs):
-        return forward(x.to(dtype), t, **model_kwargs).float()
+    def step(x, t, y):
+        return forward(x.to(dtype), t, y).float()
+
+    def model_fn(x, t, y):
+        return step(x, t, y) if graphs is None else graphs(step, ("cfg", cfg_scale), x, t, y)
 
     samples = diffusion.p_sample_loop(
-        model_fn, z.shape, z, clip_denoised=False, model_kwargs=kwargs, progress=progress, device=z.device,
+        model_fn, z.shape, z, clip_denoised=False, model_kwargs=dict(y=y), progress=progress, device=z.device,
         noise_fn=noise.noise_fn,
     )
     return samples[: len(labels)]
 
 
 def sample_uint8(model, diffusion, vae, spec, indices: Sequence[int], global_seed: int, cfg_scale: float,
-                 labels: torch.Tensor | None = None, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+                 labels: torch.Tensor | None = None, device: torch.device | str = "cpu",
+                 graphs: StepGraphs | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Samples `indices` as (N, H, W, 3) uint8 images and their (N,) labels (drawn from each
     sample's generator unless given)."""
     from images import to_rgb, to_uint8
@@ -73,5 +134,5 @@ def sample_uint8(model, diffusion, vae, spec, indices: Sequence[int], global_see
     noise = SampleNoise(global_seed, indices, (spec.in_channels, spec.input_size, spec.input_size), device)
     drawn = noise.labels(spec.num_classes)  # drawn first in any case, so the noise stream is the same
     labels = drawn if labels is None else labels.to(device)
-    images = decode(vae, generate(model, diffusion, labels, noise, cfg_scale))
+    images = decode(vae, generate(model, diffusion, labels, noise, cfg_scale, graphs=graphs))
     return to_rgb(to_uint8(images)), labels.cpu().numpy()

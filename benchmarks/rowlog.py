@@ -26,3 +26,30 @@ class RowLog:
             with self.path.open("a") as stream:
                 stream.write(json.dumps(row) + "\n")
         return row
+
+
+def provenance(card: str) -> dict:
+    """The fields that say where a row comes from: one id per invocation (`call`), the card, the
+    UTC date and the commit (`git rev-parse`, or DITAS_COMMIT where the tree has no .git, as on
+    the GPU machine; "+dirty" when the tree differs from it)."""
+    import datetime
+    import subprocess
+    import uuid
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "--short=12", "HEAD")
+    if commit is None:
+        commit = os.environ.get("DITAS_COMMIT", "unknown")
+    elif git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {"call": f"{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}", "card": card, "date": now.strftime("%Y-%m-%d"),
+            "commit": commit}

@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py                      # check the kernels, GEMM microbenchmark, sampling rows
     python benchmarks/speed.py --parts check        # only the kernel-vs-fake correctness check
+    python benchmarks/speed.py --parts sample --cuda-graph on off   # batch 1, 8, 64; bf16, W8A8, W4A8
 
 Parts (--parts):
 - check: every kernel against the `fake` backend on the same quantized layer (relative error, fresh
@@ -10,15 +11,20 @@ Parts (--parts):
   TFLOP/s (2·M·N·K per second) against bf16 cuBLAS and cuBLAS's plain int8 GEMM (torch._int_mm):
   the int8 GEMM with its epilogue alone (default tile loads and the other kind: TMA or pointers),
   and the whole layer eagerly (range reduction, quantize pass, GEMM).
-- profile: GPU kernel time of one forward per --rows entry, by kind of kernel (torch profiler).
-- sample: 50-step sampling with CFG (batch --batch, so 2 × batch rows), random weights, no VAE:
-  ms per step, images per second, peak GPU memory and model bytes for each --rows entry.
-  Each row is warmed up (compilation, autotuning) with a few forward calls before the timed run.
+- profile: GPU kernel time of one forward per --rows entry and --batches entry, by kind of
+  kernel (torch profiler), beside the host's wall time per eager forward.
+- sample: 50-step sampling with CFG through the samplers' own `sampling.generate` (2 × batch
+  rows), random weights, no VAE, for every --rows and --batches entry, with and/or without CUDA
+  graphs (--cuda-graph): ms per step, images per second, peak GPU memory, model bytes, and for
+  graphed rows the largest difference between a replay and an eager call on fresh inputs. Each
+  is warmed up by a 3-step run (compilation, autotuning, graph capture) before the timed run.
+  "compile" rows use the samplers' regional torch.compile (`sampling.compile_blocks`).
 
 Quantized rows use a synthetic quantized model: random N(0, 0.02²) weights quantized by
 round-to-nearest with a rank-32 LoRA of one iteration and random fc2 smoothing factors — the
 same tensors and kernels as a DiTAS checkpoint, whose values do not change the speed.
-Prints JSON lines (also appended to --output) and markdown tables.
+Every row is printed as a JSON line and appended, as measured, to --output
+(benchmarks/results/speed.jsonl) with the call id, card, date and commit; markdown tables last.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.quantize_speed import random_dit  # noqa: E402
-from benchmarks.rowlog import RowLog  # noqa: E402
+from benchmarks.rowlog import RowLog, provenance  # noqa: E402
 from checkpoints import spec_from_name  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from quant.backends import TritonQuantLinear, TritonQuantMlp, prepare_for_inference, register_kernel_op  # noqa: E402
@@ -44,6 +50,7 @@ from quant.layers import quantize_layer  # noqa: E402
 from quant.modules import QuantLinear  # noqa: E402
 from quant.pipeline import install  # noqa: E402
 from quant.targets import get_module, quant_targets  # noqa: E402
+from sampling import StepGraphs, compile_blocks, generate  # noqa: E402
 
 # name: (weight bits or None for floating point, backend, float dtype, compiled)
 ROWS = {
@@ -275,38 +282,66 @@ def build_row(name: str, args, device) -> torch.nn.Module:
     else:
         model = synthetic_quantized_dit(args.model, args.image_size, device, weight_bits, args.adaln_bit)
         prepare_for_inference(model, backend, dtype)
-    if compiled:  # regional compilation: one compiled block serves all 28
-        for block in model.blocks:
-            block.compile()
-        model.final_layer.compile()
+    if compiled:  # as the samplers compile: one compiled block serves all 28
+        compile_blocks(model)
     return model
 
 
+class DeviceNoise:
+    """The samplers' noise interface (sampling.SampleNoise) drawn on the GPU from one generator:
+    the benchmark times the model, not the samplers' per-sample CPU generators."""
+
+    def __init__(self, shape: tuple[int, ...], device, seed: int = 0):
+        self.shape, self.device = shape, device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def draw(self) -> torch.Tensor:
+        return torch.randn(self.shape, device=self.device, generator=self.generator)
+
+    def noise_fn(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, device=x.device, generator=self.generator, dtype=x.dtype)
+
+
+WARMUP_STEPS = 3  # a short sampling run before timing: compilation, autotuning, graph capture
+
+
 @torch.no_grad()
-def time_sampling(model, dtype, args, device) -> dict:
-    steps, batch = args.num_sampling_steps, args.batch
-    diffusion = create_diffusion(str(steps))
-    generator = torch.Generator(device=device).manual_seed(0)
+def time_sampling(model, args, device, batch: int, graphs: StepGraphs | None) -> dict:
+    """Sampling of `batch` images with CFG through sampling.generate, as the samplers run it."""
     spec = spec_from_name(args.model, image_size=args.image_size)
-    latent = (spec.in_channels, spec.input_size, spec.input_size)
-    labels = torch.randint(0, 1000, (batch,), device=device, generator=generator)
-    kwargs = dict(y=torch.cat([labels, torch.full_like(labels, 1000)]), cfg_scale=1.5)
-
-    def forward(x, t, **kw):
-        return model.forward_with_cfg(x.to(dtype), t, **kw).float()
-
-    z = torch.randn(batch, *latent, device=device, generator=generator)
-    z = torch.cat([z, z])
-    for step in range(3):  # warm-up: compilation and autotuning
-        forward(z, torch.full((2 * batch,), 999 - step, device=device), **kwargs)
+    noise = DeviceNoise((batch, spec.in_channels, spec.input_size, spec.input_size), device)
+    labels = torch.randint(0, spec.num_classes, (batch,), device=device, generator=noise.generator)
+    generate(model, create_diffusion(str(WARMUP_STEPS)), labels, noise, CFG_SCALE, graphs=graphs)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    diffusion.p_sample_loop(forward, z.shape, z, clip_denoised=False, model_kwargs=kwargs, device=device)
+    generate(model, create_diffusion(str(args.num_sampling_steps)), labels, noise, CFG_SCALE, graphs=graphs)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {"ms_per_step": 1000 * seconds / steps, "images_per_s": batch / seconds,
-            "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+    row = {"ms_per_step": 1000 * seconds / args.num_sampling_steps, "images_per_s": batch / seconds,
+           "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+    if graphs is not None:  # a replay on fresh inputs computes what the model computes eagerly
+        row["graph_vs_eager_max_abs"] = graph_vs_eager(model, graphs, noise, labels)
+    return row
+
+
+CFG_SCALE = 1.5
+
+
+def graph_vs_eager(model, graphs: StepGraphs, noise: DeviceNoise, labels: torch.Tensor) -> float:
+    """Largest difference between a graph replay and an eager call of the model on new inputs."""
+    dtype = next(model.parameters()).dtype
+    x = torch.cat([noise.draw()] * 2)
+    t = torch.randint(0, 1000, (len(x),), device=x.device, generator=noise.generator)
+    y = torch.cat([labels, torch.full_like(labels, model.y_embedder.num_classes)])
+
+    def step(x, t, y):  # the function generate() captured under the key ("cfg", CFG_SCALE)
+        return model.forward_with_cfg(x.to(dtype), t, y, cfg_scale=CFG_SCALE).float()
+
+    captured = len(graphs)
+    replayed = graphs(step, ("cfg", CFG_SCALE), x, t, y)
+    assert len(graphs) == captured, "the check must replay the graph generate() captured"
+    return (replayed - step(x, t, y)).abs().max().item()
 
 
 # GPU kernel name patterns -> the share of a forward they are counted in (first match wins)
@@ -327,18 +362,24 @@ def kernel_kind(name: str) -> str:
 
 
 @torch.no_grad()
-def profile_forward(model, dtype, args, device, forwards: int = 2) -> dict:
-    """GPU kernel time of one CFG forward at the benchmark batch, by kind of kernel (ms)."""
+def profile_forward(model, dtype, args, device, batch: int, forwards: int = 2) -> dict:
+    """GPU kernel time of one CFG forward of `batch` images, by kind of kernel (ms), and the host's
+    wall time per forward (launch-bound when it exceeds the GPU time)."""
     from torch.profiler import ProfilerActivity, profile
 
     spec = spec_from_name(args.model, image_size=args.image_size)
-    rows = 2 * args.batch
+    rows = 2 * batch
     x = torch.randn(rows, spec.in_channels, spec.input_size, spec.input_size, device=device, dtype=dtype)
     t = torch.full((rows,), 500, device=device)
     y = torch.randint(0, 1000, (rows,), device=device)
     for _ in range(3):
         model(x, t, y)
     torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(forwards):
+        model(x, t, y)
+    torch.cuda.synchronize()
+    wall_ms = 1000 * (time.perf_counter() - start) / forwards
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(forwards):
             model(x, t, y)
@@ -354,31 +395,38 @@ def profile_forward(model, dtype, args, device, forwards: int = 2) -> dict:
         top.append((micros / 1000 / forwards, event.key[:90]))
     top.sort(reverse=True)
     return {"ms_per_forward": {k: round(v, 2) for k, v in sorted(totals.items())},
-            "gpu_ms_per_forward": round(sum(totals.values()), 2), "top_kernels": top[:12]}
+            "gpu_ms_per_forward": round(sum(totals.values()), 2), "wall_ms_per_forward": round(wall_ms, 2),
+            "top_kernels": top[:12]}
 
 
 def main(args: argparse.Namespace) -> None:
     device = torch.device("cuda")
     register_kernel_op()
-    log = RowLog(args.output, common={"card": torch.cuda.get_device_name()})
+    log = RowLog(args.output, common=provenance(torch.cuda.get_device_name()))
 
     if "check" in args.parts:
         passed = check_kernels(device, args.check_models, args.check_layers, log.add)
         print(f"kernel check: {'all passed' if passed else 'FAILED'}", flush=True)
     if "gemm" in args.parts:
-        gemm_microbenchmark(device, args.batch, args.gemm_variants, log.add)
+        gemm_microbenchmark(device, args.gemm_batch, args.gemm_variants, log.add)
     if "profile" in args.parts or "sample" in args.parts:
         torch.backends.cuda.matmul.allow_tf32 = True  # the published sampler's setting (fp32 row)
-        for name in args.rows:  # one model per row serves both parts
-            start = time.perf_counter()
+        for name in args.rows:  # one model per row serves every batch and part
+            torch._dynamo.reset()  # each row compiles from scratch, as in a fresh process
             model = build_row(name, args, device)
-            if "profile" in args.parts:
-                log.add({"part": "profile", "row": name, **profile_forward(model, ROWS[name][2], args, device)})
-            if "sample" in args.parts:
-                result = time_sampling(model, ROWS[name][2], args, device)
-                log.add({"part": "sample", "row": name, "model": args.model, "batch": args.batch,
-                         "steps": args.num_sampling_steps, "adaln_bit": args.adaln_bit if ROWS[name][0] else None,
-                         **result, "model_MB": model_bytes(model) / 1e6, "wall_s": time.perf_counter() - start})
+            weight_bits, _, dtype, compiled = ROWS[name]
+            settings = {"row": name, "model": args.model, "compiled": compiled,
+                        "adaln_bit": args.adaln_bit if weight_bits else None, "model_MB": model_bytes(model) / 1e6}
+            for batch in args.batches:
+                if "profile" in args.parts:
+                    log.add({"part": "profile", **settings, "batch": batch,
+                             **profile_forward(model, dtype, args, device, batch)})
+                if "sample" in args.parts:
+                    for graph in args.cuda_graph:
+                        start = time.perf_counter()
+                        result = time_sampling(model, args, device, batch, StepGraphs() if graph == "on" else None)
+                        log.add({"part": "sample", **settings, "batch": batch, "cuda_graph": graph == "on",
+                                 "steps": args.num_sampling_steps, **result, "wall_s": time.perf_counter() - start})
             del model
             torch.cuda.empty_cache()
     print_tables(log.rows)
@@ -387,13 +435,18 @@ def main(args: argparse.Namespace) -> None:
 def print_tables(rows: list[dict]) -> None:
     sample = [r for r in rows if r["part"] == "sample"]
     if sample:
-        base = next((r for r in sample if r["row"] == "bf16-compile"), None)
-        print("\n| row | ms / step | images / s | vs bf16 compile | peak GPU memory (GiB) | model bytes (MB) |")
-        print("|---|---|---|---|---|---|")
-        for r in sample:
+        def baseline(r):  # bf16 compiled at the same batch and with the same CUDA-graph setting
+            return next((b for b in sample if b["row"] == "bf16-compile" and b["batch"] == r["batch"]
+                         and b["cuda_graph"] == r["cuda_graph"]), None)
+
+        print("\n| batch | CUDA graph | row | ms / step | images / s | vs bf16 compile | peak GPU memory (GiB) "
+              "| model bytes (MB) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in sorted(sample, key=lambda r: (r["batch"], not r["cuda_graph"])):
+            base = baseline(r)
             ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}×" if base else "-"
-            print(f"| {r['row']} | {r['ms_per_step']:.1f} | {r['images_per_s']:.2f} | {ratio} | {r['peak_GiB']:.2f} "
-                  f"| {r['model_MB']:.0f} |")
+            print(f"| {r['batch']} | {'on' if r['cuda_graph'] else 'off'} | {r['row']} | {r['ms_per_step']:.1f} | "
+                  f"{r['images_per_s']:.2f} | {ratio} | {r['peak_GiB']:.2f} | {r['model_MB']:.0f} |")
     gemm = [r for r in rows if r["part"] == "gemm"]
     if gemm:
         columns = ["bf16_cublas", "int8_cublas", *(f"{v}_gemm" for v in GEMM_VARIANTS), "w8a8_layer", "w4a8_layer",
@@ -409,7 +462,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["check", "gemm", "sample"],
                         choices=["check", "gemm", "profile", "sample"])
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS),
+    parser.add_argument("--rows", nargs="+", default=["bf16-compile", "w8a8-compile", "w4a8-compile"],
+                        choices=list(ROWS),
                         help="models of the profile and sample parts")
     parser.add_argument("--check-models", nargs="+", default=list(HIDDEN), choices=list(HIDDEN),
                         help="whose layer shapes the check part runs, in this order")
@@ -419,11 +473,16 @@ def parse_args() -> argparse.Namespace:
                         help="int8 GEMM variants of the gemm part")
     parser.add_argument("--model", default="DiT-XL/2")
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=64, help="images per batch (2× rows with CFG)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64],
+                        help="images per batch of the profile and sample parts (2× rows with CFG)")
+    parser.add_argument("--gemm-batch", type=int, default=64, help="images whose rows the gemm part multiplies")
+    parser.add_argument("--cuda-graph", nargs="+", default=["on"], choices=["on", "off"],
+                        help="sample part: model calls replayed from CUDA graphs (on), eager launches (off), or both")
     parser.add_argument("--num-sampling-steps", type=int, default=50)
     parser.add_argument("--adaln-bit", type=int, default=8, choices=[8, 0],
                         help="weight-only bits of the adaLN layers in the quantized rows (0: bf16)")
-    parser.add_argument("--output", default=None, help="JSON lines file the rows are appended to")
+    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "speed.jsonl"),
+                        help="JSON lines file every row is appended to as it is measured")
     args = parser.parse_args()
     args.adaln_bit = args.adaln_bit or None
     return args
