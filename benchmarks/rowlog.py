@@ -23,6 +23,7 @@ class RowLog:
         self.rows.append(row)
         print(json.dumps(row), flush=True)
         if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as stream:
                 stream.write(json.dumps(row) + "\n")
         return row
