@@ -41,6 +41,7 @@ METHODS = {
     "RTN + LoRA": dict(smooth=False),
     "DiTAS": dict(),
     "DiTAS + 8-bit adaLN": dict(adaln_weight_bits=8),
+    "DiTAS, per-token activations": dict(act_granularity="per_token"),
     # the grid search's stand-ins, measured against each other
     "DiTAS, search scored without LoRA": dict(search_lora_iters=0),
     "DiTAS, search on all rows": dict(search_rows_per_step=0),

@@ -31,8 +31,8 @@ class RowLog:
 
 def provenance(card: str) -> dict:
     """The fields that say where a row comes from: one id per invocation (`call`), the card, the
-    UTC date and the commit (`git rev-parse`, or DITAS_COMMIT where the tree has no .git, as on
-    the GPU machine; "+dirty" when the tree differs from it)."""
+    UTC date and the commit: DITAS_COMMIT when set (the GPU machine gets a copy of the working
+    tree whose .git need not match it), else `git rev-parse` with "+dirty" for a changed tree."""
     import datetime
     import subprocess
     import uuid
@@ -46,10 +46,10 @@ def provenance(card: str) -> dict:
             return None
         return done.stdout.strip() if done.returncode == 0 else None
 
-    commit = git("rev-parse", "--short=12", "HEAD")
+    commit = os.environ.get("DITAS_COMMIT") or git("rev-parse", "--short=12", "HEAD")
     if commit is None:
-        commit = os.environ.get("DITAS_COMMIT", "unknown")
-    elif git("status", "--porcelain", "--untracked-files=no"):
+        commit = "unknown"
+    elif "DITAS_COMMIT" not in os.environ and git("status", "--porcelain", "--untracked-files=no"):
         commit += "+dirty"
     now = datetime.datetime.now(datetime.timezone.utc)
     return {"call": f"{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}", "card": card, "date": now.strftime("%Y-%m-%d"),

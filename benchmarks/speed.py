@@ -35,6 +35,7 @@ import functools
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -52,17 +53,27 @@ from quant.pipeline import install  # noqa: E402
 from quant.targets import get_module, quant_targets  # noqa: E402
 from sampling import StepGraphs, compile_blocks, generate  # noqa: E402
 
-# name: (weight bits or None for floating point, backend, float dtype, compiled)
+
+class Row(NamedTuple):
+    weight_bits: int | None  # None: floating point
+    backend: str | None
+    dtype: torch.dtype
+    compiled: bool
+    act_granularity: str = "per_tensor"
+
+
 ROWS = {
-    "fp32": (None, None, torch.float32, False),
-    "bf16": (None, None, torch.bfloat16, False),
-    "bf16-compile": (None, None, torch.bfloat16, True),
-    "fake-w4a8": (4, "fake", torch.bfloat16, False),
-    "fake-w4a8-compile": (4, "fake", torch.bfloat16, True),
-    "w8a8": (8, "triton", torch.bfloat16, False),
-    "w8a8-compile": (8, "triton", torch.bfloat16, True),
-    "w4a8": (4, "triton", torch.bfloat16, False),
-    "w4a8-compile": (4, "triton", torch.bfloat16, True),
+    "fp32": Row(None, None, torch.float32, False),
+    "bf16": Row(None, None, torch.bfloat16, False),
+    "bf16-compile": Row(None, None, torch.bfloat16, True),
+    "fake-w4a8": Row(4, "fake", torch.bfloat16, False),
+    "fake-w4a8-compile": Row(4, "fake", torch.bfloat16, True),
+    "w8a8": Row(8, "triton", torch.bfloat16, False),
+    "w8a8-compile": Row(8, "triton", torch.bfloat16, True),
+    "w4a8": Row(4, "triton", torch.bfloat16, False),
+    "w4a8-compile": Row(4, "triton", torch.bfloat16, True),
+    "w8a8-token-compile": Row(8, "triton", torch.bfloat16, True, "per_token"),
+    "w4a8-token-compile": Row(4, "triton", torch.bfloat16, True, "per_token"),
 }
 HIDDEN = {"DiT-XL/2": 1152, "demo": 256}
 # GEMM variants: name -> (weight bits, TritonQuantLinear options, extra int8_gemm options).
@@ -100,13 +111,14 @@ def random_quantized_layer(linear: torch.nn.Linear, config: QuantConfig, on_the_
 
 
 def quantized_layer_pair(in_features: int, out_features: int, weight_bits: int, on_the_fly: bool, device,
-                         seed: int = 0, **kernel_options) -> tuple[QuantLinear, TritonQuantLinear]:
+                         seed: int = 0, act_granularity: str = "per_tensor",
+                         **kernel_options) -> tuple[QuantLinear, TritonQuantLinear]:
     """One random layer quantized (rank-32 LoRA, optional on-the-fly smoothing) as fake and kernel modules."""
     generator = torch.Generator().manual_seed(seed)
     linear = torch.nn.Linear(in_features, out_features).to(device)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(out_features, in_features, generator=generator) * 0.02)
-    config = QuantConfig(weight_bits=weight_bits, act_bits=8)
+    config = QuantConfig(weight_bits=weight_bits, act_bits=8, act_granularity=act_granularity)
     fake = QuantLinear.from_layer(random_quantized_layer(linear, config, on_the_fly, generator)[0], config)
     return fake, TritonQuantLinear(fake, **kernel_options)
 
@@ -147,48 +159,52 @@ def check_kernels(device, models: list[str], layers: list[str], emit) -> bool:
             emit({"part": "check", **case, "input": str(dtype).removeprefix("torch."), "relative_error": error,
                   "tolerance": tolerance, "passed": passed})
 
-    # Each weight format with each way of loading tiles; packed formats also below
-    # UNPACK_FROM_ROWS rows, where the GEMM unpacks them in its main loop.
-    layer_variants = {(bits, tuple(options.items())) for bits, options, _ in GEMM_VARIANTS.values()} | {(3, ())}
+    # Each weight format with each way of loading tiles, and per-token ranges; packed formats
+    # also below UNPACK_FROM_ROWS rows, where the GEMM unpacks them in its main loop; 512 rows
+    # (batch 1 with CFG), where the quantize pass splits K over programs.
+    layer_variants = ({(bits, tuple(options.items()), "per_tensor") for bits, options, _ in GEMM_VARIANTS.values()}
+                      | {(3, (), "per_tensor"), (8, (), "per_token"), (4, (), "per_token")})
     for model_name in models:
         hidden = HIDDEN[model_name]
         for role, (k, n) in layer_shapes(hidden).items():
             if role not in layers:
                 continue
-            for bits, options in sorted(layer_variants):
-                fake, kernel = quantized_layer_pair(k, n, bits, role == "fc2", device, **dict(options))
-                for rows in (4000, UNPACK_FROM_ROWS - 24) if kernel.packed else (4000,):
+            for bits, options, granularity in sorted(layer_variants):
+                fake, kernel = quantized_layer_pair(k, n, bits, role == "fc2", device, act_granularity=granularity,
+                                                    **dict(options))
+                for rows in (4000, 512, UNPACK_FROM_ROWS - 24) if kernel.packed else (4000, 512):
                     record({"model": model_name, "layer": role, "shape": [rows, k, n], "weight_bits": bits,
-                            "options": dict(options)}, kernel, fake)
+                            "options": dict(options), "act": granularity}, kernel, fake)
         if "mlp" in layers:
-            for bits in (8, 4):
+            for bits, granularity in ((8, "per_tensor"), (4, "per_tensor"), (4, "per_token")):
                 for dtype, tolerance in CHECK_TOLERANCES:
-                    row = check_fused_mlp(hidden, bits, dtype, tolerance, device)
+                    row = check_fused_mlp(hidden, bits, dtype, tolerance, device, granularity)
                     ok &= row["passed"]
                     emit({"part": "check", "model": model_name, **row})
     return ok
 
 
 @torch.no_grad()
-def check_fused_mlp(hidden: int, bits: int, dtype, tolerance: float, device) -> dict:
+def check_fused_mlp(hidden: int, bits: int, dtype, tolerance: float, device, act_granularity: str) -> dict:
     """fc1 -> GELU -> fc2 with GELU and fc2's range in fc1's epilogue, in three parts: fc1 + GELU
     against fake (the single-layer tolerance), the range against torch's reduction of the same
     stored output (exact), and the whole MLP against fake, which may not exceed 1.25× the error
     of the unfused kernel chain: two quantized layers in a row amplify small differences (an
     fc1 output that differs in the last bit can move an fc2 code by one step)."""
-    fake_mlp, fused = quantized_mlp_pair(hidden, bits, device)
+    fake_mlp, fused = quantized_mlp_pair(hidden, bits, device, act_granularity)
     fc1, fc2 = fused.fc1, fused.fc2
     x = outlier_input(4000, hidden, device, dtype, seed=bits)
-    row = {"layer": "mlp (fused)", "shape": [4000, hidden, hidden], "weight_bits": bits,
+    row = {"layer": "mlp (fused)", "shape": [4000, hidden, hidden], "weight_bits": bits, "act": act_granularity,
            "input": str(dtype).removeprefix("torch."), "tolerance": tolerance}
     try:
         stored, bounds = torch.ops.ditas.int8_linear_gelu(x, fc1.qparams(x), *fc1.kernel_tensors(), fc2.smooth_inv,
-                                                          True)
+                                                          True, fc2.per_token)
         scaled = stored.float() * fc2.smooth_inv
+        low, high = (scaled.amin(dim=1), scaled.amax(dim=1)) if fc2.per_token else (scaled.min(), scaled.max())
         reference = fake_mlp(x.float()).float()
         unfused = fc2(torch.nn.functional.gelu(fc1(x), approximate="tanh"))
         row |= {"fc1_gelu_error": relative_error(stored, fake_mlp.act(fake_mlp.fc1(x.float())).float()),
-                "range_exact": bool(bounds[0] == scaled.min() and -bounds[1] == scaled.max()),
+                "range_exact": bool(torch.equal(bounds[0], low.reshape(-1)) and torch.equal(-bounds[1], high.reshape(-1))),
                 "relative_error": relative_error(fused(x), reference),
                 "unfused_chain_error": relative_error(unfused, reference)}
     except Exception as failure:  # noqa: BLE001
@@ -199,13 +215,16 @@ def check_fused_mlp(hidden: int, bits: int, dtype, tolerance: float, device) -> 
     return row
 
 
-def quantized_mlp_pair(hidden: int, weight_bits: int, device) -> tuple[torch.nn.Module, TritonQuantMlp]:
+def quantized_mlp_pair(hidden: int, weight_bits: int, device,
+                       act_granularity: str = "per_tensor") -> tuple[torch.nn.Module, TritonQuantMlp]:
     """A DiT Mlp with random quantized fc1 and fc2 (fc2 smoothed on the fly), as fake and fused kernel modules."""
     from models import Mlp
 
     mlp = Mlp(hidden, 4 * hidden)
-    mlp.fc1 = quantized_layer_pair(hidden, 4 * hidden, weight_bits, False, device, seed=1)[0]
-    mlp.fc2 = quantized_layer_pair(4 * hidden, hidden, weight_bits, True, device, seed=2)[0]
+    mlp.fc1 = quantized_layer_pair(hidden, 4 * hidden, weight_bits, False, device, seed=1,
+                                   act_granularity=act_granularity)[0]
+    mlp.fc2 = quantized_layer_pair(4 * hidden, hidden, weight_bits, True, device, seed=2,
+                                   act_granularity=act_granularity)[0]
     return mlp, TritonQuantMlp(TritonQuantLinear(mlp.fc1), TritonQuantLinear(mlp.fc2))
 
 
@@ -258,9 +277,11 @@ def gemm_microbenchmark(device, batch: int, variants: list[str], emit) -> None:
         emit(row)
 
 
-def synthetic_quantized_dit(name: str, image_size: int, device, weight_bits: int, adaln_bits: int | None):
+def synthetic_quantized_dit(name: str, image_size: int, device, weight_bits: int, adaln_bits: int | None,
+                            act_granularity: str = "per_tensor"):
     model = random_dit(name, image_size, device)
-    config = QuantConfig(weight_bits=weight_bits, act_bits=8, adaln_weight_bits=adaln_bits)
+    config = QuantConfig(weight_bits=weight_bits, act_bits=8, adaln_weight_bits=adaln_bits,
+                         act_granularity=act_granularity)
     generator = torch.Generator().manual_seed(0)
     targets = quant_targets(model)
     layers, factors = {}, {}
@@ -276,13 +297,14 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 def build_row(name: str, args, device) -> torch.nn.Module:
-    weight_bits, backend, dtype, compiled = ROWS[name]
-    if weight_bits is None:
-        model = random_dit(args.model, args.image_size, device).to(dtype)
+    row = ROWS[name]
+    if row.weight_bits is None:
+        model = random_dit(args.model, args.image_size, device).to(row.dtype)
     else:
-        model = synthetic_quantized_dit(args.model, args.image_size, device, weight_bits, args.adaln_bit)
-        prepare_for_inference(model, backend, dtype)
-    if compiled:  # as the samplers compile: one compiled block serves all 28
+        model = synthetic_quantized_dit(args.model, args.image_size, device, row.weight_bits, args.adaln_bit,
+                                        row.act_granularity)
+        prepare_for_inference(model, row.backend, row.dtype)
+    if row.compiled:  # as the samplers compile: one compiled block serves all 28
         compile_blocks(model)
     return model
 
@@ -414,13 +436,13 @@ def main(args: argparse.Namespace) -> None:
         for name in args.rows:  # one model per row serves every batch and part
             torch._dynamo.reset()  # each row compiles from scratch, as in a fresh process
             model = build_row(name, args, device)
-            weight_bits, _, dtype, compiled = ROWS[name]
-            settings = {"row": name, "model": args.model, "compiled": compiled,
-                        "adaln_bit": args.adaln_bit if weight_bits else None, "model_MB": model_bytes(model) / 1e6}
+            row = ROWS[name]
+            settings = {"row": name, "model": args.model, "compiled": row.compiled, "act": row.act_granularity,
+                        "adaln_bit": args.adaln_bit if row.weight_bits else None, "model_MB": model_bytes(model) / 1e6}
             for batch in args.batches:
                 if "profile" in args.parts:
                     log.add({"part": "profile", **settings, "batch": batch,
-                             **profile_forward(model, dtype, args, device, batch)})
+                             **profile_forward(model, row.dtype, args, device, batch)})
                 if "sample" in args.parts:
                     for graph in args.cuda_graph:
                         start = time.perf_counter()

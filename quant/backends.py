@@ -2,8 +2,9 @@
 
 - `fake`: QuantLinear as saved; dequantizes and computes in float32 (the reference numerics).
 - `triton`: int8 GEMMs on CUDA (quant/kernels.py): W8A8, and W4A8 with the 4-bit codes kept
-  packed on the GPU; every layer a kernel does not cover (per-group weights, per-token or > 8-bit
-  activations) and every CPU run keep `fake`, said in one log line.
+  packed on the GPU, with per-tensor or per-token activation ranges; every layer a kernel does
+  not cover (per-group weights, > 8-bit activations) and every CPU run keep `fake`, said in one
+  log line.
 
 `prepare_for_inference` also casts the model's floating-point parts to the compute dtype; the
 quantized layers keep their scales in float32 whatever that dtype is.
@@ -27,13 +28,14 @@ BACKEND_DTYPES = {"fake": torch.float32, "triton": torch.bfloat16}
 BACKEND_HELP = ("how quantized layers run: fake (simulated, float32: the reference numerics) or triton (int8 "
                 "GEMM kernels on CUDA, the rest of the model in bf16; falls back to fake elsewhere)")
 MAX_KERNEL_ACT_BITS = 8
+KERNEL_ACT_GRANULARITIES = ("per_tensor", "per_token")
 
 
 def kernel_unsupported_reason(layer: QuantLinear) -> str | None:
     """Why the integer kernels cannot run `layer` (None: they can)."""
     if layer.group_size != layer.in_features:
         return "per-group weight scales"
-    if layer.act_granularity != "per_tensor":
+    if layer.act_granularity not in KERNEL_ACT_GRANULARITIES:
         return f"{layer.act_granularity} activation ranges"
     if layer.act_bits > MAX_KERNEL_ACT_BITS:
         return f"{layer.act_bits}-bit activations"
@@ -51,6 +53,7 @@ class TritonQuantLinear(nn.Module):
 
         self.in_features, self.out_features = source.in_features, source.out_features
         self.act_bits, self.weight_bits, self.packed = source.act_bits, source.weight_bits, source.packed
+        self.act_granularity = source.act_granularity
         # TMA tile loads: 1.1-1.2x faster for packed weights on an H100, slower for int8 codes
         # except at fc2's shape (benchmarks/RESULTS.md). TMA needs 16-byte aligned row strides.
         self.use_tma = (self.packed and self.in_features % 16 == 0) if use_tma is None else use_tma
@@ -82,17 +85,24 @@ class TritonQuantLinear(nn.Module):
 
         return super()._apply(same_dtype, recurse)
 
+    @property
+    def per_token(self) -> bool:
+        return self.act_granularity == "per_token"
+
     def qparams(self, x2d: torch.Tensor) -> torch.Tensor:
-        """[scale, zero] of the activation codes as a float32 device tensor (no host sync)."""
+        """[scales; zeros] of the activation codes, (2, 1) or per token (2, rows), as a float32
+        device tensor (no host sync)."""
         if self.act_range is not None:
-            return self.qparams_of_range(self.act_range[0], self.act_range[1])
+            return self.qparams_of_range(self.act_range[:1], self.act_range[1:])
         smoothed = x2d if self.smooth_inv is None else x2d * self.smooth_inv
         # Row-wise first: a reduction along the rows' axis, which torch.compile fuses into the
         # producer's row kernel (LayerNorm + modulation) instead of a slow whole-tensor reduction.
-        return self.qparams_of_range(smoothed.amin(dim=1).amin(), smoothed.amax(dim=1).amax())
+        lo, hi = smoothed.amin(dim=1), smoothed.amax(dim=1)
+        return self.qparams_of_range(lo, hi) if self.per_token else self.qparams_of_range(lo.amin(), hi.amax())
 
     def qparams_of_range(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        return torch.stack(activation_qparams(lo, hi, self.act_bits))
+        """(2, R) [scales; zeros] of R ranges (lo, hi: (R,) or scalars)."""
+        return torch.stack(activation_qparams(lo, hi, self.act_bits)).reshape(2, -1)
 
     def kernel_tensors(self) -> tuple:
         """The layer's arguments of the ditas ops, after (x, qparams)."""
@@ -109,7 +119,8 @@ class TritonQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         rank = 0 if self.lora_left is None else self.lora_left.shape[1]
         return (f"in={self.in_features}, out={self.out_features}, W{self.weight_bits}A{self.act_bits} int8 GEMM, "
-                f"packed={self.packed}, tma={self.use_tma}, lora_rank(padded)={rank}, smooth_on_the_fly={self.smooth_inv is not None}")
+                f"packed={self.packed}, tma={self.use_tma}, act={self.act_granularity}, lora_rank(padded)={rank}, "
+                f"smooth_on_the_fly={self.smooth_inv is not None}")
 
 
 def rows_of(x: torch.Tensor, features: int) -> torch.Tensor:
@@ -120,8 +131,8 @@ def rows_of(x: torch.Tensor, features: int) -> torch.Tensor:
 
 class TritonQuantMlp(nn.Module):
     """DiT's Mlp (fc1 -> tanh GELU -> fc2) on the kernels with two passes over the hidden
-    activations fewer: fc1's GEMM epilogue applies GELU and reduces fc2's per-tensor input range
-    (of GELU output × fc2's smoothing factors) while it stores the output."""
+    activations fewer: fc1's GEMM epilogue applies GELU and reduces fc2's input range, per tensor
+    or per token (of GELU output × fc2's smoothing factors), while it stores the output."""
 
     def __init__(self, fc1: TritonQuantLinear, fc2: TritonQuantLinear):
         super().__init__()
@@ -131,7 +142,7 @@ class TritonQuantMlp(nn.Module):
         x2d = rows_of(x, self.fc1.in_features)
         dynamic = self.fc2.act_range is None
         hidden, bounds = torch.ops.ditas.int8_linear_gelu(x2d, self.fc1.qparams(x2d), *self.fc1.kernel_tensors(),
-                                                          self.fc2.smooth_inv, dynamic)
+                                                          self.fc2.smooth_inv, dynamic, self.fc2.per_token)
         qparams = self.fc2.qparams_of_range(bounds[0], -bounds[1]) if dynamic else self.fc2.qparams(hidden)
         return self.fc2.linear_2d(hidden, qparams).reshape(*x.shape[:-1], self.fc2.out_features)
 
@@ -187,9 +198,12 @@ def register_kernel_op() -> None:
                          lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool,
                          column_sums: torch.Tensor, weight_zero: torch.Tensor, weight_scale: torch.Tensor,
                          bias: torch.Tensor | None, lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
-                         bounds_scale: torch.Tensor | None, with_bounds: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """GELU(linear(x)), and [min, −max] of its output × bounds_scale (+inf when not with_bounds)."""
-        bounds = torch.full((2,), float("inf"), dtype=torch.float32, device=x.device)
+                         bounds_scale: torch.Tensor | None, with_bounds: bool,
+                         bounds_per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """GELU(linear(x)), and [min, −max] of its output × bounds_scale, (2, 1) or per row (2, M)
+        (+inf when not with_bounds)."""
+        bounds = torch.full((2, x.shape[0] if bounds_per_row else 1), float("inf"), dtype=torch.float32,
+                            device=x.device)
         out = run(x, qparams, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
                   lora_left, act_bits, use_tma, gelu=True, bounds=bounds if with_bounds else None,
                   bounds_scale=bounds_scale)
@@ -197,7 +211,9 @@ def register_kernel_op() -> None:
 
     @int8_linear_gelu.register_fake
     def _(x, qparams, smooth_inv, lora_right, weight, *rest):
-        return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(2, dtype=torch.float32)
+        bounds_per_row = rest[-1]
+        return (x.new_empty(x.shape[0], weight.shape[0]),
+                x.new_empty(2, x.shape[0] if bounds_per_row else 1, dtype=torch.float32))
 
     _registered = True
 

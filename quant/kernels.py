@@ -1,7 +1,8 @@
 """Triton kernels of the integer inference path: a quantize pass and an int8 GEMM.
 
 A DiTAS layer computes  y = Q_a(x ⊙ smooth_inv) · (Ŵ + L·R)ᵀ + b  with
-    x̂ = s_x · (q − z_x)            (per-tensor activation codes q in [0, 2^a − 1], a ≤ 8)
+    x̂ = s_x · (q − z_x)            (activation codes q in [0, 2^a − 1], a ≤ 8; one (s_x, z_x)
+                                    per tensor, or per row with per-token ranges)
     Ŵ = s_w[n] · (c − z_w[n])       (per-output-channel weight codes c in [0, 2^b − 1]).
 Both sides are stored shifted to signed int8 (q' = q − 128, c' = c − 128, or c − 8 for packed
 codes of b ≤ 4 bits), so that with z' = z − shift
@@ -10,14 +11,18 @@ an int8 tensor-core GEMM plus per-row (Σ_k q') and per-column (Σ_k c') correct
 
 `quantize_rows` reads x once: it applies fc2's on-the-fly smoothing, writes the int8 codes and
 their row sums, and computes the LoRA down-projection (q − z_x)·Rᵀ from the same tile (the
-reference feeds the quantized activation to the LoRA branch too). `int8_gemm` runs the GEMM
-and, in its epilogue, the zero-point corrections, both scales, the LoRA up-projection and the bias.
-The per-tensor range (one scalar pair) is computed beforehand by torch, where torch.compile fuses
-it into the producer of x; it is passed as a device tensor, so nothing synchronises with the host.
+reference feeds the quantized activation to the LoRA branch too). With few rows it also splits
+K over programs (each writes partial row sums and down-projections, which the GEMM epilogue adds
+up in a fixed order: deterministic, unlike atomics), so that a small call still fills the GPU.
+`int8_gemm` runs the GEMM and, in its epilogue, the zero-point corrections, both scales, the LoRA
+up-projection and the bias. The ranges (`qparams`, [scale, zero] of shape (2, 1), or (2, M) per
+row) are computed beforehand by torch, where torch.compile fuses them into the producer of x; they
+are passed as a device tensor, so nothing synchronises with the host.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -47,10 +52,14 @@ LORA_DTYPE = tl.constexpr(tl.float32 if INTERPRETED else tl.bfloat16)
 # bf16 rounding of the output); the interpreter has no inline PTX and uses exp instead.
 FAST_TANH = tl.constexpr(not INTERPRETED)
 # Packed weights of a layer called with at least this many rows are unpacked to int8 once per
-# call (a few microseconds) and multiplied by the int8 GEMM: in the compute-bound regime,
-# unpacking inside the GEMM's main loop costs more (benchmarks/RESULTS.md). Fewer rows: the GEMM
-# reads the packed bytes itself.
-UNPACK_FROM_ROWS = 1024
+# call (a few microseconds) and multiplied by the int8 GEMM: unpacking inside the GEMM's main
+# loop cost more at every DiT-XL/2 batch measured, down to 512 rows (batch 1 with CFG;
+# benchmarks/RESULTS.md). Fewer rows: the GEMM reads the packed bytes itself.
+UNPACK_FROM_ROWS = 256
+# The quantize pass splits K into chunks of this many columns over programs when its rows alone
+# give fewer than QUANTIZE_PROGRAMS_PER_SM programs per multiprocessor.
+SPLIT_K_CHUNK = 32 if INTERPRETED else 128
+QUANTIZE_PROGRAMS_PER_SM = 2
 
 
 def _configs(options: list[dict], interpreted: dict) -> list[triton.Config]:
@@ -61,7 +70,8 @@ def _configs(options: list[dict], interpreted: dict) -> list[triton.Config]:
 
 
 QUANTIZE_CONFIGS = _configs(
-    [dict(BLOCK_M=32, BLOCK_K=128, warps=4), dict(BLOCK_M=64, BLOCK_K=128, warps=4)],
+    [dict(BLOCK_M=16, BLOCK_K=128, warps=4), dict(BLOCK_M=32, BLOCK_K=128, warps=4),
+     dict(BLOCK_M=64, BLOCK_K=128, warps=4)],
     dict(BLOCK_M=16, BLOCK_K=32),
 )
 
@@ -69,30 +79,48 @@ GEMM_CONFIGS = _configs(
     [dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, warps=8, stages=3),
      dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, warps=8, stages=3),
      dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, warps=8, stages=4),
-     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=4, stages=4)],
+     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=4, stages=4),
+     # small calls (batch 1 and 8): more tiles for the multiprocessors
+     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, warps=4, stages=4),
+     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, warps=4, stages=4)],
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2),
 )
 UNPACK_BLOCK_N = 64
 
 
-@triton.autotune(configs=QUANTIZE_CONFIGS, key=["K", "RANK", "HAS_SMOOTH"])
+@triton.jit
+def _row_qparams(qparams_ptr, rows, row_ok, M, PER_ROW: tl.constexpr):
+    """(scale, zero) of the activation codes: scalars, or [BLOCK_M, 1] columns with per-row
+    ranges. qparams is (2, 1) or (2, M) row-major: scales first, then zero points."""
+    if PER_ROW:
+        scale = tl.load(qparams_ptr + rows, mask=row_ok, other=1.0)[:, None]
+        zero = tl.load(qparams_ptr + M + rows, mask=row_ok, other=0.0)[:, None]
+    else:
+        scale = tl.load(qparams_ptr)
+        zero = tl.load(qparams_ptr + 1)
+    return scale, zero
+
+
+@triton.autotune(configs=QUANTIZE_CONFIGS, key=["M", "K", "K_PER_SPLIT", "RANK", "HAS_SMOOTH", "PER_ROW"])
 @triton.jit
 def _quantize_rows_kernel(
     x_ptr, smooth_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr,
     M, stride_xm,
-    K: tl.constexpr, QMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    K: tl.constexpr, K_PER_SPLIT: tl.constexpr, QMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr,
+    PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # program (i, j): rows i·BLOCK_M … and columns j·K_PER_SPLIT …; its row sums and LoRA
+    # down-projection are partial sums, written to slice j of rowsum (splits, M) and down (splits, M, rank)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
     row_ok = rows < M
-    scale = tl.load(qparams_ptr)
-    zero = tl.load(qparams_ptr + 1)
+    scale, zero = _row_qparams(qparams_ptr, rows, row_ok, M, PER_ROW)
     rowsum = tl.zeros([BLOCK_M], dtype=tl.int32)
     if RANK > 0:
         down = tl.zeros([BLOCK_M, RANK], dtype=tl.float32)
         ranks = tl.arange(0, RANK)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):  # columns past K (the last chunk's tail) are masked
+        cols = split * K_PER_SPLIT + k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         mask = row_ok[:, None] & col_ok[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -107,9 +135,9 @@ def _quantize_rows_kernel(
             centered = tl.where(mask, q - zero, 0.0).to(LORA_DTYPE)  # integers |v| ≤ 255: exact in bf16
             right = tl.load(right_ptr + ranks[None, :] * K + cols[:, None], mask=col_ok[:, None], other=0.0)
             down += tl.dot(centered, right)
-    tl.store(rowsum_ptr + rows, rowsum, mask=row_ok)
+    tl.store(rowsum_ptr + split * M + rows, rowsum, mask=row_ok)
     if RANK > 0:
-        tl.store(down_ptr + rows[:, None] * RANK + ranks[None, :], down, mask=row_ok[:, None])
+        tl.store(down_ptr + (split * M + rows[:, None]) * RANK + ranks[None, :], down, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -136,14 +164,15 @@ def _gelu_tanh(y):
     return 0.5 * y * (1 + t)
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K", "PACKED", "USE_TMA", "RANK", "GELU", "BOUNDS"])
+@triton.autotune(configs=GEMM_CONFIGS,
+                 key=["M", "N", "K", "PACKED", "USE_TMA", "RANK", "GELU", "BOUNDS", "PER_ROW", "SPLITS"])
 @triton.jit
 def _int8_gemm_kernel(
     a_ptr, b_ptr, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr,
     out_ptr, bounds_ptr, bounds_scale_ptr, M, N, stride_om,
     K: tl.constexpr, PACKED_K: tl.constexpr, PACKED: tl.constexpr, USE_TMA: tl.constexpr,
     HAS_BIAS: tl.constexpr, RANK: tl.constexpr, GELU: tl.constexpr, BOUNDS: tl.constexpr,
-    BOUNDS_SCALED: tl.constexpr,
+    BOUNDS_SCALED: tl.constexpr, PER_ROW: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # grouped tile order: GROUP_M row tiles share each column tile while it is in L2
@@ -193,18 +222,23 @@ def _int8_gemm_kernel(
                             other=0)
             acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
 
-    scale_x = tl.load(qparams_ptr)
-    zero_x = tl.load(qparams_ptr + 1).to(tl.int32) - ACT_SHIFT
-    rowsum = tl.load(rowsum_ptr + rows, mask=row_ok, other=0)
+    scale_x, zero_x = _row_qparams(qparams_ptr, rows, row_ok, M, PER_ROW)
+    zero_x = zero_x.to(tl.int32) - ACT_SHIFT
+    rowsum = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for split in tl.static_range(SPLITS):  # the quantize pass's partial sums, in a fixed order
+        rowsum += tl.load(rowsum_ptr + split * M + rows, mask=row_ok, other=0)
     colsum = tl.load(colsum_ptr + cols, mask=col_ok, other=0)
     zero_w = tl.load(wzero_ptr + cols, mask=col_ok, other=0)
     exact = acc - zero_x * colsum[None, :] - zero_w[None, :] * rowsum[:, None] + K * zero_x * zero_w[None, :]
-    y = exact.to(tl.float32) * (scale_x * tl.load(wscale_ptr + cols, mask=col_ok, other=0.0))[None, :]
+    y = exact.to(tl.float32) * scale_x * tl.load(wscale_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if RANK > 0:
         ranks = tl.arange(0, RANK)
-        down = tl.load(down_ptr + rows[:, None] * RANK + ranks[None, :], mask=row_ok[:, None], other=0.0)
-        left = tl.load(left_ptr + cols[:, None] * RANK + ranks[None, :], mask=col_ok[:, None], other=0.0)
-        y += tl.dot((down * scale_x).to(LORA_DTYPE), tl.trans(left))
+        down = tl.zeros([BLOCK_M, RANK], dtype=tl.float32)
+        for split in tl.static_range(SPLITS):
+            down += tl.load(down_ptr + (split * M + rows[:, None]) * RANK + ranks[None, :], mask=row_ok[:, None],
+                            other=0.0)
+        y += tl.dot((down * scale_x).to(LORA_DTYPE), tl.trans(
+            tl.load(left_ptr + cols[:, None] * RANK + ranks[None, :], mask=col_ok[:, None], other=0.0)))
     if HAS_BIAS:
         y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if GELU:
@@ -212,13 +246,18 @@ def _int8_gemm_kernel(
     out = y.to(out_ptr.dtype.element_ty)
     in_bounds = row_ok[:, None] & col_ok[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], out, mask=in_bounds)
-    if BOUNDS:  # the next layer's per-tensor range, of the stored (rounded) values × its factors
+    if BOUNDS:  # the next layer's range (per tensor, or per row), of the stored values × its factors
         v = out.to(tl.float32)
         if BOUNDS_SCALED:
             v = v * tl.load(bounds_scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
-        # bounds = [min, −max], both kept by atomic min from +inf
-        tl.atomic_min(bounds_ptr, tl.min(tl.where(in_bounds, v, float("inf"))))
-        tl.atomic_min(bounds_ptr + 1, -tl.max(tl.where(in_bounds, v, float("-inf"))))
+        # bounds = [min, −max] of shape (2, 1) or (2, M), kept by atomic min from +inf
+        low, high = tl.where(in_bounds, v, float("inf")), tl.where(in_bounds, v, float("-inf"))
+        if PER_ROW:
+            tl.atomic_min(bounds_ptr + rows, tl.min(low, axis=1), mask=row_ok)
+            tl.atomic_min(bounds_ptr + M + rows, -tl.max(high, axis=1), mask=row_ok)
+        else:
+            tl.atomic_min(bounds_ptr, tl.min(low))
+            tl.atomic_min(bounds_ptr + 1, -tl.max(high))
 
 
 @triton.jit
@@ -260,20 +299,45 @@ def _ensure_descriptor_allocator() -> None:
         _allocator_set = True
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return 64 if INTERPRETED else torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def quantize_splits(m: int, k: int, device: torch.device) -> int:
+    """Into how many K chunks the quantize pass of an (m, k) activation is split: enough programs
+    for QUANTIZE_PROGRAMS_PER_SM per multiprocessor (counting 32-row programs), at most one per
+    SPLIT_K_CHUNK columns; 1 for large calls, whose rows alone fill the GPU."""
+    wanted = QUANTIZE_PROGRAMS_PER_SM * _multiprocessors(device)
+    return max(1, min(triton.cdiv(k, SPLIT_K_CHUNK), triton.cdiv(wanted, triton.cdiv(m, 32))))
+
+
+def per_row(qparams: torch.Tensor) -> bool:
+    """Whether (2, R) qparams hold one range per row (R > 1) rather than one per tensor."""
+    return qparams.numel() > 2
+
+
 def quantize_rows(x: torch.Tensor, qparams: torch.Tensor, act_bits: int, smooth_inv: torch.Tensor | None,
-                  right: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(int8 codes − 128 (M, K), their int32 row sums (M,), fp32 (q − z)·Rᵀ (M, rank) or None) of a
-    2-D x with stride 1 along K; qparams = [scale, zero] (float32, on x's device)."""
+                  right: torch.Tensor | None, splits: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(int8 codes − 128 (M, K), int32 partial row sums (splits, M), fp32 partial (q − z)·Rᵀ
+    (splits, M, rank) or None) of a 2-D x with stride 1 along K: each of the `splits` (default:
+    quantize_splits) programs of a row block covers one K chunk, and the partial sums add up to
+    the whole rows'. qparams: float32 (2, 1) or (2, M) [scales; zero points], on x's device."""
     m, k = x.shape
     rank = 0 if right is None else right.shape[0]
+    splits = quantize_splits(m, k, x.device) if splits is None else splits
+    k_per_split = triton.cdiv(triton.cdiv(k, SPLIT_K_CHUNK), splits) * SPLIT_K_CHUNK
+    splits = triton.cdiv(k, k_per_split)  # no empty chunk
     codes = torch.empty(m, k, dtype=torch.int8, device=x.device)
-    rowsum = torch.empty(m, dtype=torch.int32, device=x.device)
-    down = torch.empty(m, max(rank, 1), dtype=torch.float32, device=x.device)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
+    rowsum = torch.empty(splits, m, dtype=torch.int32, device=x.device)
+    down = torch.empty(splits, m, max(rank, 1), dtype=torch.float32, device=x.device)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), splits)  # noqa: E731
     _quantize_rows_kernel[grid](
         x, smooth_inv if smooth_inv is not None else qparams, qparams, right if right is not None else qparams,
         codes, rowsum, down, m, x.stride(0),
-        K=k, QMAX=float(2**act_bits - 1), HAS_SMOOTH=smooth_inv is not None, RANK=rank,
+        K=k, K_PER_SPLIT=k_per_split, QMAX=float(2**act_bits - 1), HAS_SMOOTH=smooth_inv is not None, RANK=rank,
+        PER_ROW=per_row(qparams),
     )
     return codes, rowsum, down if rank else None
 
@@ -298,9 +362,10 @@ def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, 
     with M ≥ `unpack_from_rows`, packed codes are first unpacked to int8 (same shift, so the
     column sums and zero points hold), and the int8 GEMM runs with pointer loads.
     `use_tma` loads tiles with Hopper's tensor memory accelerator (device-side descriptors).
-    `bounds`: a float32 (2,) tensor holding +inf, into which the kernel reduces [min, −max] of its
-    stored output (times `bounds_scale` per column when given): the next layer's activation range
-    without another pass over `out`."""
+    `rowsum` and `down` are quantize_rows's partial sums, (splits, M[, rank]).
+    `bounds`: a float32 (2, 1) tensor, or (2, M) with per-row qparams, holding +inf, into which the
+    kernel reduces [min, −max] of its stored output (times `bounds_scale` per column when given):
+    the next layer's activation range without another pass over `out`."""
     m, k = codes.shape
     if packed and m >= unpack_from_rows:
         weight, packed, use_tma = unpack_signed(weight, k), False, False
@@ -317,6 +382,7 @@ def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, 
         placeholder if bounds is None else bounds, placeholder if bounds_scale is None else bounds_scale,
         m, n, out.stride(0),
         K=k, PACKED_K=weight.shape[1], PACKED=packed, USE_TMA=use_tma, HAS_BIAS=bias is not None, RANK=rank,
-        GELU=gelu, BOUNDS=bounds is not None, BOUNDS_SCALED=bounds_scale is not None,
+        GELU=gelu, BOUNDS=bounds is not None, BOUNDS_SCALED=bounds_scale is not None, PER_ROW=per_row(qparams),
+        SPLITS=rowsum.shape[0],
     )
     return out

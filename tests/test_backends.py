@@ -60,17 +60,19 @@ def random_quant_linear(in_features, out_features, weight_bits=4, act_bits=8, ra
     return QuantLinear.from_layer(layer, config)
 
 
-@pytest.mark.parametrize("weight_bits,act_bits,rank,smooth,static,options", [
-    (4, 8, 32, True, False, {}),  # W4A8 packed (TMA loads), LoRA, fc2's on-the-fly smoothing
-    (4, 8, 32, True, False, dict(use_tma=False)),  # the same with pointer loads
-    (8, 8, 0, False, False, {}),  # W8A8 (pointer loads), no LoRA
-    (8, 8, 4, False, False, dict(use_tma=True)),
-    (3, 6, 4, False, False, {}),  # 3-bit packed weights, 6-bit activations, rank padded to 16
-    (8, 8, 4, True, True, {}),  # static activation range
+@pytest.mark.parametrize("weight_bits,act_bits,rank,smooth,static,options,act_granularity", [
+    (4, 8, 32, True, False, {}, "per_tensor"),  # W4A8 packed (TMA loads), LoRA, fc2's on-the-fly smoothing
+    (4, 8, 32, True, False, dict(use_tma=False), "per_tensor"),  # the same with pointer loads
+    (8, 8, 0, False, False, {}, "per_tensor"),  # W8A8 (pointer loads), no LoRA
+    (8, 8, 4, False, False, dict(use_tma=True), "per_tensor"),
+    (3, 6, 4, False, False, {}, "per_tensor"),  # 3-bit packed weights, 6-bit activations, rank padded to 16
+    (8, 8, 4, True, True, {}, "per_tensor"),  # static activation range
+    (4, 8, 32, True, False, {}, "per_token"),  # one activation range per row
+    (8, 8, 4, False, False, {}, "per_token"),
 ])
-def test_kernels_match_the_fake_reference(weight_bits, act_bits, rank, smooth, static, options):
+def test_kernels_match_the_fake_reference(weight_bits, act_bits, rank, smooth, static, options, act_granularity):
     register_kernel_op()
-    fake = random_quant_linear(48, 40, weight_bits, act_bits, rank, smooth, static)
+    fake = random_quant_linear(48, 40, weight_bits, act_bits, rank, smooth, static, act_granularity=act_granularity)
     kernel = TritonQuantLinear(fake, **options)
     x = torch.randn(3, 13, 48) * 2 + 0.3  # 39 rows: partial tiles in M, N (40) and K (48)
     expected = fake(x)
@@ -79,14 +81,15 @@ def test_kernels_match_the_fake_reference(weight_bits, act_bits, rank, smooth, s
     assert ((got - expected).norm() / expected.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("static", [False, True])
-def test_fused_mlp_matches_fc1_gelu_fc2_of_the_fake_layers(static):
+@pytest.mark.parametrize("static,act_granularity", [(False, "per_tensor"), (True, "per_tensor"),
+                                                    (False, "per_token")])
+def test_fused_mlp_matches_fc1_gelu_fc2_of_the_fake_layers(static, act_granularity):
     from models import Mlp
 
     register_kernel_op()
     mlp = Mlp(48, 80)
-    mlp.fc1 = random_quant_linear(48, 80, rank=8, static=static, seed=1)
-    mlp.fc2 = random_quant_linear(80, 48, rank=8, smooth=True, static=static, seed=2)
+    mlp.fc1 = random_quant_linear(48, 80, rank=8, static=static, seed=1, act_granularity=act_granularity)
+    mlp.fc2 = random_quant_linear(80, 48, rank=8, smooth=True, static=static, seed=2, act_granularity=act_granularity)
     x = torch.randn(2, 21, 48) * 2 + 0.3  # 42 rows: partial tiles
     expected = mlp(x)
     assert fuse_mlps(mlp) == 0  # fake layers: nothing to fuse
@@ -106,15 +109,21 @@ def gemm_arguments(kernel: TritonQuantLinear, x: torch.Tensor) -> tuple:
             kernel.weight_scale, kernel.bias, None, None, torch.float32)
 
 
-def test_gemm_epilogue_reduces_the_range_of_its_scaled_output():
-    args = gemm_arguments(TritonQuantLinear(random_quant_linear(64, 40, rank=0)), torch.randn(37, 64))
+@pytest.mark.parametrize("act_granularity", ["per_tensor", "per_token"])
+def test_gemm_epilogue_reduces_the_range_of_its_scaled_output(act_granularity):
+    layer = random_quant_linear(64, 40, rank=0, act_granularity=act_granularity)
+    args = gemm_arguments(TritonQuantLinear(layer), torch.randn(37, 64))
     scale = torch.rand(40) + 0.5
-    bounds = torch.full((2,), float("inf"))
+    per_token = act_granularity == "per_token"
+    bounds = torch.full((2, 37 if per_token else 1), float("inf"))
     out = int8_gemm(*args, gelu=True, bounds=bounds, bounds_scale=scale)
     plain = int8_gemm(*args)
     torch.testing.assert_close(out, torch.nn.functional.gelu(plain, approximate="tanh"), rtol=1e-5, atol=1e-6)
     scaled = out * scale
-    assert bounds[0] == scaled.min() and -bounds[1] == scaled.max()
+    if per_token:
+        assert torch.equal(bounds[0], scaled.amin(dim=1)) and torch.equal(-bounds[1], scaled.amax(dim=1))
+    else:
+        assert bounds[0] == scaled.min() and -bounds[1] == scaled.max()
 
 
 def test_row_wise_range_equals_the_whole_tensor_range():
@@ -122,7 +131,7 @@ def test_row_wise_range_equals_the_whole_tensor_range():
     x = torch.randn(30, 64) * 3
     smoothed = x * kernel.smooth_inv
     expected = torch.stack(quantize_activation(smoothed, 8, smoothed.min(), smoothed.max())[1:])
-    assert torch.equal(kernel.qparams(x), expected)
+    assert torch.equal(kernel.qparams(x), expected.reshape(2, 1))  # [scales; zeros], one range
 
 
 def test_quantize_pass_writes_the_reference_codes_and_row_sums():
@@ -133,7 +142,32 @@ def test_quantize_pass_writes_the_reference_codes_and_row_sums():
     kernel_codes, rowsum, down = quantize_rows(x, qparams, 8, None, None)
     assert down is None
     assert torch.equal(kernel_codes.to(torch.int32), codes.to(torch.int32) - 128)
-    assert torch.equal(rowsum, (codes.to(torch.int32) - 128).sum(dim=1))
+    assert torch.equal(rowsum.sum(dim=0), (codes.to(torch.int32) - 128).sum(dim=1))
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_quantize_pass_split_over_k_gives_the_same_codes_sums_and_gemm(splits):
+    kernel = TritonQuantLinear(random_quant_linear(96, 40, rank=8, smooth=True))
+    x = torch.randn(37, 96) * 3
+    qparams = kernel.qparams(x)
+    whole = quantize_rows(x, qparams, 8, kernel.smooth_inv, kernel.lora_right, splits=1)
+    split = quantize_rows(x, qparams, 8, kernel.smooth_inv, kernel.lora_right, splits=splits)
+    assert whole[1].shape == (1, 37) and split[1].shape == (splits, 37) and split[2].shape == (splits, 37, 16)
+    assert torch.equal(split[0], whole[0]) and torch.equal(split[1].sum(dim=0), whole[1][0])
+    torch.testing.assert_close(split[2].sum(dim=0), whole[2][0], rtol=1e-6, atol=1e-5)
+
+    def gemm(codes, rowsum, down):
+        return int8_gemm(codes, rowsum, qparams, kernel.weight, kernel.packed, kernel.column_sums, kernel.weight_zero,
+                         kernel.weight_scale, kernel.bias, down, kernel.lora_left, torch.float32)
+
+    torch.testing.assert_close(gemm(*split), gemm(*whole), rtol=1e-6, atol=1e-5)
+
+
+def test_small_calls_split_the_quantize_pass_and_large_ones_do_not():
+    from quant.kernels import SPLIT_K_CHUNK, quantize_splits
+
+    assert quantize_splits(4096 * 8, 1152, torch.device("cpu")) == 1
+    assert 1 < quantize_splits(64, 1152, torch.device("cpu")) <= -(-1152 // SPLIT_K_CHUNK)
 
 
 def test_kernel_op_schema_and_fake_tensor_rule():
@@ -145,8 +179,9 @@ def test_kernel_op_schema_and_fake_tensor_rule():
             kernel.use_tma)
     torch.library.opcheck(torch.ops.ditas.int8_linear.default, args,
                           test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.ditas.int8_linear_gelu.default, (*args, torch.rand(16) + 0.5, True),
-                          test_utils=("test_schema", "test_faketensor"))
+    for per_row in (False, True):
+        torch.library.opcheck(torch.ops.ditas.int8_linear_gelu.default, (*args, torch.rand(16) + 0.5, True, per_row),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_kernel_layer_keeps_float32_scales_when_the_model_is_cast():
@@ -187,7 +222,7 @@ def test_packed_gemm_unpacked_first_equals_unpacking_in_the_main_loop():
 def test_layers_the_kernels_do_not_cover_are_named():
     assert kernel_unsupported_reason(random_quant_linear(32, 16)) is None
     assert "per-group" in kernel_unsupported_reason(random_quant_linear(32, 16, granularity="per_group"))
-    assert "per_token" in kernel_unsupported_reason(random_quant_linear(32, 16, act_granularity="per_token"))
+    assert kernel_unsupported_reason(random_quant_linear(32, 16, act_granularity="per_token")) is None
     assert "12-bit" in kernel_unsupported_reason(random_quant_linear(32, 16, act_bits=12))
 
 
