@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.rowlog import RowLog  # noqa: E402
+from benchmarks.rowlog import RowLog, provenance  # noqa: E402
 from checkpoints import load_model, resolve_spec  # noqa: E402
 from classifier import DEFAULT_CLASSIFIER, features_and_predictions, load_classifier  # noqa: E402
 from data import FASHION_MNIST_DIR, fashion_mnist_tensors, to_model_range  # noqa: E402
@@ -68,7 +68,8 @@ def generate(model, spec, n: int, batch: int, device) -> tuple[np.ndarray, np.nd
 def main(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    log = RowLog(args.output, start_empty=True)
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    log = RowLog(args.output, common=provenance(card) | {"num_samples": args.num_samples})
     spec = resolve_spec(None, None, args.ckpt)
     classifier = load_classifier(args.classifier, device)
     test_features, _ = features_and_predictions(classifier, fashion_mnist_tensors("test", args.data_path)[0])
@@ -114,7 +115,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1000, help="images per sampling batch (twice the rows with CFG)")
     parser.add_argument("--settings", nargs="+", default=["W8A8", "W4A8", "W4A6", "W3A8"])
     parser.add_argument("--methods", nargs="+", default=TABLE_METHODS, choices=list(METHODS))
-    parser.add_argument("--output", default=None, help="JSON lines file for the rows")
+    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "quality.jsonl"),
+                        help="JSON lines file every row is appended to as it is measured")
     parser.add_argument("--backend", choices=BACKENDS, default="fake",
                         help="fake: the reference numerics (float32); triton: int8 kernels, float parts in bf16")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,

@@ -17,7 +17,8 @@ Parts (--parts):
   rows), random weights, no VAE, for every --rows and --batches entry, with and/or without CUDA
   graphs (--cuda-graph): ms per step, images per second, peak GPU memory, model bytes, and for
   graphed rows the largest difference between a replay and an eager call on fresh inputs. Each
-  is warmed up by a 3-step run (compilation, autotuning, graph capture) before the timed run.
+  is warmed up by a 3-step run (compilation, autotuning, graph capture) before --repeats timed
+  runs, whose median is reported.
   "compile" rows use the samplers' regional torch.compile (`sampling.compile_blocks`).
 
 Quantized rows use a synthetic quantized model: random N(0, 0.02²) weights quantized by
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -336,12 +338,16 @@ def time_sampling(model, args, device, batch: int, graphs: StepGraphs | None) ->
     generate(model, create_diffusion(str(WARMUP_STEPS)), labels, noise, CFG_SCALE, graphs=graphs)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    generate(model, create_diffusion(str(args.num_sampling_steps)), labels, noise, CFG_SCALE, graphs=graphs)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    row = {"ms_per_step": 1000 * seconds / args.num_sampling_steps, "images_per_s": batch / seconds,
-           "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+    diffusion = create_diffusion(str(args.num_sampling_steps))
+    runs = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        generate(model, diffusion, labels, noise, CFG_SCALE, graphs=graphs)
+        torch.cuda.synchronize()
+        runs.append(1000 * (time.perf_counter() - start) / args.num_sampling_steps)
+    ms = statistics.median(runs)
+    row = {"ms_per_step": ms, "images_per_s": 1000 * batch / (ms * args.num_sampling_steps),
+           "ms_per_step_runs": runs, "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
     if graphs is not None:  # a replay on fresh inputs computes what the model computes eagerly
         row["graph_vs_eager_max_abs"] = graph_vs_eager(model, graphs, noise, labels)
     return row
@@ -501,6 +507,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cuda-graph", nargs="+", default=["on"], choices=["on", "off"],
                         help="sample part: model calls replayed from CUDA graphs (on), eager launches (off), or both")
     parser.add_argument("--num-sampling-steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed sampling runs per row and batch; the median is reported (all are kept)")
     parser.add_argument("--adaln-bit", type=int, default=8, choices=[8, 0],
                         help="weight-only bits of the adaLN layers in the quantized rows (0: bf16)")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "speed.jsonl"),
