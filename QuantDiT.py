@@ -16,16 +16,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
 
 import config as defaults
-from checkpoints import load_model
-from cli import add_model_arguments, create_logger, default_device, parse_device, run_cli, spec_and_checkpoint
+from checkpoints import load_model_and_dtype
+from cli import (
+    ArgumentParser,
+    add_model_arguments,
+    create_logger,
+    default_device,
+    parse_device,
+    positive_int,
+    run_cli,
+    spec_and_checkpoint,
+)
 from diffusion import create_diffusion
 from errors import UserError
-from fileio import sha256_of
+from fileio import check_output_location, recover_directory, sha256_of
 from quant.calibrate import CalibrationRun, default_calibration_labels
 from quant.checkpoint import save_quantized
 from quant.config import (
@@ -38,6 +48,7 @@ from quant.config import (
     default_alpha_grid,
 )
 from quant.pipeline import quantize_dit
+from quant.targets import get_module, quant_targets
 
 
 def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
@@ -51,6 +62,25 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
         )
     except ValueError as error:
         raise UserError(f"{error}") from None
+
+
+def check_group_size(model: torch.nn.Module, config: QuantConfig) -> None:
+    """Per-group weights need every quantized layer's input width to be a multiple of the group."""
+    if config.weight_granularity != "per_group":
+        return
+    for target in quant_targets(model):
+        width = get_module(model, target.name).in_features
+        if width % config.weight_group_size:
+            raise UserError(f"--weight-group-size {config.weight_group_size} does not divide the {width} inputs of "
+                            f"{target.name}; choose a divisor of every layer's width (e.g. 32, 64 or 128)")
+
+
+def check_report_finite(report) -> None:
+    """A non-finite layer error means the quantized model computes NaN or Inf: never save it."""
+    for layer in report.layers:
+        if not all(math.isfinite(e) for e in (layer.rtn_error, layer.final_error, *layer.lora_errors)):
+            raise UserError(f"quantizing {layer.name} gave a non-finite output error; nothing was saved "
+                            "(check the checkpoint and the flags)")
 
 
 def format_summary(report) -> str:
@@ -72,16 +102,21 @@ def main(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     spec, ckpt = spec_and_checkpoint(args)
     output = Path(args.output or f"results/{Path(ckpt).stem}-{config.label}")
-    model = load_model(spec, ckpt, device)
-    logger.info(f"quantizing {ckpt} to {config.label}: {config.to_dict()}")
+    check_output_location(output)
+    for line in recover_directory(output):
+        logger.info(line)
     labels = tuple(args.calib_labels) if args.calib_labels else default_calibration_labels(spec.num_classes)
     if max(labels) >= spec.num_classes or min(labels) < 0:
         raise UserError(f"--calib-labels must lie in 0..{spec.num_classes - 1}")
+    model, source_dtype = load_model_and_dtype(spec, ckpt, device)
+    check_group_size(model, config)
+    logger.info(f"quantizing {ckpt} to {config.label}: {config.to_dict()}")
     run = CalibrationRun(labels=labels, cfg_scale=args.cfg_scale, num_steps=args.num_sampling_steps, seed=args.seed)
     diffusion = create_diffusion(str(args.num_sampling_steps))
     model, report = quantize_dit(model, diffusion, config, run, device, logger=logger)
 
     logger.info("per-layer summary:\n" + format_summary(report))
+    check_report_finite(report)
     extra = {
         "source_checkpoint": str(ckpt),
         "source_sha256": sha256_of(ckpt) if Path(ckpt).is_file() else None,
@@ -90,14 +125,14 @@ def main(args: argparse.Namespace) -> None:
         "alphas": {layer.name: layer.alpha for layer in report.layers},
         "report": report.to_dict(),
     }
-    save_quantized(output, model, config, spec, extra)
+    save_quantized(output, model, config, spec, extra, storage_dtype=source_dtype)
     logger.info(f"stage times (s): {json.dumps({k: round(v, 2) for k, v in report.seconds.items()})}"
                 + (f", peak GPU memory {report.peak_gpu_bytes / 2**30:.2f} GiB" if report.peak_gpu_bytes else ""))
     logger.info(f"saved quantized checkpoint to {output}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration noise and of the randomized SVD")
     lo, hi = WEIGHT_BITS_RANGE
@@ -106,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lo, hi = ACT_BITS_RANGE
     parser.add_argument("--act-bit", type=int, default=defaults.global_act_bit,
                         help=f"activation bits, {lo}..{hi} (default from config.py: {defaults.global_act_bit})")
-    parser.add_argument("--num-sampling-steps", type=int, default=50, help="steps of the calibration sampling run")
+    parser.add_argument("--num-sampling-steps", type=positive_int, default=50, help="steps of the calibration sampling run")
     parser.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale of the calibration run")
     parser.add_argument("--calib-labels", type=int, nargs="+", default=None,
                         help="class labels of the calibration run (default: the published 16 ImageNet labels, "
@@ -117,14 +152,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="weight-only bits of each block's adaLN modulation layer, after folding (default from "
                              f"config.py: {defaults.global_adaln_bit}; none = floating point, as in the paper)")
     parser.add_argument("--lora-rank", type=int, default=QuantConfig.lora_rank, help="rank of the training-free LoRA (0: none)")
-    parser.add_argument("--lora-iters", type=int, default=QuantConfig.lora_iters, help="alternating quantize/low-rank iterations")
+    parser.add_argument("--lora-iters", type=positive_int, default=QuantConfig.lora_iters, help="alternating quantize/low-rank iterations")
     parser.add_argument("--search-lora-iters", type=int, default=QuantConfig.search_lora_iters,
                         help="LoRA iterations used while scoring α (a cheaper stand-in for --lora-iters)")
     parser.add_argument("--search-rows-per-step", type=int, default=QuantConfig.search_rows_per_step,
                         help="token rows per timestep and layer used to score α (0: all)")
     parser.add_argument("--weight-granularity", choices=[g for g in WEIGHT_GRANULARITIES if g != "per_tensor"],
                         default=QuantConfig.weight_granularity, help="one weight scale per output channel, or per group of inputs")
-    parser.add_argument("--weight-group-size", type=int, default=QuantConfig.weight_group_size, help="inputs per group for per_group")
+    parser.add_argument("--weight-group-size", type=positive_int, default=QuantConfig.weight_group_size, help="inputs per group for per_group")
     parser.add_argument("--act-granularity", choices=ACT_GRANULARITIES, default=QuantConfig.act_granularity,
                         help="one activation range per tensor (the paper) or per token")
     parser.add_argument("--static-act", action="store_true",

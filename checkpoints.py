@@ -36,6 +36,7 @@ PRETRAINED_DIR = Path("pretrained_models")
 VAE_CHOICES = ("ema", "mse")
 LATENT_DOWNSAMPLING = 8  # the SD VAE maps an image of side S to latents of side S / 8
 DIT_ARGUMENTS = tuple(p for p in inspect.signature(DiT.__init__).parameters if p != "self")
+DIT_DEFAULTS = {name: p.default for name, p in inspect.signature(DiT.__init__).parameters.items() if name != "self"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,16 @@ class ModelSpec:
             raise UserError(f"unknown DiT arguments {sorted(unknown)}; the constructor takes {list(DIT_ARGUMENTS)}")
         if self.vae is not None and self.vae not in VAE_CHOICES:
             raise UserError(f"vae must be one of {VAE_CHOICES} or null, got {self.vae!r}")
+        kwargs = {**DIT_DEFAULTS, **self.dit_kwargs}
+        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+            if not isinstance(kwargs[name], int) or isinstance(kwargs[name], bool) or kwargs[name] < 1:
+                raise UserError(f"model config: {name} must be a whole number ≥ 1, got {kwargs[name]!r}")
+        if kwargs["hidden_size"] % kwargs["num_heads"]:
+            raise UserError(f"model config: hidden_size {kwargs['hidden_size']} is not a multiple of num_heads "
+                            f"{kwargs['num_heads']}; fix the model config JSON")
+        if kwargs["input_size"] % kwargs["patch_size"]:
+            raise UserError(f"model config: input_size {kwargs['input_size']} is not a multiple of patch_size "
+                            f"{kwargs['patch_size']}; fix the model config JSON")
 
     @property
     def input_size(self) -> int:
@@ -245,9 +256,32 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], so
     model.load_state_dict(state_dict, strict=True)
 
 
-def load_model(spec: ModelSpec, ckpt: str, device: str | torch.device = "cpu") -> DiT:
-    """Build `spec`, load `ckpt` into it (fp32), and put it in eval mode on `device`."""
+def check_finite(state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse a state dict with a NaN or infinite value, naming the first such tensor: a model
+    with one cannot be quantized or sampled (every output would be NaN)."""
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise UserError(f"{source} holds non-finite values (NaN or Inf) in {key} ({bad} of {tensor.numel()}); "
+                                "use an intact checkpoint (re-download, or an earlier training checkpoint)")
+
+
+def load_model_and_dtype(spec: ModelSpec, ckpt: str, device: str | torch.device = "cpu") -> tuple[DiT, torch.dtype]:
+    """(model, the checkpoint's floating-point dtype): read `ckpt` (refusing non-finite weights),
+    build `spec`, load the weights into it (fp32), and put it in eval mode on `device`. The
+    checkpoint is read first, so a missing or broken one is reported before the (possibly large)
+    model is built."""
     path = find_checkpoint(ckpt)
+    raw = read_state_dict(path)
+    stored = next((v.dtype for v in raw.values() if v.is_floating_point()), torch.float32)
+    state = {k: v.float() for k, v in raw.items()}
+    check_finite(state, f"checkpoint {path}")
     model = spec.build()
-    load_weights(model, {k: v.float() for k, v in read_state_dict(path).items()}, source=f"checkpoint {path}")
-    return model.to(device).eval()
+    load_weights(model, state, source=f"checkpoint {path}")
+    return model.to(device).eval(), stored
+
+
+def load_model(spec: ModelSpec, ckpt: str, device: str | torch.device = "cpu") -> DiT:
+    """The model of `ckpt` in fp32 (load_model_and_dtype without the dtype)."""
+    return load_model_and_dtype(spec, ckpt, device)[0]

@@ -17,6 +17,7 @@ from errors import UserError
 
 DEFAULT_CLASSIFIER = "assets/demo/fmnist_classifier.safetensors"
 FEATURE_DIM = 128
+DEMO_CLASSES = 10  # Fashion-MNIST
 
 
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:
@@ -32,7 +33,7 @@ class FashionClassifier(nn.Module):
     """32² -> 16² -> 8² -> 4² convolutional stages, global average pooling to FEATURE_DIM
     features, and a linear layer to the 10 classes."""
 
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = DEMO_CLASSES):
         super().__init__()
         self.stages = nn.Sequential(conv_block(1, 32), conv_block(32, 64), conv_block(64, FEATURE_DIM))
         self.dropout = nn.Dropout(0.3)

@@ -7,14 +7,34 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from checkpoints import VAE_CHOICES, ModelSpec, default_checkpoint, resolve_spec
+from checkpoints import OFFICIAL_CHECKPOINTS, VAE_CHOICES, ModelSpec, default_checkpoint, resolve_spec
 from errors import UserError
 from models import DiT_models
 
 EXIT_USER_ERROR = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the scripts' error format: a bad flag gets one line, `error: …`, and exit
+    status 2 (argparse's own would print the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def run_cli(main: Callable[[], None]) -> None:
@@ -44,6 +64,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_image_size: int
 
 def spec_and_checkpoint(args: argparse.Namespace) -> tuple[ModelSpec, str]:
     """The architecture and checkpoint named by the model flags."""
+    if args.ckpt and args.ckpt not in OFFICIAL_CHECKPOINTS and not Path(args.ckpt).is_file():
+        raise UserError(f"checkpoint {args.ckpt} does not exist; check the path passed to --ckpt")
     spec = resolve_spec(args.model, args.model_config, args.ckpt, args.image_size, args.num_classes, args.vae)
     ckpt = args.ckpt or default_checkpoint(args.model, args.image_size)
     return spec, ckpt
@@ -80,7 +102,10 @@ def default_device() -> str:
 
 
 def parse_device(name: str) -> torch.device:
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; pass cuda, cuda:N or cpu") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is visible; pass --device cpu")
     return device

@@ -19,8 +19,8 @@ import json
 
 import numpy as np
 
-from classifier import DEFAULT_CLASSIFIER, features_and_predictions, load_classifier
-from cli import default_device, parse_device, run_cli
+from classifier import DEFAULT_CLASSIFIER, DEMO_CLASSES, features_and_predictions, load_classifier
+from cli import ArgumentParser, default_device, parse_device, run_cli
 from data import FASHION_MNIST_DIR, fashion_mnist_tensors, to_model_range
 from errors import UserError
 from metrics import accuracy, frechet_distance_of_features, psnr
@@ -34,16 +34,37 @@ def grayscale_model_input(images: np.ndarray):
     return to_model_range(images[..., :1])
 
 
+MIN_SAMPLES = 2  # a Fréchet distance needs a covariance
+
+
+def samples_for_fd(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    images, labels = load_samples_npz(path)
+    if len(images) < MIN_SAMPLES:
+        raise UserError(f"{path} holds {len(images)} sample(s); a Fréchet distance needs at least {MIN_SAMPLES}")
+    return images, labels
+
+
 def demo_metrics(samples_path: str, reference_path: str | None, paired_path: str | None, classifier_path: str,
                  data_path: str, device) -> dict:
     """FD against the real test set (or a reference npz), accuracy against arr_1, PSNR against a paired npz."""
-    images, labels = load_samples_npz(samples_path)
+    images, labels = samples_for_fd(samples_path)
+    if labels is not None and (labels.min() < 0 or labels.max() >= DEMO_CLASSES):
+        raise UserError(f"{samples_path}: labels (arr_1) must lie in 0..{DEMO_CLASSES - 1} for the demo classifier, "
+                        f"found {labels.min()}..{labels.max()}; use --suite imagenet for other models")
+    paired_images = None
+    if paired_path:
+        paired_images, _ = load_samples_npz(paired_path)
+        if paired_images.shape != images.shape:
+            raise UserError(f"--paired {paired_path} holds {paired_images.shape[0]} images of "
+                            f"{paired_images.shape[1]}×{paired_images.shape[2]}, {samples_path} "
+                            f"{images.shape[0]} of {images.shape[1]}×{images.shape[2]}; pair samples of the same "
+                            "seeds and count")
     classifier = load_classifier(classifier_path, device)
     features, predictions = features_and_predictions(classifier, grayscale_model_input(images))
     results: dict = {"samples": samples_path, "n": len(images)}
 
     if reference_path:
-        reference_images, _ = load_samples_npz(reference_path)
+        reference_images, _ = samples_for_fd(reference_path)
         reference_features, _ = features_and_predictions(classifier, grayscale_model_input(reference_images))
         results["fd_vs_reference"] = frechet_distance_of_features(features, reference_features)
         results["reference"] = reference_path
@@ -53,8 +74,7 @@ def demo_metrics(samples_path: str, reference_path: str | None, paired_path: str
         results["fd_vs_test_set"] = frechet_distance_of_features(features, test_features)
     if labels is not None:
         results["class_accuracy"] = accuracy(predictions, labels)
-    if paired_path:
-        paired_images, _ = load_samples_npz(paired_path)
+    if paired_images is not None:
         results["psnr_vs_paired"] = psnr(images, paired_images)
         results["paired"] = paired_path
     return results
@@ -62,6 +82,7 @@ def demo_metrics(samples_path: str, reference_path: str | None, paired_path: str
 
 def imagenet_metrics(samples_path: str, reference_path: str | None) -> dict:
     """FID, Inception Score, precision and recall with torch-fidelity's Inception network."""
+    samples_for_fd(samples_path)
     if reference_path is None:
         raise UserError("the ImageNet suite needs a reference npz, e.g. ADM's VIRTUAL_imagenet256_labeled.npz")
     try:
@@ -93,6 +114,8 @@ def imagenet_metrics(samples_path: str, reference_path: str | None) -> dict:
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.suite == "imagenet" and args.paired:
+        raise UserError("--paired (PSNR) belongs to the demo suite; drop it with --suite imagenet")
     if args.suite == "demo":
         results = demo_metrics(args.samples, args.reference, args.paired, args.classifier, args.data_path,
                                parse_device(args.device))
@@ -102,7 +125,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("samples", help="sample npz to measure")
     parser.add_argument("reference", nargs="?", default=None,
                         help="reference npz for FD/FID (demo default: the real Fashion-MNIST test set)")

@@ -37,3 +37,90 @@ def sha256_of(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
         while chunk := f.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_output_location(path: str | os.PathLike, kind: str = "directory") -> None:
+    """Raise UserError now, before any long work, if a `kind` ("directory" or "file") could not
+    be written at `path`: something else already there, a parent that is a file, or a folder
+    that cannot be written (read-only, no permission). Probes by creating and removing an empty
+    folder in the nearest existing ancestor; creates nothing that stays."""
+    from errors import UserError
+
+    path = Path(path)
+    if path.exists() and path.is_dir() != (kind == "directory"):
+        raise UserError(f"cannot write the output {kind} {path}: a {'file' if kind == 'directory' else 'folder'} of "
+                        "that name is in the way; remove it or choose another output path")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot write {path}: {ancestor} is a file, not a folder; choose another output path")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".write-probe."))
+    except OSError as error:
+        raise UserError(f"cannot write into {ancestor} ({error.strerror}); choose a writable output path") from None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where the
+    system or the file system does not offer it."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def backup_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def staging_prefix(target: Path) -> str:
+    return f".{target.name}.tmp."
+
+
+def replace_directory(complete: Path, target: Path) -> None:
+    """Put the complete directory `complete` (a sibling of `target`) at `target`. An existing
+    `target` is swapped with it atomically where the system can (Linux), so `target` is always
+    the old or the new directory; then the old one is deleted. Elsewhere the old directory is
+    first renamed to its backup name, which `recover_directory` restores after an interruption."""
+    import shutil
+
+    if target.exists():
+        if _exchange(complete, target):
+            shutil.rmtree(complete)
+            return
+        backup = backup_name(target)
+        shutil.rmtree(backup, ignore_errors=True)
+        target.rename(backup)
+        complete.rename(target)
+        shutil.rmtree(backup)
+    else:
+        complete.rename(target)
+
+
+def recover_directory(target: str | os.PathLike) -> list[str]:
+    """Clean up after an interrupted replace_directory of `target`: restore the backup if
+    `target` is missing, delete a leftover backup and staging directories. What it did, as lines."""
+    import shutil
+
+    target = Path(target)
+    done = []
+    backup = backup_name(target)
+    if backup.is_dir():
+        if target.exists():
+            shutil.rmtree(backup)
+            done.append(f"removed the leftover backup {backup}")
+        else:
+            backup.rename(target)
+            done.append(f"restored {target} from its backup (an earlier run was interrupted while replacing it)")
+    if target.parent.is_dir():
+        for leftover in target.parent.glob(staging_prefix(target) + "*"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+                done.append(f"removed the unfinished {leftover}")
+    return done

@@ -32,7 +32,11 @@ def load_samples_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | 
     if not path.is_file():
         raise UserError(f"sample file {path} does not exist; create it with sample_merge_TAS.py")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise UserError(f"{path} is a single array, not an npz; expected an ADM-style npz with N×H×W×3 "
+                            "uint8 images in arr_0 (sample_merge_TAS.py writes one)")
+        with loaded as data:
             if "arr_0" not in data:
                 raise UserError(f"{path} has no arr_0; expected an ADM-style npz with N×H×W×3 uint8 images in arr_0")
             images = data["arr_0"]

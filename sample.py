@@ -13,11 +13,13 @@ import torch
 
 from checkpoints import ModelSpec, load_model
 from cli import (
+    ArgumentParser,
     add_model_arguments,
     add_speed_arguments,
     create_logger,
     default_device,
     parse_device,
+    positive_int,
     run_cli,
     spec_and_checkpoint,
     speed_up_sampling,
@@ -64,17 +66,17 @@ def main(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--backend", choices=BACKENDS, default="fake", help=BACKEND_HELP)
     parser.add_argument("--path", type=str, default=None,
                         help="a quantized checkpoint directory from QuantDiT.py (instead of --ckpt)")
     parser.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
-    parser.add_argument("--num-sampling-steps", type=int, default=250, help="respaced diffusion steps")
+    parser.add_argument("--num-sampling-steps", type=positive_int, default=250, help="respaced diffusion steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise: image i depends only on the seed and i")
     parser.add_argument("--class-labels", type=int, nargs="+", default=None,
                         help="one image per label; default: the official 8 ImageNet labels, or each class once")
-    parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: about square)")
+    parser.add_argument("--nrow", type=positive_int, default=None, help="images per grid row (default: about square)")
     parser.add_argument("--output", type=str, default="sample.png", help="where to write the PNG grid")
     parser.add_argument("--device", type=str, default=default_device(), help="cuda or cpu")
     add_speed_arguments(parser)

@@ -8,7 +8,9 @@
 The quantized checkpoint from QuantDiT.py already holds the folded smoothing factors (qkv and fc1
 in adaLN, proj in the V rows of qkv; fc2 smoothed on the fly). Writes one PNG per sample into a
 folder under --sample-dir and, once all exist, `<folder>.npz` (arr_0: N×H×W×3 uint8, arr_1:
-labels), the format of ADM's evaluation suite. Sample i's label and noise depend only on
+labels), the format of ADM's evaluation suite. The folder's manifest.json records what the
+images depend on (the model's SHA-256, architecture, seed, cfg, steps; for quantized models the
+backend and batch size): a folder of another model or other settings is refused, never mixed. Sample i's label and noise depend only on
 --global-seed and i. Batch b holds samples b·B … b·B + B − 1 (B = --per-proc-batch-size) and runs
 on process b mod N, so every batch holds the same samples whatever the number of processes: the
 images are the same on 1 or N GPUs, also for quantized models, whose per-tensor dynamic activation
@@ -20,6 +22,7 @@ resumes to the same images.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -28,12 +31,14 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from checkpoints import ModelSpec, load_model
+from checkpoints import ModelSpec, default_checkpoint, load_model
 from cli import (
+    ArgumentParser,
     add_model_arguments,
     add_speed_arguments,
     create_logger,
     default_device,
+    positive_int,
     run_cli,
     setup_distributed,
     spec_and_checkpoint,
@@ -41,6 +46,7 @@ from cli import (
 )
 from diffusion import create_diffusion
 from errors import UserError
+from fileio import atomic_output, sha256_of
 from images import save_png
 from npzio import save_samples_npz
 from quant.backends import BACKEND_DTYPES, BACKEND_HELP, BACKENDS, prepare_for_inference
@@ -63,6 +69,11 @@ def load_sampler_model(args: argparse.Namespace, device: torch.device, log=print
     """(model, spec, label, source name) for --fp or --path, refusing bit-widths that disagree
     with the checkpoint."""
     if args.fp:
+        given = [flag for flag, value in (("--path", args.path), ("--weight-bit", args.weight_bit),
+                                          ("--act-bit", args.act_bit)) if value is not None]
+        if given:
+            raise UserError(f"--fp samples the full-precision --ckpt; drop {' and '.join(given)} (they are for a "
+                            "quantized checkpoint), or drop --fp")
         spec, ckpt = spec_and_checkpoint(args)
         return load_model(spec, ckpt, device), spec, "FP", Path(ckpt).stem
     if not args.path:
@@ -75,6 +86,49 @@ def load_sampler_model(args: argparse.Namespace, device: torch.device, log=print
                             f"quantize again with QuantDiT.py {flag} {given}")
     prepare_for_inference(model, args.backend, BACKEND_DTYPES[args.backend], log)
     return model, ModelSpec.from_json_dict(meta["model_config"]), config.label, Path(args.path).name
+
+
+MANIFEST = "manifest.json"
+
+
+def run_identity(args: argparse.Namespace, spec: ModelSpec, label: str) -> dict:
+    """What the images in a sample folder depend on: the model's bytes (SHA-256 of the FP checkpoint,
+    or of a quantized checkpoint's weights and quant.json), its architecture, and the sampling
+    settings; for quantized models also the backend and the batch size (dynamic activation ranges
+    are taken over a batch)."""
+    from checkpoints import find_checkpoint
+    from quant.checkpoint import META_FILE, WEIGHTS_FILE
+
+    if args.fp:
+        model = {"checkpoint_sha256": sha256_of(find_checkpoint(args.ckpt or default_checkpoint(args.model,
+                                                                                                args.image_size)))}
+    else:
+        model = {"weights_sha256": sha256_of(Path(args.path) / WEIGHTS_FILE),
+                 "quant_json_sha256": sha256_of(Path(args.path) / META_FILE),
+                 "backend": args.backend, "per_proc_batch_size": args.per_proc_batch_size}
+    return {"model": label, **model, "model_config": spec.to_json_dict(), "global_seed": args.global_seed,
+            "cfg_scale": args.cfg_scale, "num_sampling_steps": args.num_sampling_steps}
+
+
+def check_manifest(folder: Path, identity: dict) -> bool:
+    """Refuse a sample folder that holds images of another model or other settings; True if its
+    manifest is already there (and matches)."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        if any(folder.glob("*.png")):
+            raise UserError(f"{folder} holds PNGs but no {MANIFEST}, so they cannot be told apart from another "
+                            "model's; delete the folder or pass another --sample-dir")
+        return False
+    try:
+        stored = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
+        raise UserError(f"{path} is unreadable ({error}); delete the folder or pass another --sample-dir") from None
+    stored = stored if isinstance(stored, dict) else {}
+    changed = [key for key in sorted(set(stored) | set(identity)) if stored.get(key) != identity.get(key)]
+    if changed:
+        raise UserError(f"{folder} holds samples of another model or settings (differs in {', '.join(changed)}); "
+                        "delete the folder to start over, or pass another --sample-dir")
+    return True
 
 
 def sample_folder(args: argparse.Namespace, spec: ModelSpec, label: str, source: str) -> Path:
@@ -93,7 +147,16 @@ def main(args: argparse.Namespace) -> None:
     vae = load_vae(spec.vae, device)
     diffusion = create_diffusion(str(args.num_sampling_steps))
     folder = sample_folder(args, spec, label, source)
-    folder.mkdir(parents=True, exist_ok=True)
+    identity = run_identity(args, spec, label)
+    if folder.exists():
+        check_manifest(folder, identity)
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not check_manifest(folder, identity):
+            with atomic_output(folder / MANIFEST) as tmp:
+                tmp.write_text(json.dumps(identity, indent=2) + "\n")
+    if world > 1:
+        dist.barrier()
 
     mine = rank_batches(args.num_fid_samples, args.per_proc_batch_size, rank, world)
     todo = [batch for batch in mine if not all(png_is_complete(folder / f"{i:06d}.png") for i in batch)]
@@ -158,7 +221,7 @@ def build_npz(folder: Path, count: int, global_seed: int, num_classes: int) -> P
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--path", type=str, default=None, help="quantized checkpoint directory from QuantDiT.py")
     parser.add_argument("--backend", choices=BACKENDS, default="fake", help=BACKEND_HELP)
@@ -167,11 +230,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="expected weight bits; refused if the checkpoint differs (default: the checkpoint's)")
     parser.add_argument("--act-bit", type=int, default=None,
                         help="expected activation bits; refused if the checkpoint differs (default: the checkpoint's)")
-    parser.add_argument("--num-fid-samples", type=int, default=50_000, help="samples in all, over all processes")
-    parser.add_argument("--per-proc-batch-size", type=int, default=32,
+    parser.add_argument("--num-fid-samples", type=positive_int, default=50_000, help="samples in all, over all processes")
+    parser.add_argument("--per-proc-batch-size", type=positive_int, default=32,
                         help="samples per forward batch per process; batches are dealt whole to processes, and "
                              "quantized images depend on it (activation ranges are taken over a batch)")
-    parser.add_argument("--num-sampling-steps", type=int, default=50, help="respaced diffusion steps")
+    parser.add_argument("--num-sampling-steps", type=positive_int, default=50, help="respaced diffusion steps")
     parser.add_argument("--global-seed", type=int, default=0, help="sample i's label and noise depend on it and i")
     parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1 = none)")
     parser.add_argument("--sample-dir", type=str, default="samples", help="where the sample folder and npz go")

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoints import ModelSpec, read_spec_json, spec_from_name, write_spec_json
-from cli import create_logger, default_device, run_cli, setup_distributed
+from cli import ArgumentParser, create_logger, default_device, positive_int, run_cli, setup_distributed
 from data import FASHION_MNIST_DIR, ImageFolder, fashion_mnist_tensors
 from diffusion import create_diffusion
 from errors import UserError
@@ -200,7 +200,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=["fashion-mnist", "folder"], default="fashion-mnist",
                         help="Fashion-MNIST from the Debian package, or an image folder of class subfolders")
     parser.add_argument("--data-path", type=str, default=str(FASHION_MNIST_DIR), help="where the data lies")
@@ -211,10 +211,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vae", type=str, choices=["ema", "mse"], default="ema", help="SD VAE for --model latents")
     parser.add_argument("--pixel-space", action="store_true", help="train --model on pixels (no VAE)")
     parser.add_argument("--results-dir", type=str, default="results", help="checkpoints go to <dir>/checkpoints")
-    parser.add_argument("--max-steps", type=int, default=400_000, help="optimisation steps")
+    parser.add_argument("--max-steps", type=positive_int, default=400_000, help="optimisation steps")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop (checkpoint and export) once this much wall time has passed")
-    parser.add_argument("--global-batch-size", type=int, default=256, help="batch over all processes")
+    parser.add_argument("--global-batch-size", type=positive_int, default=256, help="batch over all processes")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (after warm-up)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
@@ -226,8 +226,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--global-seed", type=int, default=0, help="seed; rank r uses seed * world + r")
     parser.add_argument("--num-workers", type=int, default=4, help="loader processes for --data folder")
-    parser.add_argument("--log-every", type=int, default=100, help="steps between log lines")
-    parser.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints")
+    parser.add_argument("--log-every", type=positive_int, default=100, help="steps between log lines")
+    parser.add_argument("--ckpt-every", type=positive_int, default=50_000, help="steps between checkpoints")
     parser.add_argument("--export", type=str, default=None, help="write the final EMA as bf16 safetensors + JSON here")
     parser.add_argument("--device", type=str, default=default_device(), help="cuda or cpu")
     return parser.parse_args(argv)

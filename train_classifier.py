@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from classifier import FashionClassifier, features_and_predictions
-from cli import create_logger, default_device, parse_device, run_cli
+from cli import ArgumentParser, create_logger, default_device, parse_device, positive_int, run_cli
 from data import FASHION_MNIST_DIR, fashion_mnist_tensors
 from fileio import atomic_output
 from metrics import accuracy
@@ -66,10 +66,10 @@ def main(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-path", type=str, default=str(FASHION_MNIST_DIR), help="folder with the idx files")
-    parser.add_argument("--epochs", type=int, default=12, help="passes over the 60,000 training images")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per optimisation step")
+    parser.add_argument("--epochs", type=positive_int, default=12, help="passes over the 60,000 training images")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="images per optimisation step")
     parser.add_argument("--lr", type=float, default=4e-3, help="peak learning rate of the one-cycle schedule")
     parser.add_argument("--seed", type=int, default=0, help="seed for initialisation, order and augmentation")
     parser.add_argument("--output", type=str, default="assets/demo/fmnist_classifier.safetensors", help="safetensors to write")

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import ModelSpec
+from checkpoints import ModelSpec, check_finite
 from errors import UserError
+from fileio import recover_directory, replace_directory, staging_prefix
 
 from .config import QuantConfig
 from .modules import QuantLinear, WeightOnlyLinear
@@ -34,32 +35,50 @@ def package_versions() -> dict[str, str]:
             "safetensors": safetensors.__version__}
 
 
+# Quantization parameters that stay float32 whatever the storage dtype: a rounded weight scale
+# or smoothing factor would change every dequantized weight or activation code of its row.
+FLOAT32_BUFFERS = ("weight_scale", "smooth_inv", "act_range")
+
+
+def storage_state(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The state dict as saved: floating-point tensors in `dtype` (the source checkpoint's; the
+    int8 kernels compute those parts in bf16 anyway), except FLOAT32_BUFFERS."""
+    state = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().cpu()
+        if value.is_floating_point() and not key.endswith(FLOAT32_BUFFERS):
+            value = value.to(dtype)
+        state[key] = value.contiguous()
+    return state
+
+
 def save_quantized(directory: str | os.PathLike, model: torch.nn.Module, config: QuantConfig, spec: ModelSpec,
-                   extra: dict | None = None) -> Path:
-    """Write the checkpoint directory atomically: built beside it, then renamed into place (an
-    existing directory of that name is replaced only once the new one is complete)."""
+                   extra: dict | None = None, storage_dtype: torch.dtype = torch.float32) -> Path:
+    """Write the checkpoint directory atomically: built beside it under a hidden name, then put in
+    place (replace_directory: an existing checkpoint of that name is swapped out in one step). A
+    state with a non-finite value is refused, and a failed write leaves nothing behind.
+    Floating-point parts are stored in `storage_dtype` (storage_state); loading casts them back."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    recover_directory(directory)
+    state = storage_state(model, storage_dtype)
+    check_finite(state, "the quantized model")
     meta = {"format": "ditas-quantized", "format_version": FORMAT_VERSION, "quant_config": config.to_dict(),
-            "model_config": spec.to_json_dict(), "versions": package_versions(), **(extra or {})}
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+            "model_config": spec.to_json_dict(), "storage_dtype": str(storage_dtype).removeprefix("torch."),
+            "versions": package_versions(), **(extra or {})}
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=staging_prefix(directory)))
     try:
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "ditas-quantized"})
-        (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
         for path in (staging / WEIGHTS_FILE, staging / META_FILE):
             path.chmod(0o644)
         staging.chmod(0o755)
-        if directory.exists():
-            backup = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            directory.rename(backup)
-            staging.rename(directory)
-            shutil.rmtree(backup)
-        else:
-            staging.rename(directory)
+        replace_directory(staging, directory)
+    except OSError as error:
+        raise UserError(f"could not write the checkpoint {directory} ({error.strerror or error}); nothing was "
+                        "saved: free space or choose another --output") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
@@ -73,8 +92,10 @@ def read_meta(directory: str | os.PathLike) -> dict:
                         "create one with QuantDiT.py --output DIR")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{meta_path} is corrupt ({error}); re-run QuantDiT.py") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path} must hold a JSON object, not {type(meta).__name__}; re-run QuantDiT.py")
     if meta.get("format") != "ditas-quantized" or meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{meta_path} is not a version-{FORMAT_VERSION} DiTAS checkpoint; re-run QuantDiT.py")
     return meta
@@ -109,12 +130,13 @@ def load_quantized(directory: str | os.PathLike, device: str | torch.device = "c
     try:
         config = QuantConfig.from_dict(meta["quant_config"])
         spec = ModelSpec.from_json_dict(meta["model_config"])
-    except (KeyError, ValueError, TypeError) as error:
+    except (KeyError, ValueError, TypeError, AttributeError) as error:
         raise UserError(f"{directory / META_FILE} has invalid settings ({error}); re-run QuantDiT.py") from None
     try:
         state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
     except (SafetensorError, OSError) as error:
         raise UserError(f"{directory / WEIGHTS_FILE} is corrupt or truncated ({error}); re-run QuantDiT.py") from None
+    check_finite(state, f"quantized checkpoint {directory / WEIGHTS_FILE}")
     model = build_quantized_shell(spec, config)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -124,5 +146,6 @@ def load_quantized(directory: str | os.PathLike, device: str | torch.device = "c
         first = (missing or unexpected or mismatched)[0]
         raise UserError(f"{directory / WEIGHTS_FILE} does not match its {META_FILE} (first bad key: {first}); "
                         "re-run QuantDiT.py")
-    model.load_state_dict(state, assign=True)
+    # parts stored narrower (storage_dtype) come back in the dtype the modules compute in
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, assign=True)
     return model.to(device).eval(), config, meta
