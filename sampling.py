@@ -49,7 +49,8 @@ class StepGraphs:
     replays fixed kernels on fixed memory, so the captured function must not synchronise with
     the host and must allocate only inside the capture (the int8 kernels do both). It is run
     `warmup_calls` times on a side stream before capture, where compilation and autotuning happen.
-    Each signature keeps its own memory pool (about one forward's activations)."""
+    Each signature keeps its own memory pool (about one forward's activations). Use one
+    StepGraphs per model: the key does not name the model."""
 
     def __init__(self, warmup_calls: int = 2):
         self.warmup_calls = warmup_calls
