@@ -42,6 +42,8 @@ from quant.config import (
     ACT_BITS_RANGE,
     ACT_GRANULARITIES,
     ADALN_WEIGHT_BITS,
+    LORA_WEIGHTINGS,
+    ROUNDINGS,
     WEIGHT_BITS_RANGE,
     WEIGHT_GRANULARITIES,
     QuantConfig,
@@ -59,6 +61,7 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
             act_dynamic=not args.static_act, smooth=not args.no_smooth, alpha_grid=tuple(args.alpha_grid),
             lora_rank=args.lora_rank, lora_iters=args.lora_iters, search_lora_iters=args.search_lora_iters,
             search_rows_per_step=args.search_rows_per_step, adaln_weight_bits=args.adaln_bit,
+            rounding=args.rounding, lora_weighting=args.lora_weighting, identity_candidate=args.identity_candidate,
         )
     except ValueError as error:
         raise UserError(f"{error}") from None
@@ -90,6 +93,9 @@ def format_summary(report) -> str:
         lora = f"{layer.lora_errors[0]:.3g} → {layer.lora_errors[-1]:.3g}" if layer.lora_errors else "-"
         lines.append(f"{layer.name:<24} {alpha:>5} {layer.rtn_error:>9.2e} {layer.final_error:>9.2e} {lora:>26}")
     better = sum(layer.final_error < layer.rtn_error for layer in report.layers)
+    unsmoothed = [layer for layer in report.layers if layer.alpha is None and layer.search_errors]
+    if unsmoothed:
+        lines.append(f"no smoothing (the identity candidate) chosen in {len(unsmoothed)}/{len(report.layers)} layers")
     lines.append(f"DiTAS error below round-to-nearest in {better}/{len(report.layers)} layers "
                  "(relative squared output error over the calibration run)")
     return "\n".join(lines)
@@ -166,6 +172,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--static-act", action="store_true",
                         help="fix activation ranges from calibration instead of computing them per forward")
     parser.add_argument("--no-smooth", action="store_true", help="skip TAS smoothing (round-to-nearest baseline)")
+    parser.add_argument("--identity-candidate", action="store_true",
+                        help="also offer each layer no smoothing (s = 1) in the grid search")
+    parser.add_argument("--rounding", choices=ROUNDINGS, default=QuantConfig.rounding,
+                        help="final weight codes: round to nearest (the paper), or compensated: column by column, "
+                             "each rounding error pushed onto the remaining columns through the calibration inputs' "
+                             "H = sum x^T x (GPTQ-style, data-free); the grid search still rounds to nearest")
+    parser.add_argument("--lora-weighting", choices=LORA_WEIGHTINGS, default=QuantConfig.lora_weighting,
+                        help="what the LoRA minimises: plain ||W - Q - LR|| (the paper), or activation: the layer's "
+                             "output error over the calibration inputs, ||(W - Q - LR) H^1/2||")
     parser.add_argument("--storage-dtype", choices=["source", "float32"], default="source",
                         help="dtype of the checkpoint's floating-point parts (LoRA factors, biases, unquantized "
                              "weights): the source checkpoint's (bf16 for the demo: 0.48x its size with --adaln-bit 8) "

@@ -42,6 +42,13 @@ METHODS = {
     "DiTAS": dict(),
     "DiTAS + 8-bit adaLN": dict(adaln_weight_bits=8),
     "DiTAS, per-token activations": dict(act_granularity="per_token"),
+    # issue 15's parts, each alone and together
+    "DiTAS + compensated rounding": dict(rounding="compensated"),
+    "DiTAS + weighted LoRA": dict(lora_weighting="activation"),
+    "DiTAS + no-smoothing candidate": dict(identity_candidate=True),
+    "DiTAS + all three": dict(rounding="compensated", lora_weighting="activation", identity_candidate=True),
+    "DiTAS per-group 64": dict(weight_granularity="per_group", weight_group_size=64),
+    "DiTAS per-group 128": dict(weight_granularity="per_group", weight_group_size=128),
     # the grid search's stand-ins, measured against each other
     "DiTAS, search scored without LoRA": dict(search_lora_iters=0),
     "DiTAS, search on all rows": dict(search_rows_per_step=0),

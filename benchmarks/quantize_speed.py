@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from checkpoints import spec_from_name  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from quant.calibrate import CalibrationRun, default_calibration_labels  # noqa: E402
-from quant.config import QuantConfig  # noqa: E402
+from quant.config import LORA_WEIGHTINGS, ROUNDINGS, QuantConfig  # noqa: E402
 from quant.pipeline import quantize_dit  # noqa: E402
 
 
@@ -42,7 +42,8 @@ def main(args: argparse.Namespace) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True  # the published code's setting for the FP model
     model = random_dit(args.model, args.image_size, device)
     config = QuantConfig(weight_bits=args.weight_bit, act_bits=args.act_bit, search_lora_iters=args.search_lora_iters,
-                         search_rows_per_step=args.search_rows_per_step)
+                         search_rows_per_step=args.search_rows_per_step, rounding=args.rounding,
+                         lora_weighting=args.lora_weighting, identity_candidate=args.identity_candidate)
     run = CalibrationRun(default_calibration_labels(1000), 1.5, args.num_sampling_steps, 0)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -70,6 +71,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--act-bit", type=int, default=8)
     parser.add_argument("--search-lora-iters", type=int, default=QuantConfig.search_lora_iters)
     parser.add_argument("--search-rows-per-step", type=int, default=QuantConfig.search_rows_per_step)
+    parser.add_argument("--rounding", choices=ROUNDINGS, default=QuantConfig.rounding)
+    parser.add_argument("--lora-weighting", choices=LORA_WEIGHTINGS, default=QuantConfig.lora_weighting)
+    parser.add_argument("--identity-candidate", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args()
 

@@ -37,10 +37,12 @@ class CalibrationRun:
 
 @dataclass(frozen=True)
 class ChannelStats:
-    """Per input channel of one layer, over all timesteps: min, max (and |max| derived)."""
+    """Per input channel of one layer, over all timesteps: min, max (and |max| derived), and
+    optionally the inputs' second moment H = Σ xᵀx (in, in) over every row of every timestep."""
 
     min: torch.Tensor
     max: torch.Tensor
+    gram: torch.Tensor | None = None
 
     @property
     def absmax(self) -> torch.Tensor:
@@ -91,11 +93,13 @@ def run_sampling(model: nn.Module, diffusion, run: CalibrationRun, device: torch
 
 @torch.no_grad()
 def collect_channel_stats(model: nn.Module, diffusion, targets: Sequence[LayerTarget], run: CalibrationRun,
-                          device: torch.device, progress: bool = True) -> dict[str, ChannelStats]:
-    """Per-channel min and max of each target layer's input over all timesteps of one run:
-    the temporal aggregation of TAS."""
+                          device: torch.device, progress: bool = True,
+                          with_gram: bool = False) -> dict[str, ChannelStats]:
+    """Per-channel min and max of each target layer's input over all timesteps of one run (the
+    temporal aggregation of TAS), and with `with_gram` the inputs' H = Σ xᵀx (float32)."""
     mins: dict[str, torch.Tensor] = {}
     maxs: dict[str, torch.Tensor] = {}
+    grams: dict[str, torch.Tensor] = {}
 
     def accumulate(target: LayerTarget, x: torch.Tensor, _output) -> None:
         flat = x.reshape(-1, x.shape[-1]).float()
@@ -105,7 +109,12 @@ def collect_channel_stats(model: nn.Module, diffusion, targets: Sequence[LayerTa
             torch.maximum(maxs[target.name], hi, out=maxs[target.name])
         else:
             mins[target.name], maxs[target.name] = lo, hi
+        if with_gram:
+            if target.name in grams:
+                grams[target.name].addmm_(flat.T, flat)
+            else:
+                grams[target.name] = flat.T @ flat
 
     with input_hooks(model, targets, accumulate):
         run_sampling(model, diffusion, run, device, progress, desc="TAS statistics")
-    return {name: ChannelStats(mins[name], maxs[name]) for name in mins}
+    return {name: ChannelStats(mins[name], maxs[name], grams.get(name)) for name in mins}

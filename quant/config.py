@@ -8,6 +8,13 @@ from dataclasses import dataclass
 WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 ACT_GRANULARITIES = ("per_tensor", "per_token")
 LOW_RANK_METHODS = ("exact", "randomized")
+# How weight codes are rounded: to the nearest grid point (the paper), or column by column with
+# each column's rounding error pushed onto the columns not yet rounded through the inverse of the
+# calibration inputs' H = Σ xᵀx (GPTQ / OBQ; quant/compensate.py).
+ROUNDINGS = ("nearest", "compensated")
+# What the low-rank correction minimises: ‖W − Q − L·R‖ (the paper), or ‖(W − Q − L·R)·H^½‖, the
+# layer's output error over the calibration inputs.
+LORA_WEIGHTINGS = ("plain", "activation")
 WEIGHT_BITS_RANGE = (2, 8)
 ACT_BITS_RANGE = (4, 16)
 ADALN_WEIGHT_BITS = (8,)
@@ -51,6 +58,12 @@ class QuantConfig:
     # channel) after the smoothing factors are folded into it; None keeps it in floating point
     # (the paper). It holds a third of DiT-XL/2's weights; README.md gives the measured effect.
     adaln_weight_bits: int | None = None
+    rounding: str = "nearest"
+    lora_weighting: str = "plain"
+    # Offer each layer "no smoothing" (s = 1) beside the α grid in the grid search.
+    identity_candidate: bool = False
+    # Damping added to H's diagonal, as a fraction of its mean, before it is inverted or rooted.
+    hessian_damping: float = 0.01
 
     def __post_init__(self):
         def check(condition: bool, message: str):
@@ -83,6 +96,10 @@ class QuantConfig:
         check(self.search_rows_per_step >= 0, "search rows per step must be >= 0")
         check(self.adaln_weight_bits is None or self.adaln_weight_bits in ADALN_WEIGHT_BITS,
               f"adaLN weight bits must be one of {ADALN_WEIGHT_BITS} or None, got {self.adaln_weight_bits}")
+        check(self.rounding in ROUNDINGS, f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        check(self.lora_weighting in LORA_WEIGHTINGS,
+              f"LoRA weighting must be one of {LORA_WEIGHTINGS}, got {self.lora_weighting!r}")
+        check(self.hessian_damping > 0, f"hessian damping must be > 0, got {self.hessian_damping}")
         object.__setattr__(self, "alpha_grid", tuple(float(a) for a in self.alpha_grid))
 
     def to_dict(self) -> dict:
@@ -98,6 +115,11 @@ class QuantConfig:
         if "alpha_grid" in data:
             data["alpha_grid"] = tuple(data["alpha_grid"])
         return cls(**data)
+
+    @property
+    def needs_input_gram(self) -> bool:
+        """Whether the calibration run must accumulate each layer's H = Σ xᵀx."""
+        return self.rounding == "compensated" or self.lora_weighting == "activation"
 
     @property
     def label(self) -> str:

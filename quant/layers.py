@@ -10,9 +10,10 @@ import torch
 import torch.nn as nn
 
 from .calibrate import ChannelStats
+from .compensate import compensated_codes, root_and_inverse_root
 from .config import QuantConfig
 from .lowrank import quantize_with_low_rank
-from .primitives import QuantizedLayer, quantize_weight
+from .primitives import QuantizedLayer, QuantizedWeight, quantize_weight
 from .smooth import static_activation_range
 
 
@@ -30,8 +31,20 @@ def quantize_layer(
     weight = linear.weight.detach().float() * factors.unsqueeze(-2)
     quantize = functools.partial(quantize_weight, bits=config.weight_bits, granularity=config.weight_granularity,
                                  group_size=config.weight_group_size, symmetric=config.weight_symmetric)
+    grams = None
+    if config.needs_input_gram:
+        if stats is None or stats.gram is None:
+            raise ValueError(f"{config.rounding} rounding and {config.lora_weighting} LoRA need the inputs' H")
+        grams = smoothed_grams(stats.gram.to(weight.device), factors)
+    if config.rounding == "compensated":
+        quantize = functools.partial(compensate_each, grams=grams, rounder=quantize, config=config)
+    weighting = None
+    if config.lora_weighting == "activation":
+        roots = [root_and_inverse_root(g, config.hessian_damping) for g in grams]
+        weighting = (torch.stack([r for r, _ in roots]), torch.stack([i for _, i in roots]))
     rank = config.lora_rank if lora_iters > 0 else 0
-    fitted = quantize_with_low_rank(weight, quantize, rank, max(lora_iters, 1), config.low_rank_method, generator)
+    fitted = quantize_with_low_rank(weight, quantize, rank, max(lora_iters, 1), config.low_rank_method, generator,
+                                    weighting)
 
     static_range = None
     if not config.act_dynamic:
@@ -50,3 +63,18 @@ def quantize_layer(
         static_range=static_range,
     )
     return layer, fitted.errors
+
+
+def smoothed_grams(gram: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """H of the smoothed inputs x / s for each candidate: H / (s sᵀ), shape (candidates, in, in)."""
+    factors = factors.reshape(-1, factors.shape[-1]).to(gram)
+    return gram / (factors.unsqueeze(-1) * factors.unsqueeze(-2))
+
+
+def compensate_each(weights: torch.Tensor, grams: torch.Tensor, rounder, config: QuantConfig) -> QuantizedWeight:
+    """Error-compensated codes of each candidate (candidates, out, in) on its round-to-nearest grid."""
+    parts = [compensated_codes(w, g, rounder(w), config.weight_symmetric, config.hessian_damping)
+             for w, g in zip(weights, grams)]
+    first = parts[0]
+    return QuantizedWeight(torch.stack([q.codes for q in parts]), torch.stack([q.scale for q in parts]),
+                           torch.stack([q.zero for q in parts]), first.bits, first.group_size)

@@ -53,26 +53,40 @@ def quantize_with_low_rank(
     iters: int,
     method: str = "randomized",
     generator: torch.Generator | None = None,
+    weighting: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LowRankQuantized:
     """Alternating quantization / low-rank fit of a (…, out, in) weight, `iters` times.
 
     An iteration is kept only if it lowers the error of every matrix in the batch's total, so the
     returned error never exceeds the previous one: min-max quantization re-derives its grid from
     its input and a randomized fit is not exactly optimal, so a step can occasionally overshoot.
+    With `weighting` = (H^½, H^−½) of the layer's input second moment H, the fit and the errors
+    are in the output metric ‖(·)·H^½‖: L·R is the best rank-r fit of the residual times H^½,
+    mapped back by H^−½ (the activation-weighted LoRA).
     """
     w = w.float()
+
+    def norm(residual: torch.Tensor) -> float:
+        return float(torch.linalg.norm(residual if weighting is None else residual @ weighting[0]))
+
     if rank == 0:
         q = quantize(w)
-        return LowRankQuantized(q, None, None, (float(torch.linalg.norm(w - q.dequantize())),))
+        return LowRankQuantized(q, None, None, (norm(w - q.dequantize()),))
+
+    def best_rank_r(a):
+        return exact_low_rank(a, rank) if method == "exact" else randomized_low_rank(a, rank, generator)
 
     def fit(residual):
-        return exact_low_rank(residual, rank) if method == "exact" else randomized_low_rank(residual, rank, generator)
+        if weighting is None:
+            return best_rank_r(residual)
+        left, right = best_rank_r(residual @ weighting[0])
+        return left, right @ weighting[1]
 
     def fit_residual(q: QuantizedWeight):
-        """(L, R, ‖W − Q − L·R‖) for the quantized weight q."""
+        """(L, R, error of W − Q − L·R) for the quantized weight q."""
         residual = w - q.dequantize()
         left, right = fit(residual)
-        return left, right, float(torch.linalg.norm(residual - left @ right))
+        return left, right, norm(residual - left @ right)
 
     best_q = quantize(w)
     best_left, best_right, best_error = fit_residual(best_q)

@@ -25,7 +25,7 @@ from .layers import quantize_layer
 from .modules import QuantLinear, WeightOnlyLinear
 from .primitives import QuantizedLayer
 from .scoring import score_candidates
-from .smooth import best_candidate, smoothing_factors, weight_channel_absmax
+from .smooth import best_candidate, candidate_factors, weight_channel_absmax
 from .targets import LayerTarget, get_module, quant_targets, set_module
 
 
@@ -33,7 +33,7 @@ from .targets import LayerTarget, get_module, quant_targets, set_module
 class LayerReport:
     name: str
     role: str
-    alpha: float | None
+    alpha: float | None  # None: not smoothed (smoothing off, or the identity candidate won)
     rtn_error: float  # relative output error of plain round-to-nearest (no smoothing, no LoRA)
     final_error: float  # relative output error of the quantized layer as installed
     lora_errors: tuple[float, ...] = ()
@@ -86,19 +86,24 @@ def quantize_dit(
         torch.cuda.reset_peak_memory_stats(device)
 
     stats: dict[str, ChannelStats] = {}
-    if config.smooth or not config.act_dynamic:
+    if config.smooth or not config.act_dynamic or config.needs_input_gram:
         with stage("calibration (TAS statistics)"):
-            stats = collect_channel_stats(model, diffusion, targets, run, device, progress)
+            stats = collect_channel_stats(model, diffusion, targets, run, device, progress,
+                                          with_gram=config.needs_input_gram)
+    # The grid search and the report's baseline round to nearest with the plain LoRA, whatever the
+    # final weights use: scoring every α with compensated rounding would cost a rounding pass per
+    # candidate (a stand-in, like search_lora_iters).
+    plain = dataclasses.replace(config, rounding="nearest", lora_weighting="plain")
 
-    def one_candidate(target: LayerTarget, f: torch.Tensor | None, lora_iters: int):
+    def one_candidate(target: LayerTarget, f: torch.Tensor | None, lora_iters: int, settings: QuantConfig = config):
         """The layer quantized with factors f (None: no smoothing) as a batch of one."""
         f = torch.ones(linears[target.name].in_features, device=device) if f is None else f
-        return quantize_layer(linears[target.name], f.unsqueeze(0), config, lora_iters, stats.get(target.name),
+        return quantize_layer(linears[target.name], f.unsqueeze(0), settings, lora_iters, stats.get(target.name),
                               generator)
 
     def rtn(target: LayerTarget) -> QuantizedLayer:
         """Plain round-to-nearest: no smoothing, no LoRA; the "before" of the report."""
-        return one_candidate(target, None, 0)[0]
+        return one_candidate(target, None, 0, plain)[0]
 
     factors: dict[str, torch.Tensor | None] = {t.name: None for t in targets}
     chosen: dict[str, int] = {}
@@ -107,12 +112,13 @@ def quantize_dit(
     if config.smooth:
         with stage("candidates"):
             all_factors = {
-                t.name: smoothing_factors(stats[t.name].absmax, weight_channel_absmax(linears[t.name].weight), alphas)
+                t.name: candidate_factors(stats[t.name].absmax, weight_channel_absmax(linears[t.name].weight), alphas,
+                                          config.identity_candidate)
                 for t in targets
             }
 
             def build(t: LayerTarget) -> QuantizedLayer:
-                return quantize_layer(linears[t.name], all_factors[t.name], config, config.search_lora_iters,
+                return quantize_layer(linears[t.name], all_factors[t.name], plain, config.search_lora_iters,
                                       stats[t.name], generator)[0]
 
             # Without LoRA a candidate is cheap to rebuild, so it is built at every timestep and
@@ -128,7 +134,9 @@ def quantize_dit(
         del candidates
         chosen = {t.name: best_candidate(sums[t.name].squared_error) for t in targets}
         search_errors = {t.name: tuple(sums[t.name].relative().tolist()) for t in targets}
-        factors = {t.name: all_factors[t.name][chosen[t.name]] for t in targets}
+        # the identity candidate (last, when offered) means no smoothing: nothing to fold
+        factors = {t.name: None if chosen[t.name] == len(config.alpha_grid) else all_factors[t.name][chosen[t.name]]
+                   for t in targets}
 
     with stage("weight quantization + LoRA"):
         from tqdm.auto import tqdm
@@ -145,7 +153,7 @@ def quantize_dit(
 
     for t in targets:
         relative = sums[t.name].relative()
-        alpha = float(config.alpha_grid[chosen[t.name]]) if config.smooth else None
+        alpha = float(config.alpha_grid[chosen[t.name]]) if factors[t.name] is not None else None
         report.layers.append(LayerReport(t.name, t.role, alpha, float(relative[0]), float(relative[1]),
                                          lora_errors[t.name], search_errors.get(t.name, ())))
 

@@ -25,6 +25,13 @@ def smoothing_factors(act_absmax: torch.Tensor, weight_absmax: torch.Tensor,
     return (a.pow(alphas) / w.pow(1 - alphas)).clamp(min=SMOOTH_FLOOR)
 
 
+def candidate_factors(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alphas: torch.Tensor,
+                      identity: bool) -> torch.Tensor:
+    """The grid search's factors: s_α for each α, then, with `identity`, s = 1 (no smoothing)."""
+    factors = smoothing_factors(act_absmax, weight_absmax, alphas)
+    return torch.cat([factors, torch.ones_like(factors[:1])]) if identity else factors
+
+
 def static_activation_range(channel_min: torch.Tensor, channel_max: torch.Tensor,
                             factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-tensor (min, max) of x / s over the calibration run, from per-channel extremes:

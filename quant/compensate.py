@@ -1,0 +1,61 @@
+"""Error-compensating rounding (OBQ / GPTQ, Frantar et al. 2022) of one weight matrix on a given
+integer grid, data-free: H comes from the model's own calibration run.
+
+For a layer y = W·x with calibration inputs of second moment H = Σ xᵀx, rounding weight column j
+leaves an output error whose effect on E‖(W − Ŵ)x‖² is removed, to first order, by shifting the
+columns not yet rounded by −e_j · H⁻¹[j, k>j] / H⁻¹[j, j]. With U the upper Cholesky factor of
+H⁻¹ this is the update W[:, k] −= (e_j / U[j, j]) · U[j, k]; columns are processed in blocks so
+that the update of the later blocks is one matrix product. The grid (scales and zero points) is
+fixed beforehand, so the result has exactly the storage format of round-to-nearest.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .primitives import QuantizedWeight
+
+
+def damped(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """H + damping · mean(diag H) · I, with inputs that never fire (zero diagonal) given a unit
+    diagonal so that H stays invertible (their columns do not affect the output)."""
+    h = hessian.double().clone()
+    diagonal = h.diagonal()
+    diagonal[diagonal == 0] = 1.0
+    diagonal += damping * diagonal.mean()
+    return h
+
+
+def root_and_inverse_root(hessian: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H^½, H^−½) of the damped H, symmetric, by an eigendecomposition (float32)."""
+    values, vectors = torch.linalg.eigh(damped(hessian, damping))
+    root = values.clamp(min=torch.finfo(torch.float64).tiny).sqrt()
+    return ((vectors * root) @ vectors.T).float(), ((vectors / root) @ vectors.T).float()
+
+
+def compensated_codes(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantizedWeight, symmetric: bool = False,
+                      damping: float = 0.01, block: int = 128) -> QuantizedWeight:
+    """Codes of an (out, in) `weight` on `grid`'s scales and zero points (unpacked; per channel,
+    per group or per tensor; symmetric grids use codes 1 … 2^b − 1, as quantize_weight does),
+    chosen column by column with error compensation through H (in, in)."""
+    out, inp = weight.shape
+    qmax = 2**grid.bits - 1
+    lowest = 1 if symmetric else 0
+    # the grid of every element: a scale and a zero point per (row, column)
+    scale = grid.scale.float().repeat_interleave(grid.group_size, dim=-1).expand(out, inp)
+    zero = grid.zero.float().repeat_interleave(grid.group_size, dim=-1).expand(out, inp)
+    h_inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped(hessian, damping)))
+    upper = torch.linalg.cholesky(h_inverse, upper=True).to(weight.device, torch.float32)
+    w = weight.float().clone()
+    codes = torch.empty(out, inp, dtype=torch.float32, device=weight.device)
+    for start in range(0, inp, block):
+        end = min(start + block, inp)
+        errors = torch.empty(out, end - start, device=weight.device)
+        for j in range(start, end):
+            q = (torch.round(w[:, j] / scale[:, j]) + zero[:, j]).clamp(lowest, qmax)
+            codes[:, j] = q
+            error = (w[:, j] - (q - zero[:, j]) * scale[:, j]) / upper[j, j]
+            w[:, j:end] -= error.unsqueeze(1) * upper[j, j:end].unsqueeze(0)
+            errors[:, j - start] = error
+        w[:, end:] -= errors @ upper[start:end, end:]
+    return QuantizedWeight(codes.to(torch.uint8), grid.scale, grid.zero, grid.bits, grid.group_size)

@@ -1,0 +1,100 @@
+"""Error-compensating rounding, the activation-weighted LoRA and the no-smoothing candidate
+(options of QuantConfig; the paper's settings stay the defaults until measured)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from checkpoints import ModelSpec
+from conftest import TINY_PIXEL_KWARGS, randomize
+from diffusion import create_diffusion
+from quant.calibrate import CalibrationRun
+from quant.compensate import compensated_codes, root_and_inverse_root
+from quant.config import QuantConfig
+from quant.lowrank import quantize_with_low_rank
+from quant.pipeline import quantize_dit
+from quant.primitives import quantize_weight
+from quant.smooth import candidate_factors
+
+
+def correlated_inputs(rows: int, features: int, seed: int) -> torch.Tensor:
+    """Inputs with correlated channels and a few large ones, like a transformer's activations."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(features, features, generator=generator) / features**0.5 + torch.eye(features)
+    scale = 1 + 4 * (torch.rand(features, generator=generator) > 0.9)
+    return (torch.randn(rows, features, generator=generator) @ mixing) * scale
+
+
+def output_error(weight: torch.Tensor, approximation: torch.Tensor, x: torch.Tensor) -> float:
+    return float(torch.linalg.norm((weight - approximation) @ x.T))
+
+
+@pytest.mark.parametrize("granularity,bits,symmetric", [("per_channel", 4, False), ("per_group", 4, False),
+                                                        ("per_channel", 3, False), ("per_channel", 4, True)])
+@pytest.mark.parametrize("seed", range(3))
+def test_compensated_rounding_never_has_a_larger_output_error_than_nearest(granularity, bits, symmetric, seed):
+    x = correlated_inputs(512, 64, seed)
+    weight = torch.randn(48, 64, generator=torch.Generator().manual_seed(100 + seed))
+    grid = quantize_weight(weight, bits, granularity, 16, symmetric)
+    compensated = compensated_codes(weight, x.T @ x, grid, symmetric, block=16)
+    assert compensated.codes.dtype == torch.uint8 and int(compensated.codes.max()) <= 2**bits - 1
+    assert int(compensated.codes.min()) >= (1 if symmetric else 0)
+    assert torch.equal(compensated.scale, grid.scale) and torch.equal(compensated.zero, grid.zero)  # same grid
+    nearest_error = output_error(weight, grid.dequantize(), x)
+    assert output_error(weight, compensated.dequantize(), x) < 0.9 * nearest_error
+
+
+def test_with_uncorrelated_unit_inputs_compensated_rounding_is_rounding_to_nearest():
+    weight = torch.randn(16, 32)
+    grid = quantize_weight(weight, 4)
+    assert torch.equal(compensated_codes(weight, torch.eye(32) * 1000, grid, damping=1e-9).codes, grid.codes)
+
+
+def test_square_roots_of_the_damped_input_moment():
+    x = correlated_inputs(256, 24, 0)
+    root, inverse = root_and_inverse_root(x.T @ x, 0.01)
+    torch.testing.assert_close(root @ inverse, torch.eye(24), atol=1e-3, rtol=0)
+    torch.testing.assert_close(root @ root, x.T @ x + 0.01 * (x.T @ x).diagonal().mean() * torch.eye(24),
+                               rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_activation_weighted_lora_lowers_the_output_error(seed):
+    x = correlated_inputs(512, 64, seed)
+    weight = torch.randn(48, 64, generator=torch.Generator().manual_seed(seed))
+    weighting = root_and_inverse_root(x.T @ x, 0.01)
+
+    def quantize(w):
+        return quantize_weight(w, 4)
+
+    plain = quantize_with_low_rank(weight, quantize, 8, 1, "exact")
+    weighted = quantize_with_low_rank(weight, quantize, 8, 1, "exact", weighting=weighting)
+    assert torch.equal(plain.weight.codes, weighted.weight.codes)  # one iteration: the same Q, another fit
+    plain_error = output_error(weight, plain.weight.dequantize() + plain.left @ plain.right, x)
+    weighted_error = output_error(weight, weighted.weight.dequantize() + weighted.left @ weighted.right, x)
+    assert weighted_error < plain_error
+
+
+def test_the_identity_candidate_is_the_last_row_of_ones():
+    factors = candidate_factors(torch.rand(8) + 0.5, torch.rand(8) + 0.5, torch.tensor([0.0, 0.5]), identity=True)
+    assert factors.shape == (3, 8) and torch.equal(factors[-1], torch.ones(8))
+    assert candidate_factors(torch.rand(8), torch.rand(8), torch.tensor([0.5]), identity=False).shape == (1, 8)
+
+
+def test_pipeline_with_compensated_rounding_weighted_lora_and_the_identity_candidate():
+    spec = ModelSpec(dit_kwargs=dict(TINY_PIXEL_KWARGS), vae=None)
+    run = CalibrationRun(tuple(range(10)), 1.5, 3, 0)
+    reports = {}
+    for name, changes in {"paper": {}, "new": dict(rounding="compensated", lora_weighting="activation",
+                                                   identity_candidate=True)}.items():
+        config = QuantConfig(lora_rank=4, lora_iters=2, alpha_grid=(0.0, 0.5), search_rows_per_step=0, **changes)
+        model = randomize(spec.build(), std=0.1)
+        _, reports[name] = quantize_dit(model, create_diffusion("3"), config, run, torch.device("cpu"), progress=False)
+    for paper, new in zip(reports["paper"].layers, reports["new"].layers):
+        assert len(new.search_errors) == 3 and new.search_errors[:2] == paper.search_errors  # same α scores
+        assert (new.alpha is None) == (new.search_errors[2] < min(new.search_errors[:2]))
+        assert new.rtn_error == paper.rtn_error  # the baseline stays plain round-to-nearest
+    # over the whole model, the new weights are closer to FP than the paper's on the calibration run
+    assert sum(layer.final_error for layer in reports["new"].layers) < sum(
+        layer.final_error for layer in reports["paper"].layers)
