@@ -327,6 +327,7 @@ class DeviceNoise:
 
 
 WARMUP_STEPS = 3  # a short sampling run before timing: compilation, autotuning, graph capture
+CFG_SCALE = 1.5
 
 
 @torch.no_grad()
@@ -352,8 +353,6 @@ def time_sampling(model, args, device, batch: int, graphs: StepGraphs | None) ->
         row["graph_vs_eager_max_abs"] = graph_vs_eager(model, graphs, noise, labels)
     return row
 
-
-CFG_SCALE = 1.5
 
 
 def graph_vs_eager(model, graphs: StepGraphs, noise: DeviceNoise, labels: torch.Tensor) -> float:

@@ -165,14 +165,15 @@ def _gelu_tanh(y):
 
 
 @triton.autotune(configs=GEMM_CONFIGS,
-                 key=["M", "N", "K", "PACKED", "USE_TMA", "RANK", "GELU", "BOUNDS", "PER_ROW", "SPLITS"])
+                 key=["M", "N", "K", "PACKED", "USE_TMA", "RANK", "GELU", "BOUNDS", "PER_ROW", "BOUNDS_PER_ROW",
+                      "SPLITS"])
 @triton.jit
 def _int8_gemm_kernel(
     a_ptr, b_ptr, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr,
     out_ptr, bounds_ptr, bounds_scale_ptr, M, N, stride_om,
     K: tl.constexpr, PACKED_K: tl.constexpr, PACKED: tl.constexpr, USE_TMA: tl.constexpr,
     HAS_BIAS: tl.constexpr, RANK: tl.constexpr, GELU: tl.constexpr, BOUNDS: tl.constexpr,
-    BOUNDS_SCALED: tl.constexpr, PER_ROW: tl.constexpr, SPLITS: tl.constexpr,
+    BOUNDS_SCALED: tl.constexpr, PER_ROW: tl.constexpr, BOUNDS_PER_ROW: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # grouped tile order: GROUP_M row tiles share each column tile while it is in L2
@@ -252,7 +253,7 @@ def _int8_gemm_kernel(
             v = v * tl.load(bounds_scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
         # bounds = [min, −max] of shape (2, 1) or (2, M), kept by atomic min from +inf
         low, high = tl.where(in_bounds, v, float("inf")), tl.where(in_bounds, v, float("-inf"))
-        if PER_ROW:
+        if BOUNDS_PER_ROW:
             tl.atomic_min(bounds_ptr + rows, tl.min(low, axis=1), mask=row_ok)
             tl.atomic_min(bounds_ptr + M + rows, -tl.max(high, axis=1), mask=row_ok)
         else:
@@ -313,7 +314,7 @@ def quantize_splits(m: int, k: int, device: torch.device) -> int:
 
 
 def per_row(qparams: torch.Tensor) -> bool:
-    """Whether (2, R) qparams hold one range per row (R > 1) rather than one per tensor."""
+    """Whether (2, R) qparams (or bounds) hold one range per row (R > 1) rather than one per tensor."""
     return qparams.numel() > 2
 
 
@@ -363,7 +364,7 @@ def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, 
     column sums and zero points hold), and the int8 GEMM runs with pointer loads.
     `use_tma` loads tiles with Hopper's tensor memory accelerator (device-side descriptors).
     `rowsum` and `down` are quantize_rows's partial sums, (splits, M[, rank]).
-    `bounds`: a float32 (2, 1) tensor, or (2, M) with per-row qparams, holding +inf, into which the
+    `bounds`: a float32 (2, 1) tensor, or (2, M) for per-row ranges, holding +inf, into which the
     kernel reduces [min, −max] of its stored output (times `bounds_scale` per column when given):
     the next layer's activation range without another pass over `out`."""
     m, k = codes.shape
@@ -383,6 +384,6 @@ def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, 
         m, n, out.stride(0),
         K=k, PACKED_K=weight.shape[1], PACKED=packed, USE_TMA=use_tma, HAS_BIAS=bias is not None, RANK=rank,
         GELU=gelu, BOUNDS=bounds is not None, BOUNDS_SCALED=bounds_scale is not None, PER_ROW=per_row(qparams),
-        SPLITS=rowsum.shape[0],
+        BOUNDS_PER_ROW=bounds is not None and per_row(bounds), SPLITS=rowsum.shape[0],
     )
     return out
