@@ -69,7 +69,7 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
 
 def check_group_size(model: torch.nn.Module, config: QuantConfig) -> None:
     """Per-group weights need every quantized layer's input width to be a multiple of the group."""
-    if config.weight_granularity != "per_group":
+    if config.weight_granularity not in ("per_group", "two_level"):
         return
     for target in quant_targets(model):
         width = get_module(model, target.name).in_features
@@ -165,7 +165,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--search-rows-per-step", type=int, default=QuantConfig.search_rows_per_step,
                         help="token rows per timestep and layer used to score α (0: all)")
     parser.add_argument("--weight-granularity", choices=[g for g in WEIGHT_GRANULARITIES if g != "per_tensor"],
-                        default=QuantConfig.weight_granularity, help="one weight scale per output channel, or per group of inputs")
+                        default=QuantConfig.weight_granularity,
+                        help="one weight scale per output channel, per group of inputs, or two_level: a float scale per "
+                             "row and an integer scale per group (int8-GEMM friendly, see README)")
     parser.add_argument("--weight-group-size", type=positive_int, default=QuantConfig.weight_group_size, help="inputs per group for per_group")
     parser.add_argument("--act-granularity", choices=ACT_GRANULARITIES, default=QuantConfig.act_granularity,
                         help="one activation range per tensor (the paper) or per token")

@@ -49,6 +49,9 @@ METHODS = {
     "DiTAS + all three": dict(rounding="compensated", lora_weighting="activation", identity_candidate=True),
     "DiTAS per-group 64": dict(weight_granularity="per_group", weight_group_size=64),
     "DiTAS per-group 128": dict(weight_granularity="per_group", weight_group_size=128),
+    # issue 17: two-level groups (a float scale per row, integer scales per group)
+    "DiTAS two-level 64": dict(weight_granularity="two_level", weight_group_size=64),
+    "DiTAS two-level 128": dict(weight_granularity="two_level", weight_group_size=128),
     # the grid search's stand-ins, measured against each other
     "DiTAS, search scored without LoRA": dict(search_lora_iters=0),
     "DiTAS, search on all rows": dict(search_rows_per_step=0),

@@ -33,6 +33,8 @@ KERNEL_ACT_GRANULARITIES = ("per_tensor", "per_token")
 
 def kernel_unsupported_reason(layer: QuantLinear) -> str | None:
     """Why the integer kernels cannot run `layer` (None: they can)."""
+    if layer.weight_group_scale is not None:
+        return "two-level group weight scales"
     if layer.group_size != layer.in_features:
         return "per-group weight scales"
     if layer.act_granularity not in KERNEL_ACT_GRANULARITIES:

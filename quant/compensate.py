@@ -11,6 +11,8 @@ fixed beforehand, so the result has exactly the storage format of round-to-neare
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .primitives import QuantizedWeight
@@ -39,11 +41,14 @@ def compensated_codes(weight: torch.Tensor, hessian: torch.Tensor, grid: Quantiz
     per group or per tensor; symmetric grids use codes 1 … 2^b − 1, as quantize_weight does),
     chosen column by column with error compensation through H (in, in)."""
     out, inp = weight.shape
-    qmax = 2**grid.bits - 1
-    lowest = 1 if symmetric else 0
-    # the grid of every element: a scale and a zero point per (row, column)
-    scale = grid.scale.float().repeat_interleave(grid.group_size, dim=-1).expand(out, inp)
-    zero = grid.zero.float().repeat_interleave(grid.group_size, dim=-1).expand(out, inp)
+
+    def per_element(t: torch.Tensor | int) -> torch.Tensor:  # a per-group quantity at every (row, column)
+        if not isinstance(t, torch.Tensor):
+            return torch.full((out, inp), float(t), device=weight.device)
+        return t.float().to(weight.device).repeat_interleave(grid.group_size, dim=-1).expand(out, inp)
+
+    scale, zero = per_element(grid.group_scales()), per_element(grid.zero)
+    low, high = (per_element(bound) for bound in grid.code_bounds(symmetric))
     h_inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped(hessian, damping)))
     upper = torch.linalg.cholesky(h_inverse, upper=True).to(weight.device, torch.float32)
     w = weight.float().clone()
@@ -52,10 +57,10 @@ def compensated_codes(weight: torch.Tensor, hessian: torch.Tensor, grid: Quantiz
         end = min(start + block, inp)
         errors = torch.empty(out, end - start, device=weight.device)
         for j in range(start, end):
-            q = (torch.round(w[:, j] / scale[:, j]) + zero[:, j]).clamp(lowest, qmax)
+            q = torch.minimum(torch.maximum(torch.round(w[:, j] / scale[:, j]) + zero[:, j], low[:, j]), high[:, j])
             codes[:, j] = q
             error = (w[:, j] - (q - zero[:, j]) * scale[:, j]) / upper[j, j]
             w[:, j:end] -= error.unsqueeze(1) * upper[j, j:end].unsqueeze(0)
             errors[:, j - start] = error
         w[:, end:] -= errors @ upper[start:end, end:]
-    return QuantizedWeight(codes.to(torch.uint8), grid.scale, grid.zero, grid.bits, grid.group_size)
+    return dataclasses.replace(grid, codes=codes.to(torch.uint8), packed=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group", "two_level")
 ACT_GRANULARITIES = ("per_tensor", "per_token")
 LOW_RANK_METHODS = ("exact", "randomized")
 # How weight codes are rounded: to the nearest grid point (the paper), or column by column with
@@ -31,7 +31,8 @@ class QuantConfig:
 
     Weights: `weight_bits`-bit integer codes with one scale and integer zero point per output
     channel ("per_channel"), per `weight_group_size` consecutive input channels of a row
-    ("per_group"), or per tensor. Activations: `act_bits`, asymmetric, one range per tensor (the
+    ("per_group"), per tensor, or "two_level": a float scale per row (int8 grid) and an integer
+    scale and zero point per group (primitives.quantize_two_level). Activations: `act_bits`, asymmetric, one range per tensor (the
     paper) or per token, computed on the fly ("dynamic") or fixed from calibration ("static").
     """
 

@@ -4,6 +4,7 @@ quantized weight is a true b-bit integer tensor times its scales."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -76,5 +77,7 @@ def compensate_each(weights: torch.Tensor, grams: torch.Tensor, rounder, config:
     parts = [compensated_codes(w, g, rounder(w), config.weight_symmetric, config.hessian_damping)
              for w, g in zip(weights, grams)]
     first = parts[0]
-    return QuantizedWeight(torch.stack([q.codes for q in parts]), torch.stack([q.scale for q in parts]),
-                           torch.stack([q.zero for q in parts]), first.bits, first.group_size)
+    return dataclasses.replace(
+        first, codes=torch.stack([q.codes for q in parts]), scale=torch.stack([q.scale for q in parts]),
+        zero=torch.stack([q.zero for q in parts]),
+        group_scale=None if first.group_scale is None else torch.stack([q.group_scale for q in parts]))

@@ -16,7 +16,8 @@ class QuantLinear(nn.Module):
     """y = Q_a(x ⊙ smooth_inv) · (Ŵ + L·R)ᵀ + b with Ŵ = scale · (codes − zero).
 
     Buffers: `weight_codes` (uint8; two 4-bit codes per byte, low nibble first, when bits ≤ 4),
-    `weight_scale` and `weight_zero` per (row, group), `bias`, `lora_left`/`lora_right` (rank > 0),
+    `weight_scale` and `weight_zero` per (row, group) (two-level groups: `weight_scale` per row and
+    integer `weight_group_scale` per group), `bias`, `lora_left`/`lora_right` (rank > 0),
     `smooth_inv` (layers smoothed on the fly: fc2), `act_range` (static activation ranges).
     """
 
@@ -28,7 +29,8 @@ class QuantLinear(nn.Module):
         self.act_bits = config.act_bits
         self.act_granularity = config.act_granularity
         self.packed = config.weight_bits <= PACKED_BITS
-        if config.weight_granularity == "per_group":
+        two_level = config.weight_granularity == "two_level"
+        if config.weight_granularity in ("per_group", "two_level"):
             if in_features % config.weight_group_size:
                 raise ValueError(f"in_features {in_features} is not a multiple of group size {config.weight_group_size}")
             groups, self.group_size = in_features // config.weight_group_size, config.weight_group_size
@@ -37,8 +39,11 @@ class QuantLinear(nn.Module):
         code_columns = in_features // 2 if self.packed else in_features
         factory = dict(device=device)
         self.register_buffer("weight_codes", torch.empty(out_features, code_columns, dtype=torch.uint8, **factory))
-        self.register_buffer("weight_scale", torch.empty(out_features, groups, dtype=torch.float32, **factory))
+        self.register_buffer("weight_scale", torch.empty(out_features, 1 if two_level else groups, dtype=torch.float32,
+                                                         **factory))
         self.register_buffer("weight_zero", torch.empty(out_features, groups, dtype=torch.uint8, **factory))
+        self.register_buffer("weight_group_scale", torch.empty(out_features, groups, dtype=torch.uint8, **factory)
+                             if two_level else None)
         self.register_buffer("bias", torch.empty(out_features, **factory) if has_bias else None)
         rank = config.lora_rank
         self.register_buffer("lora_left", torch.empty(out_features, rank, **factory) if rank else None)
@@ -55,6 +60,8 @@ class QuantLinear(nn.Module):
         module.weight_codes.copy_(weight.codes)
         module.weight_scale.copy_(layer.weight.scale.reshape(out_features, -1))
         module.weight_zero.copy_(layer.weight.zero.reshape(out_features, -1))
+        if module.weight_group_scale is not None:
+            module.weight_group_scale.copy_(layer.weight.group_scale)
         for name in ("bias", "lora_left", "lora_right", "smooth_inv"):
             value = getattr(layer, name)
             if value is not None:
@@ -65,7 +72,7 @@ class QuantLinear(nn.Module):
 
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight(self.weight_codes, self.weight_scale, self.weight_zero, self.weight_bits,
-                               self.group_size, self.packed)
+                               self.group_size, self.packed, self.weight_group_scale)
 
     def as_layer(self) -> QuantizedLayer:
         static = None if self.act_range is None else (self.act_range[0], self.act_range[1])
@@ -78,7 +85,8 @@ class QuantLinear(nn.Module):
         def f32(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.float()
 
-        weight = dequantize_codes(self.weight_codes, self.weight_scale, self.weight_zero, self.packed)
+        weight = dequantize_codes(self.weight_codes, self.weight_scale, self.weight_zero, self.packed,
+                                  group_scale=self.weight_group_scale)
         static = None if self.act_range is None else (self.act_range[0].float(), self.act_range[1].float())
         return quantized_linear(x.float(), weight, f32(self.bias), self.act_bits, self.act_granularity,
                                 f32(self.smooth_inv), f32(self.lora_left), f32(self.lora_right), static).to(x.dtype)

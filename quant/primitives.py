@@ -7,11 +7,13 @@ quantization is the special case z = 2^(b−1) with codes in [1, 2^b − 1].
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 EPS = 1e-8
+INT8_MIN, INT8_MAX = -128, 127
 
 
 #################################################################################
@@ -20,28 +22,51 @@ EPS = 1e-8
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, packed: bool,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Ŵ = scale · (codes − zero) of a QuantizedWeight's tensors (a plain function of tensors, so
-    that torch.compile traces it without building the dataclass)."""
+                     dtype: torch.dtype = torch.float32, group_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Ŵ = scale · (codes − zero) of a QuantizedWeight's tensors, or with two-level groups
+    Ŵ = scale_row · group_scale · (codes − zero) (a plain function of tensors, so that
+    torch.compile traces it without building the dataclass)."""
     codes = unpack_int4(codes) if packed else codes
     *lead, out, inp = codes.shape
-    groups = scale.shape[-1]
-    codes = codes.reshape(*lead, out, groups, inp // groups).to(dtype)
-    return ((codes - zero.to(dtype).unsqueeze(-1)) * scale.to(dtype).unsqueeze(-1)).reshape(*lead, out, inp)
+    groups = zero.shape[-1]
+    centered = codes.reshape(*lead, out, groups, inp // groups).to(dtype) - zero.to(dtype).unsqueeze(-1)
+    if group_scale is None:
+        return (centered * scale.to(dtype).unsqueeze(-1)).reshape(*lead, out, inp)
+    # the int8 integers (codes − z)·k first, exact in float, then the row scale: as an int8 GEMM does
+    return (centered * group_scale.to(dtype).unsqueeze(-1)).reshape(*lead, out, inp) * scale.to(dtype)
 
 
 @dataclass(frozen=True)
 class QuantizedWeight:
     """b-bit codes of a (…, out, in) weight with one (scale, zero) per group of `group_size`
     consecutive input channels of a row (group_size = in: per channel), or one per tensor
-    (`per_tensor`, scale of shape (…, 1, 1))."""
+    (`per_tensor`, scale of shape (…, 1, 1)).
+
+    Two-level groups (`group_scale` set): `scale` is one float per row (…, out, 1) and each group
+    has an integer scale k and zero point z with (codes − z)·k inside int8, so a group dequantizes
+    to int8 integers by integer arithmetic and Ŵ = scale_row · k · (codes − z) (the progressive
+    group quantization of QServe): an int8 GEMM runs it with the row scale in its epilogue."""
 
     codes: torch.Tensor  # uint8 (…, out, in), or (…, out, in / 2) when packed
-    scale: torch.Tensor  # float32 (…, out, in / group_size) or (…, 1, 1)
-    zero: torch.Tensor  # uint8, same shape as scale
+    scale: torch.Tensor  # float32 (…, out, in / group_size) or (…, 1, 1); (…, out, 1) with group_scale
+    zero: torch.Tensor  # uint8 (…, out, in / group_size) or (…, 1, 1)
     bits: int
     group_size: int
     packed: bool = False  # two 4-bit codes per byte (pack_int4)
+    group_scale: torch.Tensor | None = None  # uint8 (…, out, in / group_size): two-level groups
+
+    def group_scales(self) -> torch.Tensor:
+        """The float scale of every group, (…, out, groups) (or (…, 1, 1) per tensor)."""
+        return self.scale if self.group_scale is None else self.scale * self.group_scale.float()
+
+    def code_bounds(self, symmetric: bool = False) -> tuple[torch.Tensor | int, torch.Tensor | int]:
+        """The codes a group may take: [0 (1 if symmetric), 2^b − 1], and for two-level groups also
+        (codes − z)·k within int8's [−128, 127]."""
+        low, high = (1 if symmetric else 0), 2**self.bits - 1
+        if self.group_scale is None:
+            return low, high
+        k, z = self.group_scale.to(torch.int32), self.zero.to(torch.int32)
+        return (z - torch.div(-INT8_MIN, k, rounding_mode="floor")).clamp(min=low), (z + INT8_MAX // k).clamp(max=high)
 
     def unpacked_codes(self) -> torch.Tensor:
         return unpack_int4(self.codes) if self.packed else self.codes
@@ -50,23 +75,22 @@ class QuantizedWeight:
         """The same weight with its codes two per byte (bits ≤ 4), half the memory."""
         if self.packed or self.bits > 4:
             return self
-        return QuantizedWeight(pack_int4(self.codes), self.scale, self.zero, self.bits, self.group_size, True)
+        return dataclasses.replace(self, codes=pack_int4(self.codes), packed=True)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_codes(self.codes, self.scale, self.zero, self.packed, dtype)
+        return dequantize_codes(self.codes, self.scale, self.zero, self.packed, dtype, self.group_scale)
 
     def select(self, index: int) -> QuantizedWeight:
         """Candidate `index` of a weight with a leading candidate dimension."""
-        return QuantizedWeight(self.codes[index], self.scale[index], self.zero[index], self.bits, self.group_size,
-                               self.packed)
+        return dataclasses.replace(self, codes=self.codes[index], scale=self.scale[index], zero=self.zero[index],
+                                   group_scale=None if self.group_scale is None else self.group_scale[index])
 
     def scale_rows(self, factor: torch.Tensor) -> QuantizedWeight:
         """The weight diag(factor) · W, exactly: codes and zero points are unchanged, row scales
         are multiplied (only possible with per-row scales)."""
         if self.scale.shape[-2] != self.codes.shape[-2]:
             raise ValueError("row scaling needs per-channel or per-group weight scales")
-        return QuantizedWeight(self.codes, self.scale * factor.to(self.scale).unsqueeze(-1), self.zero, self.bits,
-                               self.group_size, self.packed)
+        return dataclasses.replace(self, scale=self.scale * factor.to(self.scale).unsqueeze(-1))
 
 
 def _grouped(w: torch.Tensor, granularity: str, group_size: int) -> tuple[torch.Tensor, int]:
@@ -76,7 +100,7 @@ def _grouped(w: torch.Tensor, granularity: str, group_size: int) -> tuple[torch.
         return w.reshape(*lead, 1, 1, out * inp), inp
     if granularity == "per_channel":
         return w.reshape(*lead, out, 1, inp), inp
-    if granularity == "per_group":
+    if granularity in ("per_group", "two_level"):
         if inp % group_size:
             raise ValueError(f"input size {inp} is not a multiple of the group size {group_size}")
         return w.reshape(*lead, out, inp // group_size, group_size), group_size
@@ -92,6 +116,8 @@ def quantize_weight(
     point. Symmetric: max|w| maps onto 2^(b−1) − 1 around the fixed zero point 2^(b−1).
     """
     qmax = 2**bits - 1
+    if granularity == "two_level":
+        return quantize_two_level(w, bits, group_size)
     grouped, used_group = _grouped(w.float(), granularity, group_size)
     if symmetric:
         half = 2 ** (bits - 1)
@@ -106,6 +132,27 @@ def quantize_weight(
         codes = (torch.round(grouped / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, qmax)
     codes = codes.to(torch.uint8).reshape(w.shape)
     return QuantizedWeight(codes, scale, zero.to(torch.uint8), bits, used_group)
+
+
+def quantize_two_level(w: torch.Tensor, bits: int, group_size: int) -> QuantizedWeight:
+    """Two-level group quantization of a (…, out, in) weight: each row on a symmetric int8 grid
+    (scale = max|w| / 127), then each group of the int8 row on a b-bit grid with an integer scale
+    k = ⌈range / (2^b − 1)⌉ ≥ 1 and zero point z, codes chosen from the float weight and bounded
+    so that (codes − z)·k stays inside int8."""
+    qmax = 2**bits - 1
+    grouped, used_group = _grouped(w.float(), "two_level", group_size)  # (…, out, groups, group)
+    row_scale = (grouped.abs().amax(dim=(-1, -2)) / INT8_MAX).clamp(min=EPS).unsqueeze(-1)  # (…, out, 1)
+    in_int8 = grouped / row_scale.unsqueeze(-1)  # the row in int8 units, within ±127
+    lo = in_int8.amin(dim=-1).clamp(max=0)
+    hi = in_int8.amax(dim=-1).clamp(min=0)
+    k = torch.ceil((hi - lo) / qmax).clamp(min=1, max=INT8_MAX)
+    zero = torch.round(-lo / k).clamp(0, qmax)
+    weight = QuantizedWeight(torch.zeros(0), row_scale, zero.to(torch.uint8), bits, used_group,
+                             group_scale=k.to(torch.uint8))
+    low, high = weight.code_bounds()
+    codes = torch.round(in_int8 / k.unsqueeze(-1)) + zero.unsqueeze(-1)
+    codes = torch.maximum(torch.minimum(codes, high.unsqueeze(-1).float()), low.unsqueeze(-1).float())
+    return dataclasses.replace(weight, codes=codes.to(torch.uint8).reshape(w.shape))
 
 
 #################################################################################

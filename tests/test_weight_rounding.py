@@ -98,3 +98,55 @@ def test_pipeline_with_compensated_rounding_weighted_lora_and_the_identity_candi
     # over the whole model, the new weights are closer to FP than the paper's on the calibration run
     assert sum(layer.final_error for layer in reports["new"].layers) < sum(
         layer.final_error for layer in reports["paper"].layers)
+
+
+def grouped_weight(seed: int) -> torch.Tensor:
+    """A weight whose groups of 64 inputs have different magnitudes (what per-group scales exploit)."""
+    generator = torch.Generator().manual_seed(seed)
+    magnitudes = (torch.rand(1, 4, generator=generator) * 3 + 0.2).repeat_interleave(64, dim=1)
+    return torch.randn(48, 256, generator=generator) * magnitudes
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_two_level_groups_dequantize_through_int8_integers(seed):
+    weight = grouped_weight(seed)
+    two = quantize_weight(weight, 4, "two_level", 64)
+    assert two.scale.shape == (48, 1) and two.group_scale.shape == two.zero.shape == (48, 4)
+    assert int(two.codes.max()) <= 15 and int(two.group_scale.min()) >= 1
+    codes = two.codes.reshape(48, 4, 64).to(torch.int32)
+    in_int8 = (codes - two.zero.to(torch.int32)[..., None]) * two.group_scale.to(torch.int32)[..., None]
+    assert int(in_int8.min()) >= -128 and int(in_int8.max()) <= 127  # an int8 GEMM operand after unpacking
+    torch.testing.assert_close(two.dequantize(), (in_int8.reshape(48, 256).float() * two.scale), rtol=0, atol=0)
+    error = {g: float(torch.linalg.norm(weight - quantize_weight(weight, 4, g, 64).dequantize()))
+             for g in ("per_channel", "per_group", "two_level")}
+    assert error["two_level"] < error["per_channel"] and error["two_level"] < 1.15 * error["per_group"]
+
+
+def test_compensated_rounding_keeps_two_level_codes_inside_int8():
+    x = correlated_inputs(512, 256, 0)
+    weight = grouped_weight(0)
+    grid = quantize_weight(weight, 4, "two_level", 64)
+    compensated = compensated_codes(weight, x.T @ x, grid)
+    low, high = grid.code_bounds()
+    codes = compensated.codes.reshape(48, 4, 64)
+    assert bool((codes >= low[..., None]).all() and (codes <= high[..., None]).all())
+    assert torch.equal(compensated.group_scale, grid.group_scale)
+    assert output_error(weight, compensated.dequantize(), x) < output_error(weight, grid.dequantize(), x)
+
+
+def test_a_two_level_model_saves_loads_and_stays_on_the_fake_backend(tmp_path):
+    from quant.backends import kernel_unsupported_reason
+    from quant.checkpoint import load_quantized, save_quantized
+    from quant.modules import QuantLinear
+
+    spec = ModelSpec(dit_kwargs=dict(TINY_PIXEL_KWARGS), vae=None)
+    config = QuantConfig(weight_granularity="two_level", weight_group_size=32, lora_rank=4, alpha_grid=(0.5,))
+    model, _ = quantize_dit(randomize(spec.build(), std=0.1), create_diffusion("2"), config,
+                            CalibrationRun(tuple(range(10)), 1.5, 2, 0), torch.device("cpu"), progress=False)
+    loaded, loaded_config, _ = load_quantized(save_quantized(tmp_path / "q", model, config, spec), "cpu")
+    assert loaded_config == config
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 900]), torch.tensor([0, 9])
+    assert torch.equal(model(x, t, y), loaded(x, t, y))
+    qkv = loaded.blocks[0].attn.qkv
+    assert isinstance(qkv, QuantLinear) and qkv.weight_group_scale.dtype == torch.uint8
+    assert "two-level" in kernel_unsupported_reason(qkv)
