@@ -62,6 +62,7 @@ class Row(NamedTuple):
     dtype: torch.dtype
     compiled: bool
     act_granularity: str = "per_tensor"
+    weight_granularity: str = "per_channel"  # two_level: groups of TWO_LEVEL_GROUP
 
 
 ROWS = {
@@ -76,7 +77,9 @@ ROWS = {
     "w4a8-compile": Row(4, "triton", torch.bfloat16, True),
     "w8a8-token-compile": Row(8, "triton", torch.bfloat16, True, "per_token"),
     "w4a8-token-compile": Row(4, "triton", torch.bfloat16, True, "per_token"),
+    "w4a8-2level-compile": Row(4, "triton", torch.bfloat16, True, "per_tensor", "two_level"),
 }
+TWO_LEVEL_GROUP = 64
 HIDDEN = {"DiT-XL/2": 1152, "demo": 256}
 # GEMM variants: name -> (weight bits, TritonQuantLinear options, extra int8_gemm options).
 # The defaults: W8 tiles by pointer loads; packed W4 codes unpacked to int8 once per call at
@@ -113,14 +116,15 @@ def random_quantized_layer(linear: torch.nn.Linear, config: QuantConfig, on_the_
 
 
 def quantized_layer_pair(in_features: int, out_features: int, weight_bits: int, on_the_fly: bool, device,
-                         seed: int = 0, act_granularity: str = "per_tensor",
+                         seed: int = 0, act_granularity: str = "per_tensor", weight_granularity: str = "per_channel",
                          **kernel_options) -> tuple[QuantLinear, TritonQuantLinear]:
     """One random layer quantized (rank-32 LoRA, optional on-the-fly smoothing) as fake and kernel modules."""
     generator = torch.Generator().manual_seed(seed)
     linear = torch.nn.Linear(in_features, out_features).to(device)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(out_features, in_features, generator=generator) * 0.02)
-    config = QuantConfig(weight_bits=weight_bits, act_bits=8, act_granularity=act_granularity)
+    config = QuantConfig(weight_bits=weight_bits, act_bits=8, act_granularity=act_granularity,
+                         weight_granularity=weight_granularity, weight_group_size=TWO_LEVEL_GROUP)
     fake = QuantLinear.from_layer(random_quantized_layer(linear, config, on_the_fly, generator)[0], config)
     return fake, TritonQuantLinear(fake, **kernel_options)
 
@@ -164,19 +168,21 @@ def check_kernels(device, models: list[str], layers: list[str], emit) -> bool:
     # Each weight format with each way of loading tiles, and per-token ranges; packed formats
     # also below UNPACK_FROM_ROWS rows, where the GEMM unpacks them in its main loop; 512 rows
     # (batch 1 with CFG), where the quantize pass splits K over programs.
-    layer_variants = ({(bits, tuple(options.items()), "per_tensor") for bits, options, _ in GEMM_VARIANTS.values()}
-                      | {(3, (), "per_tensor"), (8, (), "per_token"), (4, (), "per_token")})
+    layer_variants = ({(bits, tuple(options.items()), "per_tensor", "per_channel")
+                       for bits, options, _ in GEMM_VARIANTS.values()}
+                      | {(3, (), "per_tensor", "per_channel"), (8, (), "per_token", "per_channel"),
+                         (4, (), "per_token", "per_channel"), (4, (), "per_tensor", "two_level")})
     for model_name in models:
         hidden = HIDDEN[model_name]
         for role, (k, n) in layer_shapes(hidden).items():
             if role not in layers:
                 continue
-            for bits, options, granularity in sorted(layer_variants):
+            for bits, options, granularity, weights in sorted(layer_variants):
                 fake, kernel = quantized_layer_pair(k, n, bits, role == "fc2", device, act_granularity=granularity,
-                                                    **dict(options))
+                                                    weight_granularity=weights, **dict(options))
                 for rows in (4000, 512, UNPACK_FROM_ROWS - 24) if kernel.packed else (4000, 512):
                     record({"model": model_name, "layer": role, "shape": [rows, k, n], "weight_bits": bits,
-                            "options": dict(options), "act": granularity}, kernel, fake)
+                            "options": dict(options), "act": granularity, "weights": weights}, kernel, fake)
         if "mlp" in layers:
             for bits, granularity in ((8, "per_tensor"), (4, "per_tensor"), (4, "per_token")):
                 for dtype, tolerance in CHECK_TOLERANCES:
@@ -280,10 +286,11 @@ def gemm_microbenchmark(device, batch: int, variants: list[str], emit) -> None:
 
 
 def synthetic_quantized_dit(name: str, image_size: int, device, weight_bits: int, adaln_bits: int | None,
-                            act_granularity: str = "per_tensor"):
+                            act_granularity: str = "per_tensor", weight_granularity: str = "per_channel"):
     model = random_dit(name, image_size, device)
     config = QuantConfig(weight_bits=weight_bits, act_bits=8, adaln_weight_bits=adaln_bits,
-                         act_granularity=act_granularity)
+                         act_granularity=act_granularity, weight_granularity=weight_granularity,
+                         weight_group_size=TWO_LEVEL_GROUP)
     generator = torch.Generator().manual_seed(0)
     targets = quant_targets(model)
     layers, factors = {}, {}
@@ -304,7 +311,7 @@ def build_row(name: str, args, device) -> torch.nn.Module:
         model = random_dit(args.model, args.image_size, device).to(row.dtype)
     else:
         model = synthetic_quantized_dit(args.model, args.image_size, device, row.weight_bits, args.adaln_bit,
-                                        row.act_granularity)
+                                        row.act_granularity, row.weight_granularity)
         prepare_for_inference(model, row.backend, row.dtype)
     if row.compiled:  # as the samplers compile: one compiled block serves all 28
         compile_blocks(model)
@@ -443,6 +450,7 @@ def main(args: argparse.Namespace) -> None:
             model = build_row(name, args, device)
             row = ROWS[name]
             settings = {"row": name, "model": args.model, "compiled": row.compiled, "act": row.act_granularity,
+                        "weights": row.weight_granularity,
                         "adaln_bit": args.adaln_bit if row.weight_bits else None, "model_MB": model_bytes(model) / 1e6}
             for batch in args.batches:
                 if "profile" in args.parts:

@@ -2,9 +2,9 @@
 
 - `fake`: QuantLinear as saved; dequantizes and computes in float32 (the reference numerics).
 - `triton`: int8 GEMMs on CUDA (quant/kernels.py): W8A8, and W4A8 with the 4-bit codes kept
-  packed on the GPU, with per-tensor or per-token activation ranges; every layer a kernel does
-  not cover (per-group weights, > 8-bit activations) and every CPU run keep `fake`, said in one
-  log line.
+  packed on the GPU (two-level group codes too, unpacked to int8 before each GEMM), with
+  per-tensor or per-token activation ranges; every layer a kernel does not cover (plain
+  per-group weights, > 8-bit activations) and every CPU run keep `fake`, said in one log line.
 
 `prepare_for_inference` also casts the model's floating-point parts to the compute dtype; the
 quantized layers keep their scales in float32 whatever that dtype is.
@@ -33,9 +33,7 @@ KERNEL_ACT_GRANULARITIES = ("per_tensor", "per_token")
 
 def kernel_unsupported_reason(layer: QuantLinear) -> str | None:
     """Why the integer kernels cannot run `layer` (None: they can)."""
-    if layer.weight_group_scale is not None:
-        return "two-level group weight scales"
-    if layer.group_size != layer.in_features:
+    if layer.group_size != layer.in_features and layer.weight_group_scale is None:
         return "per-group weight scales"
     if layer.act_granularity not in KERNEL_ACT_GRANULARITIES:
         return f"{layer.act_granularity} activation ranges"
@@ -59,13 +57,26 @@ class TritonQuantLinear(nn.Module):
         # TMA tile loads: 1.1-1.2x faster for packed weights on an H100, slower for int8 codes
         # except at fc2's shape (benchmarks/RESULTS.md). TMA needs 16-byte aligned row strides.
         self.use_tma = (self.packed and self.in_features % 16 == 0) if use_tma is None else use_tma
-        shift = PACKED_SHIFT.value if self.packed else BYTE_SHIFT
         codes = unpack_int4(source.weight_codes) if self.packed else source.weight_codes
-        signed = codes.to(torch.int32) - shift
-        weight = pack_split(codes) if self.packed else signed.to(torch.int8)
+        table = None
+        if source.weight_group_scale is not None:
+            # two-level groups: the GEMM's weight operand is the int8 (c − z)·k, zero point 0
+            k, z = source.weight_group_scale, source.weight_zero
+            signed = ((codes.reshape(*k.shape, -1).to(torch.int32) - z.to(torch.int32).unsqueeze(-1))
+                      * k.to(torch.int32).unsqueeze(-1)).reshape(codes.shape)
+            weight = pack_split(codes) if self.packed else signed.to(torch.int8)
+            table = torch.stack([k, z], dim=-1).contiguous() if self.packed else None
+            weight_zero = torch.zeros(self.out_features, dtype=torch.int32, device=codes.device)
+            self.use_tma = False  # unpacked before every GEMM
+        else:
+            shift = PACKED_SHIFT.value if self.packed else BYTE_SHIFT
+            signed = codes.to(torch.int32) - shift
+            weight = pack_split(codes) if self.packed else signed.to(torch.int8)
+            weight_zero = source.weight_zero.reshape(-1).to(torch.int32) - shift
         self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("group_table", table)
         self.register_buffer("column_sums", signed.sum(dim=1, dtype=torch.int32))
-        self.register_buffer("weight_zero", source.weight_zero.reshape(-1).to(torch.int32) - shift)
+        self.register_buffer("weight_zero", weight_zero)
         self.register_buffer("weight_scale", source.weight_scale.reshape(-1).float().contiguous())
         self.register_buffer("bias", None if source.bias is None else source.bias.float().contiguous())
         self.register_buffer("smooth_inv", None if source.smooth_inv is None else source.smooth_inv.float())
@@ -109,7 +120,7 @@ class TritonQuantLinear(nn.Module):
     def kernel_tensors(self) -> tuple:
         """The layer's arguments of the ditas ops, after (x, qparams)."""
         return (self.smooth_inv, self.lora_right, self.weight, self.packed, self.column_sums, self.weight_zero,
-                self.weight_scale, self.bias, self.lora_left, self.act_bits, self.use_tma)
+                self.weight_scale, self.bias, self.lora_left, self.act_bits, self.use_tma, self.group_table)
 
     def linear_2d(self, x2d: torch.Tensor, qparams: torch.Tensor) -> torch.Tensor:
         return torch.ops.ditas.int8_linear(x2d, qparams, *self.kernel_tensors())
@@ -178,18 +189,19 @@ def register_kernel_op() -> None:
     from .kernels import int8_gemm, quantize_rows
 
     def run(x, qparams, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
-            lora_left, act_bits, use_tma, **epilogue):
+            lora_left, act_bits, use_tma, group_table, **epilogue):
         codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right)
         return int8_gemm(codes, rowsum, qparams, weight, packed, column_sums, weight_zero, weight_scale, bias, down,
-                         lora_left, x.dtype, use_tma, **epilogue)
+                         lora_left, x.dtype, use_tma, group_table=group_table, **epilogue)
 
     @torch.library.custom_op("ditas::int8_linear", mutates_args=())
     def int8_linear(x: torch.Tensor, qparams: torch.Tensor, smooth_inv: torch.Tensor | None,
                     lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool, column_sums: torch.Tensor,
                     weight_zero: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                    lora_left: torch.Tensor | None, act_bits: int, use_tma: bool) -> torch.Tensor:
+                    lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
+                    group_table: torch.Tensor | None) -> torch.Tensor:
         return run(x, qparams, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
-                   lora_left, act_bits, use_tma)
+                   lora_left, act_bits, use_tma, group_table)
 
     @int8_linear.register_fake
     def _(x, qparams, smooth_inv, lora_right, weight, *rest):
@@ -200,14 +212,14 @@ def register_kernel_op() -> None:
                          lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool,
                          column_sums: torch.Tensor, weight_zero: torch.Tensor, weight_scale: torch.Tensor,
                          bias: torch.Tensor | None, lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
-                         bounds_scale: torch.Tensor | None, with_bounds: bool,
+                         group_table: torch.Tensor | None, bounds_scale: torch.Tensor | None, with_bounds: bool,
                          bounds_per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """GELU(linear(x)), and [min, −max] of its output × bounds_scale, (2, 1) or per row (2, M)
         (+inf when not with_bounds)."""
         bounds = torch.full((2, x.shape[0] if bounds_per_row else 1), float("inf"), dtype=torch.float32,
                             device=x.device)
         out = run(x, qparams, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
-                  lora_left, act_bits, use_tma, gelu=True, bounds=bounds if with_bounds else None,
+                  lora_left, act_bits, use_tma, group_table, gelu=True, bounds=bounds if with_bounds else None,
                   bounds_scale=bounds_scale)
         return out, bounds
 

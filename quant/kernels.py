@@ -274,6 +274,31 @@ def _unpack_kernel(packed_ptr, out_ptr, N, K: tl.constexpr, PACKED_K: tl.constex
     tl.store(out_ptr + rows[:, None] * K + high_k[None, :], high, mask=row_ok & (high_k < K)[None, :])
 
 
+@triton.jit
+def _store_two_level(codes, ks, rows, row_ok, table_ptr, out_ptr, K: tl.constexpr, GROUPS: tl.constexpr,
+                     GROUP: tl.constexpr):
+    """Store (codes − z)·k as int8 for the columns `ks`, with (k, z) of each element's group."""
+    ok = row_ok & (ks < K)[None, :]
+    entry = (rows[:, None] * GROUPS + (ks // GROUP)[None, :]) * 2
+    scale = tl.load(table_ptr + entry, mask=ok, other=0).to(tl.int32)
+    zero = tl.load(table_ptr + entry + 1, mask=ok, other=0).to(tl.int32)
+    tl.store(out_ptr + rows[:, None] * K + ks[None, :], ((codes.to(tl.int32) - zero) * scale).to(tl.int8), mask=ok)
+
+
+@triton.jit
+def _unpack_two_level_kernel(packed_ptr, table_ptr, out_ptr, N, K: tl.constexpr, PACKED_K: tl.constexpr,
+                             GROUPS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split-packed two-level codes -> int8 (c − z_g)·k_g, (N, K) row-major: one span of BLOCK_N
+    rows per program; table is (N, GROUPS, 2) uint8 [k, z]."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * 2 * HALF_SPAN
+    half = tl.arange(0, HALF_SPAN)
+    row_ok = rows[:, None] < N
+    packed = tl.load(packed_ptr + rows[:, None] * PACKED_K + k0 // 2 + half[None, :], mask=row_ok)
+    _store_two_level(packed & 0xF, k0 + half, rows, row_ok, table_ptr, out_ptr, K, GROUPS, GROUP)
+    _store_two_level(packed >> 4, k0 + HALF_SPAN + half, rows, row_ok, table_ptr, out_ptr, K, GROUPS, GROUP)
+
+
 def pack_split(codes: torch.Tensor) -> torch.Tensor:
     """(N, K) codes in [0, 15] -> (N, K'/2) uint8 in the split layout, K' = K rounded up to PACK_SPAN."""
     n, k = codes.shape
@@ -352,11 +377,23 @@ def unpack_signed(packed: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
+def unpack_two_level(packed: torch.Tensor, table: torch.Tensor, k: int) -> torch.Tensor:
+    """Split-packed two-level codes (N, K'/2) and their group table (N, groups, 2) [k, z] ->
+    (N, k) int8 (c − z)·k, the int8 GEMM's weight operand (zero point 0, the row scale apart)."""
+    n, groups = table.shape[:2]
+    out = torch.empty(n, k, dtype=torch.int8, device=packed.device)
+    _unpack_two_level_kernel[(triton.cdiv(n, UNPACK_BLOCK_N), triton.cdiv(k, PACK_SPAN))](
+        packed, table, out, n, K=k, PACKED_K=packed.shape[1], GROUPS=groups, GROUP=k // groups,
+        BLOCK_N=UNPACK_BLOCK_N)
+    return out
+
+
 def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, weight: torch.Tensor, packed: bool,
               colsum: torch.Tensor, zero_w: torch.Tensor, scale_w: torch.Tensor, bias: torch.Tensor | None,
               down: torch.Tensor | None, left: torch.Tensor | None, out_dtype: torch.dtype,
               use_tma: bool = False, gelu: bool = False, bounds: torch.Tensor | None = None,
-              bounds_scale: torch.Tensor | None = None, unpack_from_rows: int = UNPACK_FROM_ROWS) -> torch.Tensor:
+              bounds_scale: torch.Tensor | None = None, unpack_from_rows: int = UNPACK_FROM_ROWS,
+              group_table: torch.Tensor | None = None) -> torch.Tensor:
     """The GEMM with its epilogue: out (M, N) = s_x s_w (Σ q'c' − corrections) + s_x·down·Lᵀ + b,
     then GELU (tanh) with `gelu`.
     `weight` is int8 (N, K) signed codes, or (packed) uint8 codes in the split layout (pack_split);
@@ -366,9 +403,13 @@ def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, 
     `rowsum` and `down` are quantize_rows's partial sums, (splits, M[, rank]).
     `bounds`: a float32 (2, 1) tensor, or (2, M) for per-row ranges, holding +inf, into which the
     kernel reduces [min, −max] of its stored output (times `bounds_scale` per column when given):
-    the next layer's activation range without another pass over `out`."""
+    the next layer's activation range without another pass over `out`.
+    `group_table` (N, groups, 2) uint8 [k, z]: packed two-level group codes, unpacked to int8
+    (c − z)·k before the GEMM at any M (`zero_w` is then 0 and `scale_w` the row scale)."""
     m, k = codes.shape
-    if packed and m >= unpack_from_rows:
+    if group_table is not None:  # two-level groups: always unpacked first (zero point 0 after it)
+        weight, packed, use_tma = unpack_two_level(weight, group_table, k), False, False
+    elif packed and m >= unpack_from_rows:
         weight, packed, use_tma = unpack_signed(weight, k), False, False
     if use_tma:
         _ensure_descriptor_allocator()

@@ -69,10 +69,15 @@ def random_quant_linear(in_features, out_features, weight_bits=4, act_bits=8, ra
     (8, 8, 4, True, True, {}, "per_tensor"),  # static activation range
     (4, 8, 32, True, False, {}, "per_token"),  # one activation range per row
     (8, 8, 4, False, False, {}, "per_token"),
+    (4, 8, 32, True, False, dict(granularity="two_level"), "per_tensor"),  # two-level groups, unpacked first
+    (8, 8, 4, False, False, dict(granularity="two_level"), "per_token"),  # two-level W8: plain int8 operand
 ])
 def test_kernels_match_the_fake_reference(weight_bits, act_bits, rank, smooth, static, options, act_granularity):
     register_kernel_op()
-    fake = random_quant_linear(48, 40, weight_bits, act_bits, rank, smooth, static, act_granularity=act_granularity)
+    options = dict(options)
+    granularity = options.pop("granularity", "per_channel")
+    fake = random_quant_linear(48, 40, weight_bits, act_bits, rank, smooth, static, granularity=granularity,
+                               act_granularity=act_granularity)
     kernel = TritonQuantLinear(fake, **options)
     x = torch.randn(3, 13, 48) * 2 + 0.3  # 39 rows: partial tiles in M, N (40) and K (48)
     expected = fake(x)
@@ -81,15 +86,18 @@ def test_kernels_match_the_fake_reference(weight_bits, act_bits, rank, smooth, s
     assert ((got - expected).norm() / expected.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("static,act_granularity", [(False, "per_tensor"), (True, "per_tensor"),
-                                                    (False, "per_token")])
-def test_fused_mlp_matches_fc1_gelu_fc2_of_the_fake_layers(static, act_granularity):
+@pytest.mark.parametrize("static,act_granularity,granularity", [
+    (False, "per_tensor", "per_channel"), (True, "per_tensor", "per_channel"), (False, "per_token", "per_channel"),
+    (False, "per_tensor", "two_level")])
+def test_fused_mlp_matches_fc1_gelu_fc2_of_the_fake_layers(static, act_granularity, granularity):
     from models import Mlp
 
     register_kernel_op()
     mlp = Mlp(48, 80)
-    mlp.fc1 = random_quant_linear(48, 80, rank=8, static=static, seed=1, act_granularity=act_granularity)
-    mlp.fc2 = random_quant_linear(80, 48, rank=8, smooth=True, static=static, seed=2, act_granularity=act_granularity)
+    mlp.fc1 = random_quant_linear(48, 80, rank=8, static=static, seed=1, act_granularity=act_granularity,
+                                  granularity=granularity)
+    mlp.fc2 = random_quant_linear(80, 48, rank=8, smooth=True, static=static, seed=2, act_granularity=act_granularity,
+                                  granularity=granularity)
     x = torch.randn(2, 21, 48) * 2 + 0.3  # 42 rows: partial tiles
     expected = mlp(x)
     assert fuse_mlps(mlp) == 0  # fake layers: nothing to fuse
@@ -172,16 +180,16 @@ def test_small_calls_split_the_quantize_pass_and_large_ones_do_not():
 
 def test_kernel_op_schema_and_fake_tensor_rule():
     register_kernel_op()
-    kernel = TritonQuantLinear(random_quant_linear(32, 16, rank=4, smooth=True))
-    x = torch.randn(20, 32)
-    args = (x, kernel.qparams(x), kernel.smooth_inv, kernel.lora_right, kernel.weight, kernel.packed,
-            kernel.column_sums, kernel.weight_zero, kernel.weight_scale, kernel.bias, kernel.lora_left, 8,
-            kernel.use_tma)
-    torch.library.opcheck(torch.ops.ditas.int8_linear.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
-    for per_row in (False, True):
-        torch.library.opcheck(torch.ops.ditas.int8_linear_gelu.default, (*args, torch.rand(16) + 0.5, True, per_row),
+    for granularity in ("per_channel", "two_level"):
+        kernel = TritonQuantLinear(random_quant_linear(32, 16, rank=4, smooth=True, granularity=granularity))
+        x = torch.randn(20, 32)
+        args = (x, kernel.qparams(x), *kernel.kernel_tensors())
+        torch.library.opcheck(torch.ops.ditas.int8_linear.default, args,
                               test_utils=("test_schema", "test_faketensor"))
+        for per_row in (False, True):
+            torch.library.opcheck(torch.ops.ditas.int8_linear_gelu.default,
+                                  (*args, torch.rand(16) + 0.5, True, per_row),
+                                  test_utils=("test_schema", "test_faketensor"))
 
 
 def test_kernel_layer_keeps_float32_scales_when_the_model_is_cast():
@@ -219,8 +227,21 @@ def test_packed_gemm_unpacked_first_equals_unpacking_in_the_main_loop():
                                rtol=0, atol=0)
 
 
+def test_two_level_codes_unpack_to_their_int8_values():
+    from quant.kernels import unpack_two_level
+
+    fake = random_quant_linear(200 - 8, 24, granularity="two_level")  # 192 inputs: groups of 16, K padded
+    kernel = TritonQuantLinear(fake)
+    codes = fake.quantized_weight().unpacked_codes().to(torch.int32).reshape(24, 12, 16)
+    expected = (codes - fake.weight_zero.to(torch.int32)[..., None]) * fake.weight_group_scale.to(torch.int32)[..., None]
+    unpacked = unpack_two_level(kernel.weight, kernel.group_table, 192)
+    assert unpacked.dtype == torch.int8 and torch.equal(unpacked.to(torch.int32), expected.reshape(24, 192))
+    assert torch.equal(kernel.column_sums, expected.reshape(24, 192).sum(dim=1))
+
+
 def test_layers_the_kernels_do_not_cover_are_named():
     assert kernel_unsupported_reason(random_quant_linear(32, 16)) is None
+    assert kernel_unsupported_reason(random_quant_linear(32, 16, granularity="two_level")) is None
     assert "per-group" in kernel_unsupported_reason(random_quant_linear(32, 16, granularity="per_group"))
     assert kernel_unsupported_reason(random_quant_linear(32, 16, act_granularity="per_token")) is None
     assert "12-bit" in kernel_unsupported_reason(random_quant_linear(32, 16, act_bits=12))
