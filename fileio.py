@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from errors import UserError
 
 
 @contextmanager
@@ -44,8 +47,6 @@ def check_output_location(path: str | os.PathLike, kind: str = "directory") -> N
     be written at `path`: something else already there, a parent that is a file, or a folder
     that cannot be written (read-only, no permission). Probes by creating and removing an empty
     folder in the nearest existing ancestor; creates nothing that stays."""
-    from errors import UserError
-
     path = Path(path)
     if path.exists() and path.is_dir() != (kind == "directory"):
         raise UserError(f"cannot write the output {kind} {path}: a {'file' if kind == 'directory' else 'folder'} of "
@@ -88,8 +89,6 @@ def replace_directory(complete: Path, target: Path) -> None:
     `target` is swapped with it atomically where the system can (Linux), so `target` is always
     the old or the new directory; then the old one is deleted. Elsewhere the old directory is
     first renamed to its backup name, which `recover_directory` restores after an interruption."""
-    import shutil
-
     if target.exists():
         if _exchange(complete, target):
             shutil.rmtree(complete)
@@ -106,8 +105,6 @@ def replace_directory(complete: Path, target: Path) -> None:
 def recover_directory(target: str | os.PathLike) -> list[str]:
     """Clean up after an interrupted replace_directory of `target`: restore the backup if
     `target` is missing, delete a leftover backup and staging directories. What it did, as lines."""
-    import shutil
-
     target = Path(target)
     done = []
     backup = backup_name(target)

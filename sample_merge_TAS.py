@@ -148,13 +148,10 @@ def main(args: argparse.Namespace) -> None:
     diffusion = create_diffusion(str(args.num_sampling_steps))
     folder = sample_folder(args, spec, label, source)
     identity = run_identity(args, spec, label)
-    if folder.exists():
-        check_manifest(folder, identity)
-    if rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        if not check_manifest(folder, identity):
-            with atomic_output(folder / MANIFEST) as tmp:
-                tmp.write_text(json.dumps(identity, indent=2) + "\n")
+    manifest_written = folder.exists() and check_manifest(folder, identity)  # every rank refuses alike
+    if rank == 0 and not manifest_written:
+        with atomic_output(folder / MANIFEST) as tmp:  # creates the folder
+            tmp.write_text(json.dumps(identity, indent=2) + "\n")
     if world > 1:
         dist.barrier()
 

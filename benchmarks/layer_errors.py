@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.quality import METHODS, parse_setting  # noqa: E402
-from benchmarks.rowlog import RowLog, provenance  # noqa: E402
+from benchmarks.rowlog import RowLog, card_of, provenance  # noqa: E402
 from checkpoints import load_model, resolve_spec  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from quant.calibrate import CalibrationRun, default_calibration_labels  # noqa: E402
@@ -38,8 +38,7 @@ DEFAULT_METHODS = ["DiTAS", "DiTAS + compensated rounding", "DiTAS + weighted Lo
 def main(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     spec = resolve_spec(None, None, args.ckpt)
-    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    log = RowLog(args.output, common=provenance(card))
+    log = RowLog(args.output, common=provenance(card_of(device)))
     weight_bits, act_bits = parse_setting(args.setting)
     run = CalibrationRun(default_calibration_labels(spec.num_classes), 1.5, args.num_sampling_steps, 0)
     for method in args.methods:

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.rowlog import RowLog, provenance  # noqa: E402
+from benchmarks.rowlog import RowLog, card_of, provenance  # noqa: E402
 from checkpoints import load_model, resolve_spec  # noqa: E402
 from classifier import DEFAULT_CLASSIFIER, features_and_predictions, load_classifier  # noqa: E402
 from data import FASHION_MNIST_DIR, fashion_mnist_tensors, to_model_range  # noqa: E402
@@ -78,8 +78,7 @@ def generate(model, spec, n: int, batch: int, device) -> tuple[np.ndarray, np.nd
 def main(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    log = RowLog(args.output, common=provenance(card) | {"num_samples": args.num_samples})
+    log = RowLog(args.output, common=provenance(card_of(device)) | {"num_samples": args.num_samples})
     spec = resolve_spec(None, None, args.ckpt)
     classifier = load_classifier(args.classifier, device)
     test_features, _ = features_and_predictions(classifier, fashion_mnist_tensors("test", args.data_path)[0])

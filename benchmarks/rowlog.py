@@ -29,6 +29,14 @@ class RowLog:
         return row
 
 
+def card_of(device) -> str:
+    """The name of the card a torch device is on ("cpu" for the CPU)."""
+    import torch
+
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def provenance(card: str) -> dict:
     """The fields that say where a row comes from: one id per invocation (`call`), the card, the
     UTC date and the commit: DITAS_COMMIT when set (the GPU machine gets a copy of the working

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.rowlog import RowLog, provenance  # noqa: E402
+from benchmarks.rowlog import RowLog, card_of, provenance  # noqa: E402
 from checkpoints import load_model_and_dtype, resolve_spec  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from metrics import psnr  # noqa: E402
@@ -35,8 +35,7 @@ def main(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
     spec = resolve_spec(None, None, args.ckpt)
-    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    log = RowLog(args.output, common=provenance(card))
+    log = RowLog(args.output, common=provenance(card_of(device)))
     diffusion = create_diffusion(str(args.num_sampling_steps))
     source_bytes = Path(args.ckpt).stat().st_size
 

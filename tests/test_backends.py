@@ -98,7 +98,10 @@ def test_fused_mlp_matches_fc1_gelu_fc2_of_the_fake_layers(static, act_granulari
                                   granularity=granularity)
     mlp.fc2 = random_quant_linear(80, 48, rank=8, smooth=True, static=static, seed=2, act_granularity=act_granularity,
                                   granularity=granularity)
-    x = torch.randn(2, 21, 48) * 2 + 0.3  # 42 rows: partial tiles
+    # 42 rows: partial tiles. Drawn from a fixed generator: on about 1 in 150 random draws an fc1
+    # output that differs from fake's in its last bit (another summation order) moves one of fc2's
+    # activation codes by a step, a 3e-4 relative error (speed.py's GPU check bounds that case).
+    x = torch.randn(2, 21, 48, generator=torch.Generator().manual_seed(0)) * 2 + 0.3
     expected = mlp(x)
     assert fuse_mlps(mlp) == 0  # fake layers: nothing to fuse
     mlp.fc1, mlp.fc2 = TritonQuantLinear(mlp.fc1), TritonQuantLinear(mlp.fc2)
