@@ -101,7 +101,7 @@ def read_meta(directory: str | os.PathLike) -> dict:
     return meta
 
 
-def build_quantized_shell(spec: ModelSpec, config: QuantConfig, on_the_fly_roles: tuple[str, ...] = ("fc2",)):
+def build_quantized_shell(spec: ModelSpec, config: QuantConfig):
     """The quantized architecture on the meta device: a DiT whose target layers are QuantLinear
     shells (no memory, no computation) ready for load_state_dict(assign=True)."""
     with torch.device("meta"):
@@ -109,7 +109,7 @@ def build_quantized_shell(spec: ModelSpec, config: QuantConfig, on_the_fly_roles
         for target in quant_targets(model):
             linear = model.get_submodule(target.name)
             shell = QuantLinear(linear.in_features, linear.out_features, config,
-                                has_smooth=config.smooth and target.role in on_the_fly_roles,
+                                has_smooth=config.smooth and target.smooths_on_the_fly,
                                 has_bias=linear.bias is not None)
             set_module(model, target.name, shell)
         if config.adaln_weight_bits is not None:

@@ -181,8 +181,11 @@ def install(model: nn.Module, targets: list[LayerTarget], layers: dict[str, Quan
     for t in targets:
         layer = layers[t.name]
         s = factors[t.name]
-        folded = fold and s is not None and t.role != "fc2"
-        if folded or s is None:
+        folded = fold and s is not None and not t.smooths_on_the_fly
+        # on-the-fly layers keep their 1/s whenever smoothing is on (ones where s = 1 won), so
+        # that every checkpoint of a config has the same tensors
+        keeps = config.smooth and (t.smooths_on_the_fly or not fold) and not folded
+        if not keeps:
             layer = dataclasses.replace(layer, smooth_inv=None)
         set_module(model, t.name, QuantLinear.from_layer(layer, config))
         if not folded:

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 ROLE_PATHS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+# Roles whose input has no producer to fold the smoothing factor into: the quantized layer keeps
+# 1/s and applies it on the fly (with smoothing on, also when the layer chose s = 1).
+ON_THE_FLY_ROLES = ("fc2",)
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,10 @@ class LayerTarget:
     name: str  # fully qualified, e.g. "blocks.3.attn.qkv"
     block: int
     role: str  # one of ROLE_PATHS
+
+    @property
+    def smooths_on_the_fly(self) -> bool:
+        return self.role in ON_THE_FLY_ROLES
 
 
 def quant_targets(model: nn.Module) -> list[LayerTarget]:

@@ -150,3 +150,20 @@ def test_a_two_level_model_saves_and_loads_and_the_kernels_cover_it(tmp_path):
     qkv = loaded.blocks[0].attn.qkv
     assert isinstance(qkv, QuantLinear) and qkv.weight_group_scale.dtype == torch.uint8
     assert kernel_unsupported_reason(qkv) is None  # the int8 kernels run two-level groups
+
+
+def test_a_model_whose_layers_chose_no_smoothing_saves_and_loads(tmp_path, monkeypatch):
+    import quant.pipeline
+    from quant.checkpoint import load_quantized, save_quantized
+
+    monkeypatch.setattr(quant.pipeline, "best_candidate", lambda losses: len(losses) - 1)  # the identity
+    spec = ModelSpec(dit_kwargs=dict(TINY_PIXEL_KWARGS), vae=None)
+    config = QuantConfig(lora_rank=4, alpha_grid=(0.5,), identity_candidate=True)
+    model, report = quantize_dit(randomize(spec.build(), std=0.1), create_diffusion("2"), config,
+                                 CalibrationRun(tuple(range(10)), 1.5, 2, 0), torch.device("cpu"), progress=False)
+    assert all(layer.alpha is None for layer in report.layers)
+    fc2 = model.blocks[0].mlp.fc2
+    assert torch.equal(fc2.smooth_inv, torch.ones_like(fc2.smooth_inv))  # s = 1, kept on the fly like any fc2
+    loaded, _, _ = load_quantized(save_quantized(tmp_path / "q", model, config, spec), "cpu")
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 900]), torch.tensor([0, 9])
+    assert torch.equal(model(x, t, y), loaded(x, t, y))
