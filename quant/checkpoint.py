@@ -20,7 +20,7 @@ from fileio import recover_directory, replace_directory, staging_prefix
 
 from .config import QuantConfig
 from .modules import QuantLinear, WeightOnlyLinear
-from .targets import quant_targets, set_module
+from .targets import quant_targets, replace_adaln_linears, set_module
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "quant.json"
@@ -113,10 +113,8 @@ def build_quantized_shell(spec: ModelSpec, config: QuantConfig):
                                 has_bias=linear.bias is not None)
             set_module(model, target.name, shell)
         if config.adaln_weight_bits is not None:
-            for block in model.blocks:
-                linear = block.adaLN_modulation[-1]
-                block.adaLN_modulation[-1] = WeightOnlyLinear(linear.in_features, linear.out_features,
-                                                              config.adaln_weight_bits)
+            replace_adaln_linears(model, lambda linear: WeightOnlyLinear(linear.in_features, linear.out_features,
+                                                                         config.adaln_weight_bits))
     return model
 
 

@@ -26,7 +26,7 @@ from .modules import QuantLinear, WeightOnlyLinear
 from .primitives import QuantizedLayer
 from .scoring import score_candidates
 from .smooth import best_candidate, candidate_factors, weight_channel_absmax
-from .targets import LayerTarget, get_module, quant_targets, set_module
+from .targets import LayerTarget, get_module, quant_targets, replace_adaln_linears, set_module
 
 
 @dataclass
@@ -197,6 +197,4 @@ def install(model: nn.Module, targets: list[LayerTarget], layers: dict[str, Quan
             fold_into_value_rows(block.attn.qkv, s)
     if config.adaln_weight_bits is not None:
         # after folding, so that the integer weights include the smoothing factors
-        for block in model.blocks:
-            block.adaLN_modulation[-1] = WeightOnlyLinear.from_linear(block.adaLN_modulation[-1],
-                                                                      config.adaln_weight_bits)
+        replace_adaln_linears(model, lambda linear: WeightOnlyLinear.from_linear(linear, config.adaln_weight_bits))

@@ -7,6 +7,7 @@ V rows of qkv) and mlp.fc2 reads the GELU output (smoothed on the fly).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -35,6 +36,12 @@ def quant_targets(model: nn.Module) -> list[LayerTarget]:
         for index in range(len(model.blocks))
         for role, path in ROLE_PATHS.items()
     ]
+
+
+def replace_adaln_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> None:
+    """Replace each block's adaLN modulation linear layer by make(that layer)."""
+    for block in model.blocks:
+        block.adaLN_modulation[-1] = make(block.adaLN_modulation[-1])
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
