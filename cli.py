@@ -71,6 +71,27 @@ def spec_and_checkpoint(args: argparse.Namespace) -> tuple[ModelSpec, str]:
     return spec, ckpt
 
 
+def load_for_sampling(args: argparse.Namespace, device: torch.device, log=print):
+    """(model ready to sample, spec, label "FP" or e.g. "W4A8", source name): the quantized
+    checkpoint of --path prepared for --backend, else the FP model the model flags name. Bit-width
+    flags (--weight-bit/--act-bit, where a script has them) must agree with the checkpoint."""
+    from checkpoints import load_model
+    from quant.backends import prepare_for_inference
+    from quant.checkpoint import load_quantized
+
+    if not args.path:
+        spec, ckpt = spec_and_checkpoint(args)
+        return load_model(spec, ckpt, device), spec, "FP", Path(ckpt).stem
+    model, config, meta = load_quantized(args.path, device)
+    for flag, given, stored in (("--weight-bit", getattr(args, "weight_bit", None), config.weight_bits),
+                                ("--act-bit", getattr(args, "act_bit", None), config.act_bits)):
+        if given is not None and given != stored:
+            raise UserError(f"{flag} {given} disagrees with the checkpoint ({config.label}); drop the flag or "
+                            f"quantize again with QuantDiT.py {flag} {given}")
+    prepare_for_inference(model, args.backend, log=log)
+    return model, ModelSpec.from_json_dict(meta["model_config"]), config.label, Path(args.path).name
+
+
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     """--compile and --cuda-graph: how the sampler runs the model (both default to on with CUDA)."""
     group = parser.add_argument_group("speed")

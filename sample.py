@@ -11,24 +11,22 @@ import argparse
 
 import torch
 
-from checkpoints import ModelSpec, load_model
 from cli import (
     ArgumentParser,
     add_model_arguments,
     add_speed_arguments,
     create_logger,
     default_device,
+    load_for_sampling,
     parse_device,
     positive_int,
     run_cli,
-    spec_and_checkpoint,
     speed_up_sampling,
 )
 from diffusion import create_diffusion
 from errors import UserError
 from images import make_grid, save_png, to_uint8
-from quant.backends import BACKEND_DTYPES, BACKEND_HELP, BACKENDS, prepare_for_inference
-from quant.checkpoint import load_quantized
+from quant.backends import BACKEND_HELP, BACKENDS
 from sampling import SampleNoise, generate
 from vae import decode, load_vae
 
@@ -44,13 +42,7 @@ def default_class_labels(num_classes: int) -> list[int]:
 def main(args: argparse.Namespace) -> None:
     logger = create_logger("sample")
     device = parse_device(args.device)
-    if args.path:
-        model, _, meta = load_quantized(args.path, device)
-        prepare_for_inference(model, args.backend, BACKEND_DTYPES[args.backend], logger.info)
-        spec = ModelSpec.from_json_dict(meta["model_config"])
-    else:
-        spec, ckpt = spec_and_checkpoint(args)
-        model = load_model(spec, ckpt, device)
+    model, spec, _, _ = load_for_sampling(args, device, logger.info)
     graphs = speed_up_sampling(model, args, device, logger.info)
     vae = load_vae(spec.vae, device)
     diffusion = create_diffusion(str(args.num_sampling_steps))

@@ -31,17 +31,17 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from checkpoints import ModelSpec, default_checkpoint, load_model
+from checkpoints import ModelSpec, default_checkpoint
 from cli import (
     ArgumentParser,
     add_model_arguments,
     add_speed_arguments,
     create_logger,
     default_device,
+    load_for_sampling,
     positive_int,
     run_cli,
     setup_distributed,
-    spec_and_checkpoint,
     speed_up_sampling,
 )
 from diffusion import create_diffusion
@@ -49,8 +49,7 @@ from errors import UserError
 from fileio import atomic_output, sha256_of
 from images import save_png
 from npzio import save_samples_npz
-from quant.backends import BACKEND_DTYPES, BACKEND_HELP, BACKENDS, prepare_for_inference
-from quant.checkpoint import load_quantized
+from quant.backends import BACKEND_HELP, BACKENDS
 from sampling import SampleNoise, sample_uint8
 from vae import load_vae
 
@@ -66,26 +65,17 @@ def png_is_complete(path: Path) -> bool:
 
 
 def load_sampler_model(args: argparse.Namespace, device: torch.device, log=print):
-    """(model, spec, label, source name) for --fp or --path, refusing bit-widths that disagree
-    with the checkpoint."""
+    """(model, spec, label, source name) for --fp or --path (cli.load_for_sampling); the FP
+    baseline must be asked for by name, and takes no quantized checkpoint's flags."""
     if args.fp:
         given = [flag for flag, value in (("--path", args.path), ("--weight-bit", args.weight_bit),
                                           ("--act-bit", args.act_bit)) if value is not None]
         if given:
             raise UserError(f"--fp samples the full-precision --ckpt; drop {' and '.join(given)} (they are for a "
                             "quantized checkpoint), or drop --fp")
-        spec, ckpt = spec_and_checkpoint(args)
-        return load_model(spec, ckpt, device), spec, "FP", Path(ckpt).stem
-    if not args.path:
+    elif not args.path:
         raise UserError("pass --path to a quantized checkpoint directory from QuantDiT.py, or --fp for full precision")
-    model, config, meta = load_quantized(args.path, device)
-    for flag, given, stored in (("--weight-bit", args.weight_bit, config.weight_bits),
-                                ("--act-bit", args.act_bit, config.act_bits)):
-        if given is not None and given != stored:
-            raise UserError(f"{flag} {given} disagrees with the checkpoint ({config.label}); drop the flag or "
-                            f"quantize again with QuantDiT.py {flag} {given}")
-    prepare_for_inference(model, args.backend, BACKEND_DTYPES[args.backend], log)
-    return model, ModelSpec.from_json_dict(meta["model_config"]), config.label, Path(args.path).name
+    return load_for_sampling(args, device, log)
 
 
 MANIFEST = "manifest.json"

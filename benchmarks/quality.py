@@ -27,7 +27,7 @@ from classifier import DEFAULT_CLASSIFIER, features_and_predictions, load_classi
 from data import FASHION_MNIST_DIR, fashion_mnist_tensors, to_model_range  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from metrics import accuracy, frechet_distance_of_features, psnr  # noqa: E402
-from quant.backends import BACKEND_DTYPES, BACKENDS, prepare_for_inference  # noqa: E402
+from quant.backends import BACKENDS, prepare_for_inference  # noqa: E402
 from quant.calibrate import CalibrationRun, default_calibration_labels  # noqa: E402
 from quant.config import QuantConfig  # noqa: E402
 from quant.pipeline import quantize_dit  # noqa: E402
@@ -103,7 +103,7 @@ def main(args: argparse.Namespace) -> None:
             model, _ = quantize_dit(load_model(spec, args.ckpt, device), create_diffusion("50"), config, run, device,
                                     progress=False)
             seconds = time.perf_counter() - start
-            prepare_for_inference(model, args.backend, BACKEND_DTYPES[args.backend])
+            prepare_for_inference(model, args.backend)
             images, labels = generate(model, spec, args.num_samples, args.batch, device)
             row, _ = measure(images, labels, fp_images, fp_features)
             log.add({"setting": config.label, "method": method, "backend": args.backend, **row, "quant_s": seconds})

@@ -242,12 +242,13 @@ def cast_float_parts(model: nn.Module, dtype: torch.dtype) -> None:
                 parameter.data = parameter.data.to(dtype)
 
 
-def prepare_for_inference(model: nn.Module, backend: str = "fake", dtype: torch.dtype = torch.float32,
+def prepare_for_inference(model: nn.Module, backend: str = "fake", dtype: torch.dtype | None = None,
                           log: Callable[[str], None] = print) -> nn.Module:
-    """The model ready to run with `backend`, its float parts in `dtype` (in place; returned)."""
+    """The model ready to run with `backend`, its float parts in `dtype` (default: the backend's,
+    BACKEND_DTYPES) (in place; returned)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    cast_float_parts(model, dtype)
+    cast_float_parts(model, BACKEND_DTYPES[backend] if dtype is None else dtype)
     if backend == "fake":
         return model
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
