@@ -120,13 +120,6 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ forward process
 
-    def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor):
-        """Mean, variance and log variance of q(x_t | x_0)."""
-        mean = _extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        variance = _extract(1.0 - self.alphas_cumprod, t, x_start.shape)
-        log_variance = _extract(self.log_one_minus_alphas_cumprod, t, x_start.shape)
-        return mean, variance, log_variance
-
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Sample x_t ~ q(x_t | x_0), with the given noise if any."""
         if noise is None:

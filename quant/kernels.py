@@ -307,13 +307,6 @@ def pack_split(codes: torch.Tensor) -> torch.Tensor:
     return (spans[:, :, 0] | (spans[:, :, 1] << 4)).reshape(n, padded // 2).contiguous()
 
 
-def unpack_split(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """Inverse of pack_split: (N, k) codes."""
-    n = packed.shape[0]
-    spans = packed.reshape(n, -1, PACK_SPAN // 2)
-    return torch.stack([spans & 0xF, spans >> 4], dim=2).reshape(n, -1)[:, :k]
-
-
 _allocator_set = False
 
 

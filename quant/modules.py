@@ -74,11 +74,6 @@ class QuantLinear(nn.Module):
         return QuantizedWeight(self.weight_codes, self.weight_scale, self.weight_zero, self.weight_bits,
                                self.group_size, self.packed, self.weight_group_scale)
 
-    def as_layer(self) -> QuantizedLayer:
-        static = None if self.act_range is None else (self.act_range[0], self.act_range[1])
-        return QuantizedLayer(self.quantized_weight(), self.bias, self.act_bits, self.act_granularity,
-                              self.smooth_inv, self.lora_left, self.lora_right, static)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # QuantizedLayer.__call__'s arithmetic on the buffers directly, in float32; building the
         # frozen dataclasses here would make torch.compile (dynamo) trace their hashing

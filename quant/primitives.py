@@ -85,13 +85,6 @@ class QuantizedWeight:
         return dataclasses.replace(self, codes=self.codes[index], scale=self.scale[index], zero=self.zero[index],
                                    group_scale=None if self.group_scale is None else self.group_scale[index])
 
-    def scale_rows(self, factor: torch.Tensor) -> QuantizedWeight:
-        """The weight diag(factor) · W, exactly: codes and zero points are unchanged, row scales
-        are multiplied (only possible with per-row scales)."""
-        if self.scale.shape[-2] != self.codes.shape[-2]:
-            raise ValueError("row scaling needs per-channel or per-group weight scales")
-        return dataclasses.replace(self, scale=self.scale * factor.to(self.scale).unsqueeze(-1))
-
 
 def _grouped(w: torch.Tensor, granularity: str, group_size: int) -> tuple[torch.Tensor, int]:
     """w viewed as (…, out, groups, group) for the granularity, and the group size used."""

@@ -32,7 +32,6 @@ from quant.kernels import (  # noqa: E402
     pack_split,
     quantize_rows,
     unpack_signed,
-    unpack_split,
 )
 from quant.modules import QuantLinear  # noqa: E402
 from quant.primitives import QuantizedLayer, quantize_activation, quantize_weight  # noqa: E402
@@ -40,24 +39,36 @@ from quant.primitives import QuantizedLayer, quantize_activation, quantize_weigh
 pytestmark = pytest.mark.skipif(not INTERPRETED, reason="the kernels were loaded without the interpreter")
 
 
+def unpack_split(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of pack_split, by hand: (N, k) codes."""
+    spans = packed.reshape(packed.shape[0], -1, PACK_SPAN // 2)
+    return torch.stack([spans & 0xF, spans >> 4], dim=2).reshape(packed.shape[0], -1)[:, :k]
+
+
 def random_quant_linear(in_features, out_features, weight_bits=4, act_bits=8, rank=4, smooth=False,
                         static=False, granularity="per_channel", act_granularity="per_tensor", seed=0):
-    generator = torch.Generator().manual_seed(seed)
     config = QuantConfig(weight_bits=weight_bits, act_bits=act_bits, lora_rank=rank, act_dynamic=not static,
                          weight_granularity=granularity, weight_group_size=16, act_granularity=act_granularity)
-    weight = quantize_weight(torch.randn(out_features, in_features, generator=generator), weight_bits, granularity, 16)
+    return QuantLinear.from_layer(random_layer(in_features, out_features, config, smooth, static, seed), config)
+
+
+def random_layer(in_features, out_features, config, smooth=False, static=False, seed=0) -> QuantizedLayer:
+    """A QuantizedLayer of random weights and factors in `config`'s format."""
+    generator = torch.Generator().manual_seed(seed)
+    rank = config.lora_rank
+    weight = quantize_weight(torch.randn(out_features, in_features, generator=generator), config.weight_bits,
+                             config.weight_granularity, config.weight_group_size)
 
     def randn(*shape):
         return torch.randn(*shape, generator=generator)
 
-    layer = QuantizedLayer(
-        weight, randn(out_features), act_bits, act_granularity,
+    return QuantizedLayer(
+        weight, randn(out_features), config.act_bits, config.act_granularity,
         smooth_inv=torch.rand(in_features, generator=generator) + 0.5 if smooth else None,
         lora_left=randn(out_features, rank) * 0.1 if rank else None,
         lora_right=randn(rank, in_features) * 0.1 if rank else None,
         static_range=(torch.tensor(-2.5), torch.tensor(3.0)) if static else None,
     )
-    return QuantLinear.from_layer(layer, config)
 
 
 @pytest.mark.parametrize("weight_bits,act_bits,rank,smooth,static,options,act_granularity", [
@@ -256,9 +267,9 @@ def test_triton_backend_on_cpu_falls_back_to_fake_with_one_log_line():
 
     model = randomize(ModelSpec(dit_kwargs=dict(TINY_PIXEL_KWARGS), vae=None).build())
     targets = quant_targets(model)
-    layers = {t.name: QuantLinear.as_layer(random_quant_linear(*reversed(model.get_submodule(t.name).weight.shape)))
-              for t in targets}
-    install(model, targets, layers, {t.name: None for t in targets}, QuantConfig(lora_rank=4))
+    config = QuantConfig(lora_rank=4, weight_group_size=16)
+    layers = {t.name: random_layer(*reversed(model.get_submodule(t.name).weight.shape), config) for t in targets}
+    install(model, targets, layers, {t.name: None for t in targets}, config)
     lines = []
     prepare_for_inference(model, "triton", torch.bfloat16, log=lines.append)
     assert len(lines) == 1 and "needs a CUDA device" in lines[0] and "fake" in lines[0]
