@@ -15,6 +15,7 @@ adaLN; proj into the V rows of qkv; fc2 on the fly).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -33,7 +34,6 @@ from cli import (
     run_cli,
     spec_and_checkpoint,
 )
-from diffusion import create_diffusion
 from errors import UserError
 from fileio import check_output_location, recover_directory, sha256_of
 from quant.calibrate import CalibrationRun, default_calibration_labels
@@ -118,16 +118,14 @@ def main(args: argparse.Namespace) -> None:
     check_group_size(model, config)
     logger.info(f"quantizing {ckpt} to {config.label}: {config.to_dict()}")
     run = CalibrationRun(labels=labels, cfg_scale=args.cfg_scale, num_steps=args.num_sampling_steps, seed=args.seed)
-    diffusion = create_diffusion(str(args.num_sampling_steps))
-    model, report = quantize_dit(model, diffusion, config, run, device, logger=logger)
+    model, report = quantize_dit(model, config, run, device, logger=logger)
 
     logger.info("per-layer summary:\n" + format_summary(report))
     check_report_finite(report)
     extra = {
         "source_checkpoint": str(ckpt),
         "source_sha256": sha256_of(ckpt) if Path(ckpt).is_file() else None,
-        "calibration": {"labels": list(labels), "cfg_scale": args.cfg_scale, "num_steps": args.num_sampling_steps,
-                        "seed": args.seed},
+        "calibration": dataclasses.asdict(run),
         "alphas": {layer.name: layer.alpha for layer in report.layers},
         "report": report.to_dict(),
     }

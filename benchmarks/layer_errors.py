@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.quality import METHODS, parse_setting  # noqa: E402
 from benchmarks.rowlog import RowLog, card_of, provenance  # noqa: E402
 from checkpoints import load_model, resolve_spec  # noqa: E402
-from diffusion import create_diffusion  # noqa: E402
 from quant.calibrate import CalibrationRun, default_calibration_labels  # noqa: E402
 from quant.config import QuantConfig  # noqa: E402
 from quant.pipeline import quantize_dit  # noqa: E402
@@ -44,7 +43,7 @@ def main(args: argparse.Namespace) -> None:
     for method in args.methods:
         config = QuantConfig(weight_bits=weight_bits, act_bits=act_bits, **METHODS[method])
         start = time.perf_counter()
-        _, report = quantize_dit(load_model(spec, args.ckpt, device), create_diffusion(str(args.num_sampling_steps)),
+        _, report = quantize_dit(load_model(spec, args.ckpt, device),
                                  config, run, device, progress=False)
         layers = report.layers
         log.add({"setting": config.label, "method": method, "steps": args.num_sampling_steps,

@@ -100,7 +100,7 @@ def main(args: argparse.Namespace) -> None:
         for method in args.methods:
             config = QuantConfig(weight_bits=weight_bits, act_bits=act_bits, **METHODS[method])
             start = time.perf_counter()
-            model, _ = quantize_dit(load_model(spec, args.ckpt, device), create_diffusion("50"), config, run, device,
+            model, _ = quantize_dit(load_model(spec, args.ckpt, device), config, run, device,
                                     progress=False)
             seconds = time.perf_counter() - start
             prepare_for_inference(model, args.backend)

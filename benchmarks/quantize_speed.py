@@ -20,7 +20,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from checkpoints import spec_from_name  # noqa: E402
-from diffusion import create_diffusion  # noqa: E402
 from quant.calibrate import CalibrationRun, default_calibration_labels  # noqa: E402
 from quant.config import LORA_WEIGHTINGS, ROUNDINGS, QuantConfig  # noqa: E402
 from quant.pipeline import quantize_dit  # noqa: E402
@@ -49,7 +48,7 @@ def main(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    _, report = quantize_dit(model, create_diffusion(str(args.num_sampling_steps)), config, run, device,
+    _, report = quantize_dit(model, config, run, device,
                              progress=False)
     total = time.perf_counter() - start
     result = {

@@ -48,7 +48,7 @@ def main(args: argparse.Namespace) -> None:
     for adaln_bits in (8, None):
         config = QuantConfig(adaln_weight_bits=adaln_bits)
         start = time.perf_counter()
-        model, _ = quantize_dit(load_model_and_dtype(spec, args.ckpt, device)[0], diffusion, config, run, device,
+        model, _ = quantize_dit(load_model_and_dtype(spec, args.ckpt, device)[0], config, run, device,
                                 progress=False)
         quant_s = time.perf_counter() - start
         with tempfile.TemporaryDirectory() as folder:

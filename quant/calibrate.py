@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from diffusion import create_diffusion
 from sampling import SampleNoise
 
 from .targets import LayerTarget, get_module
@@ -27,12 +28,17 @@ def default_calibration_labels(num_classes: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class CalibrationRun:
-    """One sampling run that feeds the statistics: labels, guidance, steps and noise seed."""
+    """One sampling run that feeds the statistics: labels, guidance, steps and noise seed. Every
+    pass of the pipeline samples it through `diffusion()`, so the step count is stated once."""
 
     labels: tuple[int, ...]
     cfg_scale: float = 1.5
     num_steps: int = 50
     seed: int = 0
+
+    def diffusion(self):
+        """The DiT diffusion respaced to `num_steps` sampling steps."""
+        return create_diffusion(str(self.num_steps))
 
 
 @dataclass(frozen=True)
@@ -68,9 +74,10 @@ def input_hooks(model: nn.Module, targets: Sequence[LayerTarget],
 
 
 @torch.no_grad()
-def run_sampling(model: nn.Module, diffusion, run: CalibrationRun, device: torch.device,
+def run_sampling(model: nn.Module, run: CalibrationRun, device: torch.device,
                  progress: bool = True, desc: str = "calibration") -> None:
     """The calibration run: ancestral sampling with CFG for run.labels (results discarded)."""
+    diffusion = run.diffusion()
     spec_shape = (model.in_channels, model.x_embedder.grid_size * model.patch_size,
                   model.x_embedder.grid_size * model.patch_size)
     noise = SampleNoise(run.seed, range(len(run.labels)), spec_shape, device)
@@ -92,7 +99,7 @@ def run_sampling(model: nn.Module, diffusion, run: CalibrationRun, device: torch
 
 
 @torch.no_grad()
-def collect_channel_stats(model: nn.Module, diffusion, targets: Sequence[LayerTarget], run: CalibrationRun,
+def collect_channel_stats(model: nn.Module, targets: Sequence[LayerTarget], run: CalibrationRun,
                           device: torch.device, progress: bool = True,
                           with_gram: bool = False) -> dict[str, ChannelStats]:
     """Per-channel min and max of each target layer's input over all timesteps of one run (the
@@ -116,5 +123,5 @@ def collect_channel_stats(model: nn.Module, diffusion, targets: Sequence[LayerTa
                 grams[target.name] = flat.T @ flat
 
     with input_hooks(model, targets, accumulate):
-        run_sampling(model, diffusion, run, device, progress, desc="TAS statistics")
+        run_sampling(model, run, device, progress, desc="TAS statistics")
     return {name: ChannelStats(mins[name], maxs[name], grams.get(name)) for name in mins}

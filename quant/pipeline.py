@@ -64,7 +64,6 @@ def _timed_stage(name: str, device: torch.device, seconds: dict[str, float], log
 @torch.no_grad()
 def quantize_dit(
     model: nn.Module,
-    diffusion,
     config: QuantConfig,
     run: CalibrationRun,
     device: torch.device,
@@ -88,7 +87,7 @@ def quantize_dit(
     stats: dict[str, ChannelStats] = {}
     if config.smooth or not config.act_dynamic or config.needs_input_gram:
         with stage("calibration (TAS statistics)"):
-            stats = collect_channel_stats(model, diffusion, targets, run, device, progress,
+            stats = collect_channel_stats(model, targets, run, device, progress,
                                           with_gram=config.needs_input_gram)
     # The grid search and the report's baseline round to nearest with the plain LoRA, whatever the
     # final weights use: scoring every α with compensated rounding would cost a rounding pass per
@@ -129,7 +128,7 @@ def quantize_dit(
                 for t in targets
             }
         with stage("grid search"):
-            sums = score_candidates(model, diffusion, targets, candidates, run, device, compute_dtype,
+            sums = score_candidates(model, targets, candidates, run, device, compute_dtype,
                                     config.search_rows_per_step, progress)
         del candidates
         chosen = {t.name: best_candidate(sums[t.name].squared_error) for t in targets}
@@ -148,7 +147,7 @@ def quantize_dit(
         lora_errors = {name: errors for name, (_, errors) in fitted.items()}
 
     with stage("measuring layer errors"):
-        sums = score_candidates(model, diffusion, targets, {t.name: [rtn(t), finals[t.name]] for t in targets}, run,
+        sums = score_candidates(model, targets, {t.name: [rtn(t), finals[t.name]] for t in targets}, run,
                                 device, compute_dtype, config.search_rows_per_step, progress, desc="layer errors")
 
     for t in targets:

@@ -42,7 +42,6 @@ def _subsample_rows(rows: torch.Tensor, limit: int) -> torch.Tensor:
 @torch.no_grad()
 def score_candidates(
     model: nn.Module,
-    diffusion,
     targets: Sequence[LayerTarget],
     candidates: Mapping[str, Sequence[QuantizedLayer | Callable[[], QuantizedLayer]]],
     run: CalibrationRun,
@@ -78,5 +77,5 @@ def score_candidates(
         entry.reference_power = entry.reference_power + reference.float().pow(2).sum().double()
 
     with input_hooks(model, targets, accumulate):
-        run_sampling(model, diffusion, run, device, progress, desc=desc)
+        run_sampling(model, run, device, progress, desc=desc)
     return sums

@@ -15,7 +15,6 @@ import torch
 
 from checkpoints import ModelSpec, check_finite, write_spec_json
 from conftest import ROOT, TINY_PIXEL_KWARGS, randomize
-from diffusion import create_diffusion
 from errors import UserError
 from fileio import backup_name, recover_directory, replace_directory, staging_prefix
 from npzio import save_samples_npz
@@ -55,7 +54,7 @@ def files(tmp_path_factory):
     torch.save(model.state_dict(), folder / "heads.pt")
     (folder / "heads.json").write_text(json.dumps(dict(TINY_PIXEL_KWARGS, num_heads=3, vae=None)))
     config = QuantConfig(lora_rank=4, alpha_grid=(0.5,))
-    quantized, _ = quantize_dit(model, create_diffusion("2"), config, CalibrationRun(tuple(range(10)), 1.5, 2, 0),
+    quantized, _ = quantize_dit(model, config, CalibrationRun(tuple(range(10)), 1.5, 2, 0),
                                 torch.device("cpu"), progress=False)
     save_quantized(folder / "q", quantized, config, spec)
     listed = folder / "q-list"

@@ -33,14 +33,14 @@ CALIBRATION_STEPS = 10  # the PSNR test samples with the same 10-step schedule
 FAST = dict(search_rows_per_step=256)
 
 
-def calibration(num_classes: int) -> CalibrationRun:
-    return CalibrationRun(default_calibration_labels(num_classes), 1.5, CALIBRATION_STEPS, 0)
+def calibration(num_classes: int, steps: int = CALIBRATION_STEPS) -> CalibrationRun:
+    return CalibrationRun(default_calibration_labels(num_classes), 1.5, steps, 0)
 
 
 def quantized_demo(config: QuantConfig):
     spec = resolve_spec(None, None, DEMO)
     model = load_model(spec, DEMO)
-    return quantize_dit(model, create_diffusion(str(CALIBRATION_STEPS)), config, calibration(10), CPU, progress=False)
+    return quantize_dit(model, config, calibration(10), CPU, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_any_dit_config_quantizes(tmp_path):
     model = randomize(spec.build())
     config = QuantConfig(weight_bits=3, act_bits=6, weight_granularity="per_group", weight_group_size=16,
                          lora_rank=4, alpha_grid=(0.0, 0.5, 1.0))
-    quantized, report = quantize_dit(model, create_diffusion("2"), config, calibration(10), CPU, progress=False)
+    quantized, report = quantize_dit(model, config, calibration(10, steps=2), CPU, progress=False)
     assert [layer.name for layer in report.layers][-1] == "blocks.2.mlp.fc2" and len(report.layers) == 12
     assert all(layer.alpha in (0.0, 0.5, 1.0) for layer in report.layers)
     save_quantized(tmp_path / "q", quantized, config, spec)
@@ -191,7 +191,7 @@ def test_weight_only_adaln_is_close_smaller_and_round_trips(tmp_path):
     outputs, sizes = {}, {}
     for bits in (None, 8):
         config = QuantConfig(adaln_weight_bits=bits, **base)
-        model, _ = quantize_dit(randomize(spec.build()), create_diffusion("2"), config, calibration(10), CPU,
+        model, _ = quantize_dit(randomize(spec.build()), config, calibration(10, steps=2), CPU,
                                 progress=False)
         outputs[bits] = model(x, t, y)
         sizes[bits] = sum(b.numel() * b.element_size() for b in model.state_dict().values())
@@ -211,7 +211,7 @@ def test_static_and_per_token_activations_run():
     spec = ModelSpec(dit_kwargs=dict(TINY_PIXEL_KWARGS), vae=None)
     for config in [QuantConfig(act_dynamic=False, lora_rank=4, alpha_grid=(0.5,)),
                    QuantConfig(act_granularity="per_token", lora_rank=4, alpha_grid=(0.5,))]:
-        model, report = quantize_dit(randomize(spec.build()), create_diffusion("2"), config, calibration(10), CPU,
+        model, report = quantize_dit(randomize(spec.build()), config, calibration(10, steps=2), CPU,
                                      progress=False)
         assert all(np.isfinite(layer.final_error) for layer in report.layers)
 

@@ -12,7 +12,6 @@ import torch
 
 from checkpoints import ModelSpec, write_spec_json
 from conftest import ROOT, TINY_PIXEL_KWARGS, randomize
-from diffusion import create_diffusion
 from npzio import load_samples_npz
 from quant.calibrate import CalibrationRun
 from quant.checkpoint import save_quantized
@@ -93,7 +92,7 @@ def test_quantized_samples_are_the_same_on_two_processes_and_other_bit_widths_ar
     model = spec.build()
     model.load_state_dict(torch.load(tiny_ckpt, weights_only=True))
     config = QuantConfig(lora_rank=4, alpha_grid=(0.5,))
-    quantized, _ = quantize_dit(model, create_diffusion("2"), config, CalibrationRun(tuple(range(10)), 1.5, 2, 0),
+    quantized, _ = quantize_dit(model, config, CalibrationRun(tuple(range(10)), 1.5, 2, 0),
                                 torch.device("cpu"), progress=False)
     save_quantized(tmp_path / "q", quantized, config, spec)
     runs = {}

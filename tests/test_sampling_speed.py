@@ -71,7 +71,7 @@ def test_graph_replays_of_the_int8_kernels_give_the_eager_samples():
     spec = ModelSpec(dit_kwargs=dict(TINY_PIXEL_KWARGS, hidden_size=128), vae=None)
     model = randomize(spec.build()).cuda()
     run = CalibrationRun(list(range(10)), 1.5, 4, 0)
-    model, _ = quantize_dit(model, create_diffusion("4"), QuantConfig(), run, torch.device("cuda"), progress=False)
+    model, _ = quantize_dit(model, QuantConfig(), run, torch.device("cuda"), progress=False)
     prepare_for_inference(model, "triton", torch.bfloat16, log=lambda _: None)
     noise = SampleNoise(0, range(4), (1, 8, 8), "cuda")
     labels = noise.labels(10)

@@ -8,7 +8,6 @@ import torch
 
 from checkpoints import ModelSpec
 from conftest import TINY_PIXEL_KWARGS, randomize
-from diffusion import create_diffusion
 from quant.calibrate import CalibrationRun
 from quant.compensate import compensated_codes, root_and_inverse_root
 from quant.config import QuantConfig
@@ -90,7 +89,7 @@ def test_pipeline_with_compensated_rounding_weighted_lora_and_the_identity_candi
                                                    identity_candidate=True)}.items():
         config = QuantConfig(lora_rank=4, lora_iters=2, alpha_grid=(0.0, 0.5), search_rows_per_step=0, **changes)
         model = randomize(spec.build(), std=0.1)
-        _, reports[name] = quantize_dit(model, create_diffusion("3"), config, run, torch.device("cpu"), progress=False)
+        _, reports[name] = quantize_dit(model, config, run, torch.device("cpu"), progress=False)
     for paper, new in zip(reports["paper"].layers, reports["new"].layers):
         assert len(new.search_errors) == 3 and new.search_errors[:2] == paper.search_errors  # same α scores
         assert (new.alpha is None) == (new.search_errors[2] < min(new.search_errors[:2]))
@@ -141,7 +140,7 @@ def test_a_two_level_model_saves_and_loads_and_the_kernels_cover_it(tmp_path):
 
     spec = ModelSpec(dit_kwargs=dict(TINY_PIXEL_KWARGS), vae=None)
     config = QuantConfig(weight_granularity="two_level", weight_group_size=32, lora_rank=4, alpha_grid=(0.5,))
-    model, _ = quantize_dit(randomize(spec.build(), std=0.1), create_diffusion("2"), config,
+    model, _ = quantize_dit(randomize(spec.build(), std=0.1), config,
                             CalibrationRun(tuple(range(10)), 1.5, 2, 0), torch.device("cpu"), progress=False)
     loaded, loaded_config, _ = load_quantized(save_quantized(tmp_path / "q", model, config, spec), "cpu")
     assert loaded_config == config
@@ -159,7 +158,7 @@ def test_a_model_whose_layers_chose_no_smoothing_saves_and_loads(tmp_path, monke
     monkeypatch.setattr(quant.pipeline, "best_candidate", lambda losses: len(losses) - 1)  # the identity
     spec = ModelSpec(dit_kwargs=dict(TINY_PIXEL_KWARGS), vae=None)
     config = QuantConfig(lora_rank=4, alpha_grid=(0.5,), identity_candidate=True)
-    model, report = quantize_dit(randomize(spec.build(), std=0.1), create_diffusion("2"), config,
+    model, report = quantize_dit(randomize(spec.build(), std=0.1), config,
                                  CalibrationRun(tuple(range(10)), 1.5, 2, 0), torch.device("cpu"), progress=False)
     assert all(layer.alpha is None for layer in report.layers)
     fc2 = model.blocks[0].mlp.fc2
