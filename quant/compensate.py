@@ -35,12 +35,20 @@ def root_and_inverse_root(hessian: torch.Tensor, damping: float) -> tuple[torch.
     return ((vectors * root) @ vectors.T).float(), ((vectors / root) @ vectors.T).float()
 
 
-def compensated_codes(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantizedWeight, symmetric: bool = False,
-                      damping: float = 0.01, block: int = 128) -> QuantizedWeight:
+def inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """U, the upper Cholesky factor of the damped H⁻¹ (float32): what compensated_codes needs of H,
+    computed once per layer and reused by every LoRA iteration."""
+    h_inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped(hessian, damping)))
+    return torch.linalg.cholesky(h_inverse, upper=True).float()
+
+
+def compensated_codes(weight: torch.Tensor, upper: torch.Tensor, grid: QuantizedWeight, symmetric: bool = False,
+                      block: int = 128) -> QuantizedWeight:
     """Codes of an (out, in) `weight` on `grid`'s scales and zero points (unpacked; per channel,
     per group or per tensor; symmetric grids use codes 1 … 2^b − 1, as quantize_weight does),
-    chosen column by column with error compensation through H (in, in)."""
+    chosen column by column with error compensation through `upper` = inverse_cholesky(H)."""
     out, inp = weight.shape
+    upper = upper.to(weight.device, torch.float32)
 
     def per_element(t: torch.Tensor | int) -> torch.Tensor:  # a per-group quantity at every (row, column)
         if not isinstance(t, torch.Tensor):
@@ -49,8 +57,6 @@ def compensated_codes(weight: torch.Tensor, hessian: torch.Tensor, grid: Quantiz
 
     scale, zero = per_element(grid.group_scales()), per_element(grid.zero)
     low, high = (per_element(bound) for bound in grid.code_bounds(symmetric))
-    h_inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped(hessian, damping)))
-    upper = torch.linalg.cholesky(h_inverse, upper=True).to(weight.device, torch.float32)
     w = weight.float().clone()
     codes = torch.empty(out, inp, dtype=torch.float32, device=weight.device)
     for start in range(0, inp, block):

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .calibrate import ChannelStats
-from .compensate import compensated_codes, root_and_inverse_root
+from .compensate import compensated_codes, inverse_cholesky, root_and_inverse_root
 from .config import QuantConfig
 from .lowrank import quantize_with_low_rank
 from .primitives import QuantizedLayer, QuantizedWeight, quantize_weight
@@ -38,7 +38,8 @@ def quantize_layer(
             raise ValueError(f"{config.rounding} rounding and {config.lora_weighting} LoRA need the inputs' H")
         grams = smoothed_grams(stats.gram.to(weight.device), factors)
     if config.rounding == "compensated":
-        quantize = functools.partial(compensate_each, grams=grams, rounder=quantize, config=config)
+        uppers = [inverse_cholesky(g, config.hessian_damping) for g in grams]  # once, not per LoRA iteration
+        quantize = functools.partial(compensate_each, uppers=uppers, rounder=quantize, symmetric=config.weight_symmetric)
     weighting = None
     if config.lora_weighting == "activation":
         roots = [root_and_inverse_root(g, config.hessian_damping) for g in grams]
@@ -72,10 +73,10 @@ def smoothed_grams(gram: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     return gram / (factors.unsqueeze(-1) * factors.unsqueeze(-2))
 
 
-def compensate_each(weights: torch.Tensor, grams: torch.Tensor, rounder, config: QuantConfig) -> QuantizedWeight:
-    """Error-compensated codes of each candidate (candidates, out, in) on its round-to-nearest grid."""
-    parts = [compensated_codes(w, g, rounder(w), config.weight_symmetric, config.hessian_damping)
-             for w, g in zip(weights, grams)]
+def compensate_each(weights: torch.Tensor, uppers: list[torch.Tensor], rounder, symmetric: bool) -> QuantizedWeight:
+    """Error-compensated codes of each candidate (candidates, out, in) on its round-to-nearest grid,
+    with each candidate's inverse_cholesky factor."""
+    parts = [compensated_codes(w, u, rounder(w), symmetric) for w, u in zip(weights, uppers)]
     first = parts[0]
     return dataclasses.replace(
         first, codes=torch.stack([q.codes for q in parts]), scale=torch.stack([q.scale for q in parts]),

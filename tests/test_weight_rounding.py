@@ -9,7 +9,7 @@ import torch
 from checkpoints import ModelSpec
 from conftest import TINY_PIXEL_KWARGS, randomize
 from quant.calibrate import CalibrationRun
-from quant.compensate import compensated_codes, root_and_inverse_root
+from quant.compensate import compensated_codes, inverse_cholesky, root_and_inverse_root
 from quant.config import QuantConfig
 from quant.lowrank import quantize_with_low_rank
 from quant.pipeline import quantize_dit
@@ -36,7 +36,7 @@ def test_compensated_rounding_never_has_a_larger_output_error_than_nearest(granu
     x = correlated_inputs(512, 64, seed)
     weight = torch.randn(48, 64, generator=torch.Generator().manual_seed(100 + seed))
     grid = quantize_weight(weight, bits, granularity, 16, symmetric)
-    compensated = compensated_codes(weight, x.T @ x, grid, symmetric, block=16)
+    compensated = compensated_codes(weight, inverse_cholesky(x.T @ x, 0.01), grid, symmetric, block=16)
     assert compensated.codes.dtype == torch.uint8 and int(compensated.codes.max()) <= 2**bits - 1
     assert int(compensated.codes.min()) >= (1 if symmetric else 0)
     assert torch.equal(compensated.scale, grid.scale) and torch.equal(compensated.zero, grid.zero)  # same grid
@@ -47,7 +47,7 @@ def test_compensated_rounding_never_has_a_larger_output_error_than_nearest(granu
 def test_with_uncorrelated_unit_inputs_compensated_rounding_is_rounding_to_nearest():
     weight = torch.randn(16, 32)
     grid = quantize_weight(weight, 4)
-    assert torch.equal(compensated_codes(weight, torch.eye(32) * 1000, grid, damping=1e-9).codes, grid.codes)
+    assert torch.equal(compensated_codes(weight, inverse_cholesky(torch.eye(32) * 1000, 1e-9), grid).codes, grid.codes)
 
 
 def test_square_roots_of_the_damped_input_moment():
@@ -125,7 +125,7 @@ def test_compensated_rounding_keeps_two_level_codes_inside_int8():
     x = correlated_inputs(512, 256, 0)
     weight = grouped_weight(0)
     grid = quantize_weight(weight, 4, "two_level", 64)
-    compensated = compensated_codes(weight, x.T @ x, grid)
+    compensated = compensated_codes(weight, inverse_cholesky(x.T @ x, 0.01), grid)
     low, high = grid.code_bounds()
     codes = compensated.codes.reshape(48, 4, 64)
     assert bool((codes >= low[..., None]).all() and (codes <= high[..., None]).all())
