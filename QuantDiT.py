@@ -35,7 +35,7 @@ from cli import (
     spec_and_checkpoint,
 )
 from errors import UserError
-from fileio import check_output_location, recover_directory, sha256_of
+from fileio import check_output_directory, recover_directory, sha256_of
 from quant.calibrate import CalibrationRun, default_calibration_labels
 from quant.checkpoint import save_quantized
 from quant.config import (
@@ -108,7 +108,7 @@ def main(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     spec, ckpt = spec_and_checkpoint(args)
     output = Path(args.output or f"results/{Path(ckpt).stem}-{config.label}")
-    check_output_location(output)
+    check_output_directory(output)
     for line in recover_directory(output):
         logger.info(line)
     labels = tuple(args.calib_labels) if args.calib_labels else default_calibration_labels(spec.num_classes)

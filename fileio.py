@@ -42,15 +42,15 @@ def sha256_of(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def check_output_location(path: str | os.PathLike, kind: str = "directory") -> None:
-    """Raise UserError now, before any long work, if a `kind` ("directory" or "file") could not
-    be written at `path`: something else already there, a parent that is a file, or a folder
-    that cannot be written (read-only, no permission). Probes by creating and removing an empty
-    folder in the nearest existing ancestor; creates nothing that stays."""
+def check_output_directory(path: str | os.PathLike) -> None:
+    """Raise UserError now, before any long work, if a directory could not be written at `path`:
+    a file of that name, a parent that is a file, or a folder that cannot be written (read-only,
+    no permission). Probes by creating and removing an empty folder in the nearest existing
+    ancestor; creates nothing that stays."""
     path = Path(path)
-    if path.exists() and path.is_dir() != (kind == "directory"):
-        raise UserError(f"cannot write the output {kind} {path}: a {'file' if kind == 'directory' else 'folder'} of "
-                        "that name is in the way; remove it or choose another output path")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"cannot write the output directory {path}: a file of that name is in the way; remove it "
+                        "or choose another output path")
     ancestor = path.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
