@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from checkpoints import ModelSpec, default_checkpoint
+from checkpoints import ModelSpec
 from cli import (
     ArgumentParser,
     add_model_arguments,
@@ -42,6 +42,7 @@ from cli import (
     positive_int,
     run_cli,
     setup_distributed,
+    spec_and_checkpoint,
     speed_up_sampling,
 )
 from diffusion import create_diffusion
@@ -90,8 +91,7 @@ def run_identity(args: argparse.Namespace, spec: ModelSpec, label: str) -> dict:
     from quant.checkpoint import META_FILE, WEIGHTS_FILE
 
     if args.fp:
-        model = {"checkpoint_sha256": sha256_of(find_checkpoint(args.ckpt or default_checkpoint(args.model,
-                                                                                                args.image_size)))}
+        model = {"checkpoint_sha256": sha256_of(find_checkpoint(spec_and_checkpoint(args)[1]))}
     else:
         model = {"weights_sha256": sha256_of(Path(args.path) / WEIGHTS_FILE),
                  "quant_json_sha256": sha256_of(Path(args.path) / META_FILE),
