@@ -96,6 +96,18 @@ def compile_blocks(model: torch.nn.Module) -> None:
     model.final_layer.compile(dynamic=False)
 
 
+def denoiser_step(model, cfg_scale: float) -> tuple[Callable[..., torch.Tensor], Hashable]:
+    """(step, key): step(x, t, y) is the model call of one sampling step (with CFG when
+    cfg_scale > 1) in the model's dtype, returning float32; key names it for StepGraphs."""
+    forward = functools.partial(model.forward_with_cfg, cfg_scale=cfg_scale) if cfg_scale > 1.0 else model.forward
+    dtype = next(model.parameters()).dtype  # a bf16 model (quantized backends) gets bf16 inputs
+
+    def step(x, t, y):
+        return forward(x.to(dtype), t, y).float()
+
+    return step, ("cfg", cfg_scale)
+
+
 @torch.no_grad()
 def generate(model, diffusion, labels: torch.Tensor, noise: SampleNoise, cfg_scale: float, progress: bool = False,
              graphs: StepGraphs | None = None) -> torch.Tensor:
@@ -106,16 +118,12 @@ def generate(model, diffusion, labels: torch.Tensor, noise: SampleNoise, cfg_sca
     if cfg_scale > 1.0:
         null = torch.full_like(labels, model.y_embedder.num_classes)
         z, y = torch.cat([x_T, x_T]), torch.cat([labels, null])
-        forward = functools.partial(model.forward_with_cfg, cfg_scale=cfg_scale)
     else:
-        z, y, forward = x_T, labels, model.forward
-    dtype = next(model.parameters()).dtype  # a bf16 model (quantized backends) gets bf16 inputs
-
-    def step(x, t, y):
-        return forward(x.to(dtype), t, y).float()
+        z, y = x_T, labels
+    step, key = denoiser_step(model, cfg_scale)
 
     def model_fn(x, t, y):
-        return step(x, t, y) if graphs is None else graphs(step, ("cfg", cfg_scale), x, t, y)
+        return step(x, t, y) if graphs is None else graphs(step, key, x, t, y)
 
     samples = diffusion.p_sample_loop(
         model_fn, z.shape, z, clip_denoised=False, model_kwargs=dict(y=y), progress=progress, device=z.device,

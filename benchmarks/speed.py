@@ -53,7 +53,7 @@ from quant.layers import quantize_layer  # noqa: E402
 from quant.modules import QuantLinear  # noqa: E402
 from quant.pipeline import install  # noqa: E402
 from quant.targets import get_module, quant_targets  # noqa: E402
-from sampling import StepGraphs, compile_blocks, generate  # noqa: E402
+from sampling import StepGraphs, compile_blocks, denoiser_step, generate  # noqa: E402
 
 
 class Row(NamedTuple):
@@ -364,16 +364,12 @@ def time_sampling(model, args, device, batch: int, graphs: StepGraphs | None) ->
 
 def graph_vs_eager(model, graphs: StepGraphs, noise: DeviceNoise, labels: torch.Tensor) -> float:
     """Largest difference between a graph replay and an eager call of the model on new inputs."""
-    dtype = next(model.parameters()).dtype
     x = torch.cat([noise.draw()] * 2)
     t = torch.randint(0, 1000, (len(x),), device=x.device, generator=noise.generator)
     y = torch.cat([labels, torch.full_like(labels, model.y_embedder.num_classes)])
-
-    def step(x, t, y):  # the function generate() captured under the key ("cfg", CFG_SCALE)
-        return model.forward_with_cfg(x.to(dtype), t, y, cfg_scale=CFG_SCALE).float()
-
+    step, key = denoiser_step(model, CFG_SCALE)  # what generate() captured
     captured = len(graphs)
-    replayed = graphs(step, ("cfg", CFG_SCALE), x, t, y)
+    replayed = graphs(step, key, x, t, y)
     assert len(graphs) == captured, "the check must replay the graph generate() captured"
     return (replayed - step(x, t, y)).abs().max().item()
 
