@@ -1,0 +1,130 @@
+"""The warp-specialised Gluon int8 GEMM (quant/hopper_gemm.py) against the Triton one and cuBLAS bf16.
+
+    python benchmarks/hopper_gemm.py --configs default one-consumer-256
+
+For each tile configuration and each of DiT-XL/2's four quantized layer shapes (M = --batch × 2
+(CFG) × 256 tokens): the relative difference of its output from `kernels.int8_gemm` on the same
+inputs (the integer part is exact in both; the bf16 LoRA product may round differently), then
+TFLOP/s (2·M·N·K per second, `triton.testing.do_bench`) of both kernels and of cuBLAS bf16 on the
+same shape, in the same process. fc1 also with GELU and fc2's range in the epilogue; one shape
+also with per-token ranges and with a quantize pass split in three. Every row is appended, as
+measured, to --output (benchmarks/results/gemm.jsonl) with the call id, card, date and commit.
+Run one configuration per process (a kernel that deadlocks then costs one process, not the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.rowlog import RowLog, card_of, provenance  # noqa: E402
+from benchmarks.speed import HIDDEN, TOKENS, bench_ms, layer_shapes, outlier_input, quantized_layer_pair  # noqa: E402
+from quant.hopper_gemm import TileConfig  # noqa: E402
+
+CONFIGS = {
+    "default": TileConfig(),
+    "stages-4": TileConfig(stages=4),
+    "k64-stages-8": TileConfig(block_k=64, stages=8),
+    "one-consumer-256": TileConfig(block_n=256, consumers=1, stages=4),
+    "one-consumer-128": TileConfig(consumers=1, stages=5),
+    "m64-n256": TileConfig(block_m=64, block_n=256, stages=4),
+    "m64-n128": TileConfig(block_m=64, stages=6),
+}
+
+
+def call(kernel, args: tuple, extra: dict, bounds_shape: tuple | None):
+    """kernel(*args, **extra) with a fresh +inf bounds tensor of bounds_shape (None: no bounds)."""
+    bounds = None if bounds_shape is None else torch.full(bounds_shape, float("inf"), device=args[0].device)
+    return kernel(*args, **extra, bounds=bounds), bounds
+
+
+def relative_difference(got: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((got.float() - reference.float()).norm() / reference.float().norm()).item()
+
+
+@torch.no_grad()
+def measure(config_name: str, batch: int, log: RowLog, device) -> None:
+    from quant.hopper_gemm import int8_gemm_ws
+    from quant.kernels import int8_gemm, quantize_rows
+
+    config = CONFIGS[config_name]
+    m = 2 * batch * TOKENS
+    for role, (k, n) in layer_shapes(HIDDEN["DiT-XL/2"]).items():
+        flops = 2 * m * n * k
+        x = outlier_input(m, k, device, torch.bfloat16, seed=k)
+        weight = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+        _, layer = quantized_layer_pair(k, n, 8, role == "fc2", device)
+        cases = [("per_tensor", None)]
+        if role == "fc1":
+            cases.append(("per_tensor", "gelu_range"))
+        if role == "qkv":
+            cases += [("per_token", None), ("per_token", "gelu_range")]
+        for granularity, epilogue in cases:
+            row = {"config": config_name, "tile": config._asdict(), "layer": role, "M": m, "K": k, "N": n,
+                   "act": granularity, "epilogue": epilogue or "plain"}
+            if granularity == "per_token":
+                layer.act_granularity = "per_token"
+            qparams = layer.qparams(x)
+            codes, rowsum, down = quantize_rows(x, qparams, 8, layer.smooth_inv, layer.lora_right)
+            extra, bounds_shape = {}, None
+            if epilogue:
+                bounds_shape = (2, m) if granularity == "per_token" else (2, 1)
+                extra = dict(gelu=True, bounds_scale=layer.column_sums.float())
+            inputs = (codes, rowsum, qparams, layer.weight)
+            tail = (layer.column_sums, layer.weight_zero, layer.weight_scale, layer.bias, down, layer.lora_left,
+                    torch.bfloat16)
+            triton_call = functools.partial(call, int8_gemm, inputs + (False,) + tail, extra, bounds_shape)
+            ws_call = functools.partial(call, functools.partial(int8_gemm_ws, config=config), inputs + tail, extra,
+                                        bounds_shape)
+            try:
+                reference, reference_bounds = triton_call()
+                got, got_bounds = ws_call()
+                torch.cuda.synchronize()
+                row["relative_difference"] = relative_difference(got, reference)
+                if epilogue:
+                    row["bounds_difference"] = (got_bounds - reference_bounds).abs().max().item()
+                row["ws_TFLOPs"] = flops / bench_ms(ws_call) / 1e9
+            except Exception as error:  # noqa: BLE001 — a configuration that fails is a row, not the end
+                row["error"] = str(error).splitlines()[0][:300]
+                log.add(row)
+                continue
+            row["triton_TFLOPs"] = flops / bench_ms(triton_call) / 1e9
+            if not epilogue and granularity == "per_tensor":
+                row["bf16_cublas_TFLOPs"] = flops / bench_ms(
+                    functools.partial(torch.nn.functional.linear, x, weight)) / 1e9
+            log.add(row)
+    # a quantize pass split in three (the partial sums the epilogue adds), at a small call
+    k, n = layer_shapes(HIDDEN["DiT-XL/2"])["qkv"]
+    x = outlier_input(512, k, device, torch.bfloat16, seed=3)
+    _, layer = quantized_layer_pair(k, n, 8, False, device)
+    qparams = layer.qparams(x)
+    codes, rowsum, down = quantize_rows(x, qparams, 8, layer.smooth_inv, layer.lora_right, splits=3)
+    tail = (layer.column_sums, layer.weight_zero, layer.weight_scale, layer.bias, down, layer.lora_left,
+            torch.bfloat16)
+    reference = int8_gemm(codes, rowsum, qparams, layer.weight, False, *tail)
+    got = int8_gemm_ws(codes, rowsum, qparams, layer.weight, *tail, config=config)
+    log.add({"config": config_name, "layer": "qkv", "M": 512, "K": k, "N": n, "act": "per_tensor",
+             "epilogue": "split quantize pass (3)", "relative_difference": relative_difference(got, reference)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["default"], choices=list(CONFIGS))
+    parser.add_argument("--batch", type=int, default=64, help="images; the GEMMs have 2 × batch × 256 rows")
+    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "gemm.jsonl"),
+                        help="JSON lines file every row is appended to as it is measured")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    log = RowLog(args.output, common=provenance(card_of(device)))
+    for name in args.configs:
+        measure(name, args.batch, log, device)
+
+
+if __name__ == "__main__":
+    main()

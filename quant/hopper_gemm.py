@@ -1,0 +1,294 @@
+"""The int8 GEMM of large calls on Hopper, in Gluon: persistent and warp-specialised.
+
+`kernels.int8_gemm` (Triton) runs each output tile's main loop and then its epilogue in the same
+warps, so with K = 1,152 (nine 128-wide steps) the tensor cores idle through every epilogue
+(zero-point corrections, scales, a rank-32 LoRA product, bias, GELU, the next layer's range).
+Here one program per multiprocessor walks its tiles in grouped order, split into partitions:
+
+- a one-warp *loader* streams the activation and weight tiles by TMA into a ring of STAGES
+  shared-memory slots (`ready[s]` says a slot is full, `free[s]` that its reader is done);
+- CONSUMERS *math* warpgroups take alternate tiles of the program. The ring is filled in tile
+  order, so while one warpgroup runs its tile's main loop on the tensor cores (wgmma), the other
+  runs the epilogue of the tile before: the tensor cores see back-to-back main loops.
+
+Same arithmetic as `kernels.int8_gemm` (the module docstring there derives the corrections):
+int32 accumulation, then out = s_x s_w (Σ q'c' − z'_x Σ c' − z'_w Σ q' + K z'_x z'_w)
++ s_x·down·Lᵀ (bf16 tensor cores) + b, optionally GELU and the [min, −max] reduction of the
+stored output. Only unpacked int8 weights: packed and two-level codes are unpacked to int8 first,
+as `int8_gemm` does at these row counts.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+ACT_SHIFT = gl.constexpr(128)  # activation codes are stored as q − 128 (kernels.ACT_SHIFT)
+LOADER_REGISTERS = gl.constexpr(40)  # the loader only issues TMA copies; the math warpgroups get the rest
+
+
+class TileConfig(NamedTuple):
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 128
+    stages: int = 5
+    consumers: int = 2  # math warpgroups taking alternate tiles (1: no overlap of epilogue and main loop)
+    group_m: int = 8
+    consumer_registers: int = 232
+
+
+DEFAULT_CONFIG = TileConfig()
+
+
+@gluon.jit
+def _tile_origin(tile, tiles_m, tiles_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+    """First row and column of a tile, GROUP_M row tiles sharing each column tile while it is in L2."""
+    group = tile // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_rows = gl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % (GROUP_M * tiles_n)) % group_rows
+    pid_n = (tile % (GROUP_M * tiles_n)) // group_rows
+    return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+
+@gluon.jit
+def _loader(a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K: gl.constexpr, STAGES: gl.constexpr,
+            GROUP_M: gl.constexpr):
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    tiles_m = gl.cdiv(M, BLOCK_M)
+    tiles_n = gl.cdiv(N, BLOCK_N)
+    step = 0
+    for tile in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
+        off_m, off_n = _tile_origin(tile, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
+        for k in range(0, K, BLOCK_K):
+            slot = step % STAGES
+            # a slot's first use waits for parity 1 of a fresh barrier, which passes at once
+            mbarrier.wait(free.index(slot), ((step // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(slot), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(a_desc, [off_m, k], ready.index(slot), a_bufs.index(slot))
+            tma.async_copy_global_to_shared(b_desc, [off_n, k], ready.index(slot), b_bufs.index(slot))
+            step += 1
+
+
+@gluon.jit
+def _gelu_tanh(y):
+    """nn.GELU(approximate="tanh") with the GPU's one-instruction tanh (kernels._gelu_tanh)."""
+    u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+    t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [u], dtype=gl.float32, is_pure=True, pack=1)
+    return 0.5 * y * (1 + t)
+
+
+@gluon.jit
+def _lora_update(y, off_m, off_n, M, N, qparams_ptr, down_ptr, left_ptr, left_smem, PER_ROW: gl.constexpr,
+                 SPLITS: gl.constexpr, RANK: gl.constexpr, WARPS: gl.constexpr, INSTR_N: gl.constexpr):
+    """y + s_x·down·Lᵀ for one tile: down (the quantize pass's partial sums, added in a fixed
+    order) as the register operand of a bf16 wgmma, the tile's rows of L through shared memory."""
+    BLOCK_M: gl.constexpr = y.shape[0]
+    BLOCK_N: gl.constexpr = y.shape[1]
+    rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
+    ranks = gl.arange(0, RANK, layout=gl.SliceLayout(0, rows_layout))
+    rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, rows_layout))
+    row_ok = (rows < M)[:, None]
+    down = gl.zeros([BLOCK_M, RANK], gl.float32, rows_layout)
+    for split in gl.static_range(SPLITS):
+        down += gl.load(down_ptr + (split * M + rows[:, None]) * RANK + ranks[None, :], mask=row_ok, other=0.0)
+    if PER_ROW:
+        down = down * gl.load(qparams_ptr + rows, mask=rows < M, other=1.0)[:, None]
+    else:
+        down = down * gl.load(qparams_ptr)
+    cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, rows_layout))
+    left_smem.store(gl.load(left_ptr + cols[:, None] * RANK + ranks[None, :], mask=(cols < N)[:, None], other=0.0))
+    fence_async_shared()
+    lora_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                          instr_shape=[16, INSTR_N, 16])
+    operand = gl.convert_layout(down.to(gl.bfloat16), gl.DotOperandLayout(operand_index=0, parent=lora_layout,
+                                                                           k_width=2))
+    summed = warpgroup_mma(operand, left_smem.permute((1, 0)), gl.convert_layout(y, lora_layout))
+    return gl.convert_layout(summed, y.type.layout)
+
+
+@gluon.jit
+def _epilogue(acc, off_m, off_n, M, N, stride_om, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
+              qparams_ptr, down_ptr, left_ptr, out_ptr, bounds_ptr, bounds_scale_ptr, left_smem,
+              K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr,
+              BOUNDS: gl.constexpr, BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr,
+              BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr, WARPS: gl.constexpr, INSTR_N: gl.constexpr):
+    layout: gl.constexpr = acc.type.layout
+    BLOCK_M: gl.constexpr = acc.shape[0]
+    BLOCK_N: gl.constexpr = acc.shape[1]
+    rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+    cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+    row_ok = rows < M
+    col_ok = cols < N
+    if PER_ROW:
+        scale_x = gl.load(qparams_ptr + rows, mask=row_ok, other=1.0)[:, None]
+        zero_x = gl.load(qparams_ptr + M + rows, mask=row_ok, other=0.0).to(gl.int32)[:, None] - ACT_SHIFT
+    else:
+        scale_x = gl.load(qparams_ptr)
+        zero_x = gl.load(qparams_ptr + 1).to(gl.int32) - ACT_SHIFT
+    rowsum = gl.zeros([BLOCK_M], gl.int32, gl.SliceLayout(1, layout))
+    for split in gl.static_range(SPLITS):
+        rowsum += gl.load(rowsum_ptr + split * M + rows, mask=row_ok, other=0)
+    colsum = gl.load(colsum_ptr + cols, mask=col_ok, other=0)[None, :]
+    zero_w = gl.load(wzero_ptr + cols, mask=col_ok, other=0)[None, :]
+    exact = acc - zero_x * colsum - zero_w * rowsum[:, None] + K * zero_x * zero_w
+    y = exact.to(gl.float32) * scale_x * gl.load(wscale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    if RANK > 0:
+        y = _lora_update(y, off_m, off_n, M, N, qparams_ptr, down_ptr, left_ptr, left_smem, PER_ROW, SPLITS, RANK,
+                         WARPS, INSTR_N)
+    if HAS_BIAS:
+        y += gl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    if GELU:
+        y = _gelu_tanh(y)
+    out = y.to(out_ptr.dtype.element_ty)
+    in_bounds = row_ok[:, None] & col_ok[None, :]
+    gl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], out, mask=in_bounds)
+    if BOUNDS:  # the next layer's range, as kernels.int8_gemm reduces it
+        v = out.to(gl.float32)
+        if BOUNDS_SCALED:
+            v = v * gl.load(bounds_scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        low = gl.min(gl.where(in_bounds, v, float("inf")), axis=1)
+        high = gl.max(gl.where(in_bounds, v, float("-inf")), axis=1)
+        if BOUNDS_PER_ROW:
+            gl.atomic_min(bounds_ptr + rows, low, mask=row_ok)
+            gl.atomic_min(bounds_ptr + M + rows, -high, mask=row_ok)
+        else:
+            gl.atomic_min(bounds_ptr, gl.min(low, axis=0))
+            gl.atomic_min(bounds_ptr + 1, -gl.max(high, axis=0))
+
+
+@gluon.jit
+def _math(a_bufs, b_bufs, ready, free, left_smem, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
+          qparams_ptr, down_ptr, left_ptr, out_ptr, bounds_ptr, bounds_scale_ptr, M, N, stride_om,
+          K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr, BOUNDS: gl.constexpr,
+          BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr, BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr,
+          STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, FIRST: gl.constexpr,
+          WARPS: gl.constexpr, INSTR_N: gl.constexpr):
+    """Tiles FIRST, FIRST + CONSUMERS, … of this program: main loop, then epilogue."""
+    BLOCK_M: gl.constexpr = a_bufs.shape[1]
+    BLOCK_K: gl.constexpr = a_bufs.shape[2]
+    BLOCK_N: gl.constexpr = b_bufs.shape[1]
+    K_STEPS: gl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                     instr_shape=[16, INSTR_N, 32])
+    tiles_m = gl.cdiv(M, BLOCK_M)
+    tiles_n = gl.cdiv(N, BLOCK_N)
+    programs = gl.num_programs(0)
+    position = FIRST  # index of the tile among this program's tiles: where its steps are in the ring
+    for tile in range(gl.program_id(0) + FIRST * programs, tiles_m * tiles_n, CONSUMERS * programs):
+        off_m, off_n = _tile_origin(tile, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout)
+        step = position * K_STEPS
+        for kk in range(K_STEPS):
+            slot = step % STAGES
+            mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+            acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
+            # one wgmma in flight: the previous step's has finished reading its slot
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+            mbarrier.arrive(free.index((step + STAGES - 1) % STAGES), pred=kk > 0)
+            step += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(free.index((step + STAGES - 1) % STAGES))
+        _epilogue(acc, off_m, off_n, M, N, stride_om, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
+                  qparams_ptr, down_ptr, left_ptr, out_ptr, bounds_ptr, bounds_scale_ptr, left_smem, K, HAS_BIAS,
+                  RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, WARPS, INSTR_N)
+        position += CONSUMERS
+
+
+@gluon.jit
+def _int8_gemm_ws_kernel(
+    a_desc, b_desc, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr,
+    out_ptr, bounds_ptr, bounds_scale_ptr, M, N, stride_om,
+    K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr, BOUNDS: gl.constexpr,
+    BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr, BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr,
+    STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, INSTR_N: gl.constexpr,
+    LEFT_RANK: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr, num_warps: gl.constexpr,
+):
+    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(free.index(i), count=1)
+    left_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, LEFT_RANK], gl.bfloat16)
+    left_smem = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS, BLOCK_N, LEFT_RANK], left_layout)
+    if CONSUMERS == 2:
+        gl.warp_specialize([
+            (_math, (a_bufs, b_bufs, ready, free, left_smem.index(0), rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr,
+                     bias_ptr, qparams_ptr, down_ptr, left_ptr, out_ptr, bounds_ptr, bounds_scale_ptr, M, N, stride_om,
+                     K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, STAGES, GROUP_M,
+                     CONSUMERS, 0, num_warps, INSTR_N)),
+            (_math, (a_bufs, b_bufs, ready, free, left_smem.index(1), rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr,
+                     bias_ptr, qparams_ptr, down_ptr, left_ptr, out_ptr, bounds_ptr, bounds_scale_ptr, M, N, stride_om,
+                     K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, STAGES, GROUP_M,
+                     CONSUMERS, 1, num_warps, INSTR_N)),
+            (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M)),
+        ], [num_warps, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
+    else:
+        gl.warp_specialize([
+            (_math, (a_bufs, b_bufs, ready, free, left_smem.index(0), rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr,
+                     bias_ptr, qparams_ptr, down_ptr, left_ptr, out_ptr, bounds_ptr, bounds_scale_ptr, M, N, stride_om,
+                     K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, STAGES, GROUP_M,
+                     CONSUMERS, 0, num_warps, INSTR_N)),
+            (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M)),
+        ], [1], [LOADER_REGISTERS])
+
+
+def wgmma_instr_n(block_n: int) -> int:
+    """The widest int8 wgmma N (a multiple of 16 up to 224 for 8-bit types) that divides the tile."""
+    return next(n for n in range(224, 0, -16) if block_n % n == 0)
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def int8_gemm_ws(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, weight: torch.Tensor,
+                 colsum: torch.Tensor, zero_w: torch.Tensor, scale_w: torch.Tensor, bias: torch.Tensor | None,
+                 down: torch.Tensor | None, left: torch.Tensor | None, out_dtype: torch.dtype, gelu: bool = False,
+                 bounds: torch.Tensor | None = None, bounds_scale: torch.Tensor | None = None,
+                 config: TileConfig = DEFAULT_CONFIG) -> torch.Tensor:
+    """`kernels.int8_gemm` for int8 (N, K) weights on Hopper (same arguments, no packed codes)."""
+    from .kernels import per_row
+
+    m, k = codes.shape
+    n = weight.shape[0]
+    warps = 4 if config.consumers == 2 else 4 * (config.block_m // 64)
+    a_desc = TensorDescriptor.from_tensor(codes, [config.block_m, config.block_k],
+                                          gl.NVMMASharedLayout.get_default_for([config.block_m, config.block_k], gl.int8))
+    b_desc = TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k],
+                                          gl.NVMMASharedLayout.get_default_for([config.block_n, config.block_k], gl.int8))
+    out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
+    rank = 0 if left is None else left.shape[1]
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    placeholder = scale_w  # any float32 tensor, for pointers a kernel variant never reads
+    _int8_gemm_ws_kernel[(min(tiles, _multiprocessors(codes.device.index or 0)),)](
+        a_desc, b_desc, rowsum, colsum, zero_w, scale_w, placeholder if bias is None else bias, qparams,
+        placeholder if down is None else down, placeholder if left is None else left, out,
+        placeholder if bounds is None else bounds, placeholder if bounds_scale is None else bounds_scale,
+        m, n, out.stride(0),
+        K=k, HAS_BIAS=bias is not None, RANK=rank, GELU=gelu, BOUNDS=bounds is not None,
+        BOUNDS_SCALED=bounds_scale is not None, PER_ROW=per_row(qparams),
+        BOUNDS_PER_ROW=bounds is not None and per_row(bounds), SPLITS=rowsum.shape[0], STAGES=config.stages,
+        GROUP_M=config.group_m, CONSUMERS=config.consumers, INSTR_N=wgmma_instr_n(config.block_n),
+        LEFT_RANK=max(rank, 16), CONSUMER_REGISTERS=config.consumer_registers, num_warps=warps,
+    )
+    return out
