@@ -29,12 +29,11 @@ from quant.hopper_gemm import TileConfig  # noqa: E402
 
 CONFIGS = {
     "default": TileConfig(),
-    "stages-4": TileConfig(stages=4),
-    "k64-stages-8": TileConfig(block_k=64, stages=8),
-    "one-consumer-256": TileConfig(block_n=256, consumers=1, stages=4),
+    "k64-stages-6": TileConfig(block_k=64, stages=6),
+    "m64-n128": TileConfig(block_m=64, stages=4),
+    "m64-n256": TileConfig(block_m=64, block_n=256, stages=2),
     "one-consumer-128": TileConfig(consumers=1, stages=5),
-    "m64-n256": TileConfig(block_m=64, block_n=256, stages=4),
-    "m64-n128": TileConfig(block_m=64, stages=6),
+    "one-consumer-256": TileConfig(block_n=256, consumers=1, stages=4),
 }
 
 

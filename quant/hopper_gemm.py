@@ -5,11 +5,12 @@ warps, so with K = 1,152 (nine 128-wide steps) the tensor cores idle through eve
 (zero-point corrections, scales, a rank-32 LoRA product, bias, GELU, the next layer's range).
 Here one program per multiprocessor walks its tiles in grouped order, split into partitions:
 
-- a one-warp *loader* streams the activation and weight tiles by TMA into a ring of STAGES
-  shared-memory slots (`ready[s]` says a slot is full, `free[s]` that its reader is done);
-- CONSUMERS *math* warpgroups take alternate tiles of the program. The ring is filled in tile
-  order, so while one warpgroup runs its tile's main loop on the tensor cores (wgmma), the other
-  runs the epilogue of the tile before: the tensor cores see back-to-back main loops.
+- CONSUMERS *math* warpgroups take alternate tiles of the program: while one runs its tile's
+  main loop on the tensor cores (wgmma), the other can run the epilogue of its previous tile,
+  so the tensor cores are not left idle through epilogues;
+- each math warpgroup has a one-warp *loader* that streams its activation and weight tiles by
+  TMA into its own ring of STAGES shared-memory slots (`ready[s]` says a slot is full, `free[s]`
+  that the warpgroup is done with it), running ahead into the next tile during the epilogue.
 
 Same arithmetic as `kernels.int8_gemm` (the module docstring there derives the corrections):
 int32 accumulation, then out = s_x s_w (Σ q'c' − z'_x Σ c' − z'_w Σ q' + K z'_x z'_w)
@@ -44,7 +45,7 @@ class TileConfig(NamedTuple):
     block_m: int = 128
     block_n: int = 128
     block_k: int = 128
-    stages: int = 5
+    stages: int = 3  # slots per math partition's ring
     consumers: int = 2  # math warpgroups taking alternate tiles (1: no overlap of epilogue and main loop)
     group_m: int = 8
     consumer_registers: int = 232
@@ -66,17 +67,19 @@ def _tile_origin(tile, tiles_m, tiles_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.cons
 
 @gluon.jit
 def _loader(a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K: gl.constexpr, STAGES: gl.constexpr,
-            GROUP_M: gl.constexpr):
+            GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, FIRST: gl.constexpr):
+    """Loads the tiles of math partition FIRST into its ring (slots FIRST·STAGES …)."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     tiles_m = gl.cdiv(M, BLOCK_M)
     tiles_n = gl.cdiv(N, BLOCK_N)
+    programs = gl.num_programs(0)
     step = 0
-    for tile in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
+    for tile in range(gl.program_id(0) + FIRST * programs, tiles_m * tiles_n, CONSUMERS * programs):
         off_m, off_n = _tile_origin(tile, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
         for k in range(0, K, BLOCK_K):
-            slot = step % STAGES
+            slot = FIRST * STAGES + step % STAGES
             # a slot's first use waits for parity 1 of a fresh barrier, which passes at once
             mbarrier.wait(free.index(slot), ((step // STAGES) & 1) ^ 1)
             mbarrier.expect(ready.index(slot), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
@@ -189,25 +192,23 @@ def _math(a_bufs, b_bufs, ready, free, left_smem, rowsum_ptr, colsum_ptr, wzero_
     tiles_m = gl.cdiv(M, BLOCK_M)
     tiles_n = gl.cdiv(N, BLOCK_N)
     programs = gl.num_programs(0)
-    position = FIRST  # index of the tile among this program's tiles: where its steps are in the ring
+    step = 0  # steps of this partition's ring (its slots are FIRST·STAGES …)
     for tile in range(gl.program_id(0) + FIRST * programs, tiles_m * tiles_n, CONSUMERS * programs):
         off_m, off_n = _tile_origin(tile, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout)
-        step = position * K_STEPS
         for kk in range(K_STEPS):
-            slot = step % STAGES
+            slot = FIRST * STAGES + step % STAGES
             mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
             acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
             # one wgmma in flight: the previous step's has finished reading its slot
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-            mbarrier.arrive(free.index((step + STAGES - 1) % STAGES), pred=kk > 0)
+            mbarrier.arrive(free.index(FIRST * STAGES + (step + STAGES - 1) % STAGES), pred=kk > 0)
             step += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(free.index((step + STAGES - 1) % STAGES))
+        mbarrier.arrive(free.index(FIRST * STAGES + (step + STAGES - 1) % STAGES))
         _epilogue(acc, off_m, off_n, M, N, stride_om, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
                   qparams_ptr, down_ptr, left_ptr, out_ptr, bounds_ptr, bounds_scale_ptr, left_smem, K, HAS_BIAS,
                   RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, WARPS, INSTR_N)
-        position += CONSUMERS
 
 
 @gluon.jit
@@ -220,11 +221,13 @@ def _int8_gemm_ws_kernel(
     LEFT_RANK: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr, num_warps: gl.constexpr,
 ):
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-    a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + a_desc.block_type.shape, a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + b_desc.block_type.shape, b_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
+    # one ring of STAGES slots per math partition, filled by its own loader warp: each barrier is
+    # then waited on in order by one partition (a parity wait cannot tell phases two apart)
+    a_bufs = gl.allocate_shared_memory(gl.int8, [CONSUMERS * STAGES] + a_desc.block_type.shape, a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(gl.int8, [CONSUMERS * STAGES] + b_desc.block_type.shape, b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [CONSUMERS * STAGES, 1], mbarrier.MBarrierLayout())
+    free = gl.allocate_shared_memory(gl.int64, [CONSUMERS * STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(CONSUMERS * STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(free.index(i), count=1)
     left_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, LEFT_RANK], gl.bfloat16)
@@ -239,15 +242,16 @@ def _int8_gemm_ws_kernel(
                      bias_ptr, qparams_ptr, down_ptr, left_ptr, out_ptr, bounds_ptr, bounds_scale_ptr, M, N, stride_om,
                      K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, STAGES, GROUP_M,
                      CONSUMERS, 1, num_warps, INSTR_N)),
-            (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M)),
-        ], [num_warps, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
+            (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M, CONSUMERS, 0)),
+            (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M, CONSUMERS, 1)),
+        ], [num_warps, 1, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS, LOADER_REGISTERS])
     else:
         gl.warp_specialize([
             (_math, (a_bufs, b_bufs, ready, free, left_smem.index(0), rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr,
                      bias_ptr, qparams_ptr, down_ptr, left_ptr, out_ptr, bounds_ptr, bounds_scale_ptr, M, N, stride_om,
                      K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, STAGES, GROUP_M,
                      CONSUMERS, 0, num_warps, INSTR_N)),
-            (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M)),
+            (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M, CONSUMERS, 0)),
         ], [1], [LOADER_REGISTERS])
 
 
