@@ -112,14 +112,37 @@ def measure(config_name: str, batch: int, log: RowLog, device) -> None:
              "epilogue": "split quantize pass (3)", "relative_difference": relative_difference(got, reference)})
 
 
+@torch.no_grad()
+def run_once(config_name: str, batch: int, device) -> None:
+    """One launch of the kernel per layer shape and nothing else: what a profiler (ncu) should see."""
+    from quant.hopper_gemm import int8_gemm_ws
+    from quant.kernels import quantize_rows
+
+    m = 2 * batch * TOKENS
+    for role, (k, n) in layer_shapes(HIDDEN["DiT-XL/2"]).items():
+        x = outlier_input(m, k, device, torch.bfloat16, seed=k)
+        _, layer = quantized_layer_pair(k, n, 8, role == "fc2", device)
+        qparams = layer.qparams(x)
+        codes, rowsum, down = quantize_rows(x, qparams, 8, layer.smooth_inv, layer.lora_right)
+        int8_gemm_ws(codes, rowsum, qparams, layer.weight, layer.column_sums, layer.weight_zero, layer.weight_scale,
+                     layer.bias, down, layer.lora_left, torch.bfloat16, config=CONFIGS[config_name])
+    torch.cuda.synchronize()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["default"], choices=list(CONFIGS))
     parser.add_argument("--batch", type=int, default=64, help="images; the GEMMs have 2 × batch × 256 rows")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "gemm.jsonl"),
                         help="JSON lines file every row is appended to as it is measured")
+    parser.add_argument("--once", action="store_true",
+                        help="launch each configuration's kernel once per layer shape, no checks or timing (for ncu)")
     args = parser.parse_args()
     device = torch.device("cuda")
+    if args.once:
+        for name in args.configs:
+            run_once(name, args.batch, device)
+        return
     log = RowLog(args.output, common=provenance(card_of(device)))
     for name in args.configs:
         measure(name, args.batch, log, device)
