@@ -68,9 +68,9 @@ def parse_setting(text: str) -> tuple[int, int]:
     return int(weight), int(act)
 
 
-def generate(model, spec, n: int, batch: int, device) -> tuple[np.ndarray, np.ndarray]:
+def generate(model, spec, n: int, batch: int, device, seed: int) -> tuple[np.ndarray, np.ndarray]:
     diffusion = create_diffusion("50")
-    chunks = [sample_uint8(model, diffusion, None, spec, range(i, min(n, i + batch)), 0, 1.5, device=device)
+    chunks = [sample_uint8(model, diffusion, None, spec, range(i, min(n, i + batch)), seed, 1.5, device=device)
               for i in range(0, n, batch)]
     return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
 
@@ -78,7 +78,7 @@ def generate(model, spec, n: int, batch: int, device) -> tuple[np.ndarray, np.nd
 def main(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    log = RowLog(args.output, common=provenance(card_of(device)) | {"num_samples": args.num_samples})
+    log = RowLog(args.output, common=provenance(card_of(device)) | {"num_samples": args.num_samples, "seed": args.seed})
     spec = resolve_spec(None, None, args.ckpt)
     classifier = load_classifier(args.classifier, device)
     test_features, _ = features_and_predictions(classifier, fashion_mnist_tensors("test", args.data_path)[0])
@@ -91,7 +91,8 @@ def main(args: argparse.Namespace) -> None:
             row.update(fd_fp=frechet_distance_of_features(features, fp_features), psnr_fp=psnr(images, fp_images))
         return row, features
 
-    fp_images, fp_labels = generate(load_model(spec, args.ckpt, device), spec, args.num_samples, args.batch, device)
+    fp_images, fp_labels = generate(load_model(spec, args.ckpt, device), spec, args.num_samples, args.batch, device,
+                                      args.seed)
     fp_row, fp_features = measure(fp_images, fp_labels)
     log.add({"setting": "FP", "method": "-", **fp_row})
     run = CalibrationRun(default_calibration_labels(spec.num_classes), 1.5, 50, 0)
@@ -104,7 +105,7 @@ def main(args: argparse.Namespace) -> None:
                                     progress=False)
             seconds = time.perf_counter() - start
             prepare_for_inference(model, args.backend)
-            images, labels = generate(model, spec, args.num_samples, args.batch, device)
+            images, labels = generate(model, spec, args.num_samples, args.batch, device, args.seed)
             row, _ = measure(images, labels, fp_images, fp_features)
             log.add({"setting": config.label, "method": method, "backend": args.backend, **row, "quant_s": seconds})
 
@@ -121,6 +122,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--classifier", default=DEFAULT_CLASSIFIER)
     parser.add_argument("--data-path", default=str(FASHION_MNIST_DIR))
     parser.add_argument("--num-samples", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sampling seed: sample i's noise and label depend only on it and i (FP and every row alike)")
     parser.add_argument("--batch", type=int, default=1000, help="images per sampling batch (twice the rows with CFG)")
     parser.add_argument("--settings", nargs="+", default=["W8A8", "W4A8", "W4A6", "W3A8"])
     parser.add_argument("--methods", nargs="+", default=TABLE_METHODS, choices=list(METHODS))
