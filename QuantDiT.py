@@ -23,19 +23,6 @@ from pathlib import Path
 import torch
 
 import config as defaults
-from checkpoints import load_model_and_dtype
-from cli import (
-    ArgumentParser,
-    add_model_arguments,
-    create_logger,
-    default_device,
-    parse_device,
-    positive_int,
-    run_cli,
-    spec_and_checkpoint,
-)
-from errors import UserError
-from fileio import check_output_directory, recover_directory, sha256_of
 from quant.calibrate import CalibrationRun, default_calibration_labels
 from quant.checkpoint import save_quantized
 from quant.config import (
@@ -51,6 +38,19 @@ from quant.config import (
 )
 from quant.pipeline import quantize_dit
 from quant.targets import get_module, quant_targets
+from runtime.checkpoints import load_model_and_dtype
+from runtime.cli import (
+    ArgumentParser,
+    add_model_arguments,
+    create_logger,
+    default_device,
+    parse_device,
+    positive_int,
+    run_cli,
+    spec_and_checkpoint,
+)
+from runtime.errors import UserError
+from runtime.fileio import check_output_directory, recover_directory, sha256_of
 
 
 def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:

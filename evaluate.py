@@ -19,12 +19,12 @@ import json
 
 import numpy as np
 
-from classifier import DEFAULT_CLASSIFIER, DEMO_CLASSES, features_and_predictions, load_classifier
-from cli import ArgumentParser, default_device, parse_device, run_cli
-from data import FASHION_MNIST_DIR, fashion_mnist_tensors, to_model_range
-from errors import UserError
-from metrics import accuracy, frechet_distance_of_features, psnr
-from npzio import load_samples_npz
+from evaluation.classifier import DEFAULT_CLASSIFIER, DEMO_CLASSES, features_and_predictions, load_classifier
+from evaluation.data import FASHION_MNIST_DIR, fashion_mnist_tensors, to_model_range
+from evaluation.metrics import accuracy, frechet_distance_of_features, psnr
+from runtime.cli import ArgumentParser, default_device, parse_device, run_cli
+from runtime.errors import UserError
+from runtime.npzio import load_samples_npz
 
 
 def grayscale_model_input(images: np.ndarray):

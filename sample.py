@@ -11,7 +11,9 @@ import argparse
 
 import torch
 
-from cli import (
+from diffusion import create_diffusion
+from quant.backends import BACKEND_HELP, BACKENDS
+from runtime.cli import (
     ArgumentParser,
     add_model_arguments,
     add_speed_arguments,
@@ -23,12 +25,10 @@ from cli import (
     run_cli,
     speed_up_sampling,
 )
-from diffusion import create_diffusion
-from errors import UserError
-from images import make_grid, save_png, to_uint8
-from quant.backends import BACKEND_HELP, BACKENDS
-from sampling import SampleNoise, generate
-from vae import decode, load_vae
+from runtime.errors import UserError
+from runtime.images import make_grid, save_png, to_uint8
+from runtime.sampling import SampleNoise, generate
+from runtime.vae import decode, load_vae
 
 # The eight ImageNet classes the official sample.py draws.
 OFFICIAL_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]

@@ -31,8 +31,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from checkpoints import ModelSpec
-from cli import (
+from diffusion import create_diffusion
+from quant.backends import BACKEND_HELP, BACKENDS
+from runtime.checkpoints import ModelSpec
+from runtime.cli import (
     ArgumentParser,
     add_model_arguments,
     add_speed_arguments,
@@ -45,14 +47,12 @@ from cli import (
     spec_and_checkpoint,
     speed_up_sampling,
 )
-from diffusion import create_diffusion
-from errors import UserError
-from fileio import atomic_output, sha256_of
-from images import save_png
-from npzio import save_samples_npz
-from quant.backends import BACKEND_HELP, BACKENDS
-from sampling import SampleNoise, sample_uint8
-from vae import load_vae
+from runtime.errors import UserError
+from runtime.fileio import atomic_output, sha256_of
+from runtime.images import save_png
+from runtime.npzio import save_samples_npz
+from runtime.sampling import SampleNoise, sample_uint8
+from runtime.vae import load_vae
 
 
 def png_is_complete(path: Path) -> bool:
@@ -87,8 +87,8 @@ def run_identity(args: argparse.Namespace, spec: ModelSpec, label: str) -> dict:
     or of a quantized checkpoint's weights and quant.json), its architecture, and the sampling
     settings; for quantized models also the backend and the batch size (dynamic activation ranges
     are taken over a batch)."""
-    from checkpoints import find_checkpoint
     from quant.checkpoint import META_FILE, WEIGHTS_FILE
+    from runtime.checkpoints import find_checkpoint
 
     if args.fp:
         model = {"checkpoint_sha256": sha256_of(find_checkpoint(spec_and_checkpoint(args)[1]))}

@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpoints import ModelSpec, read_spec_json, spec_from_name, write_spec_json
-from cli import ArgumentParser, create_logger, default_device, positive_int, run_cli, setup_distributed
-from data import FASHION_MNIST_DIR, ImageFolder, fashion_mnist_tensors
 from diffusion import create_diffusion
-from errors import UserError
-from fileio import atomic_output
+from evaluation.data import FASHION_MNIST_DIR, ImageFolder, fashion_mnist_tensors
 from models import DiT_models
-from vae import LATENT_SCALE, load_vae
+from runtime.checkpoints import ModelSpec, read_spec_json, spec_from_name, write_spec_json
+from runtime.cli import ArgumentParser, create_logger, default_device, positive_int, run_cli, setup_distributed
+from runtime.errors import UserError
+from runtime.fileio import atomic_output
+from runtime.vae import LATENT_SCALE, load_vae
 
 
 @torch.no_grad()

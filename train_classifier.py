@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from classifier import FashionClassifier, features_and_predictions
-from cli import ArgumentParser, create_logger, default_device, parse_device, positive_int, run_cli
-from data import FASHION_MNIST_DIR, fashion_mnist_tensors
-from fileio import atomic_output
-from metrics import accuracy
+from evaluation.classifier import FashionClassifier, features_and_predictions
+from evaluation.data import FASHION_MNIST_DIR, fashion_mnist_tensors
+from evaluation.metrics import accuracy
+from runtime.cli import ArgumentParser, create_logger, default_device, parse_device, positive_int, run_cli
+from runtime.fileio import atomic_output
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

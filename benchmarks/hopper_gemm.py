@@ -1,6 +1,6 @@
 """The warp-specialised Gluon int8 GEMM (quant/hopper_gemm.py) against the Triton one and cuBLAS bf16.
 
-    python benchmarks/hopper_gemm.py --configs default one-consumer-256
+    python -m benchmarks.hopper_gemm --configs default one-consumer-256
 
 For each tile configuration and each of DiT-XL/2's four quantized layer shapes (M = --batch × 2
 (CFG) × 256 tokens): the relative difference of its output from `kernels.int8_gemm` on the same
@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.rowlog import RowLog, card_of, provenance  # noqa: E402
-from benchmarks.speed import HIDDEN, TOKENS, bench_ms, layer_shapes, outlier_input, quantized_layer_pair  # noqa: E402
-from quant.hopper_gemm import TileConfig  # noqa: E402
+from benchmarks.rowlog import RowLog, card_of, provenance
+from benchmarks.speed import HIDDEN, TOKENS, bench_ms, layer_shapes, outlier_input, quantized_layer_pair
+from quant.hopper_gemm import TileConfig
 
 CONFIGS = {
     "default": TileConfig(),

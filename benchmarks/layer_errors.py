@@ -1,7 +1,7 @@
 """Layer-wise output error of weight-quantization options on the demo model, on the CPU in minutes
 (issue 15): a cheap first look before the sample-quality protocol of benchmarks/quality.py.
 
-    python benchmarks/layer_errors.py --num-sampling-steps 10
+    python -m benchmarks.layer_errors --num-sampling-steps 10
 
 For each method it quantizes the demo DiT (W4A8 unless --setting) and records the mean over the 32
 quantized layers of the relative squared output error against the FP layer over the calibration
@@ -15,20 +15,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.quality import METHODS, parse_setting  # noqa: E402
-from benchmarks.rowlog import RowLog, card_of, provenance  # noqa: E402
-from checkpoints import load_model, resolve_spec  # noqa: E402
-from quant.calibrate import CalibrationRun, default_calibration_labels  # noqa: E402
-from quant.config import QuantConfig  # noqa: E402
-from quant.pipeline import quantize_dit  # noqa: E402
+from benchmarks.quality import METHODS, parse_setting
+from benchmarks.rowlog import RowLog, card_of, provenance
+from quant.calibrate import CalibrationRun, default_calibration_labels
+from quant.config import QuantConfig
+from quant.pipeline import quantize_dit
+from runtime.checkpoints import load_model, resolve_spec
 
 DEFAULT_METHODS = ["DiTAS", "DiTAS + compensated rounding", "DiTAS + weighted LoRA", "DiTAS + no-smoothing candidate",
                    "DiTAS + all three"]

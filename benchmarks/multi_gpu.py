@@ -1,6 +1,6 @@
 """One GPU against several: sample_merge_TAS.py under torchrun, the same images and the speed-up.
 
-    python benchmarks/multi_gpu.py --nproc 2 --work work/multi_gpu --output multi_gpu.jsonl
+    python -m benchmarks.multi_gpu --nproc 2 --work work/multi_gpu --output multi_gpu.jsonl
 
 For each case (demo FP and W4A8; DiT-XL/2 at 256² with random weights, FP and W4A8) the sampler
 runs with `torchrun --nproc_per_node=1` and then `--nproc_per_node=N`, same seed and per-process
@@ -24,14 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.rowlog import RowLog
+from quant.backends import BACKENDS
+from quant.checkpoint import META_FILE
+from runtime.npzio import load_samples_npz
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.rowlog import RowLog  # noqa: E402
-from npzio import load_samples_npz  # noqa: E402
-from quant.backends import BACKENDS  # noqa: E402
-from quant.checkpoint import META_FILE  # noqa: E402
-
 DEMO_CKPT = ROOT / "assets" / "demo" / "dit_fmnist.safetensors"
 RATE = re.compile(r"sampling rate: ([0-9.]+) img/s")
 

@@ -1,6 +1,6 @@
 """Sample quality of quantization methods on the demo model, all from the same noise.
 
-    python benchmarks/quality.py --num-samples 2000 --settings W4A8 W8A8 W4A6 W3A8
+    python -m benchmarks.quality --num-samples 2000 --settings W4A8 W8A8 W4A6 W3A8
 
 For each bit setting and method (round-to-nearest, SmoothQuant α = 0.5, DiTAS without LoRA,
 DiTAS without grid search, full DiTAS) it quantizes the demo DiT, samples --num-samples images
@@ -12,26 +12,23 @@ Prints a markdown table and writes JSON lines to --output.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.rowlog import RowLog, card_of, provenance  # noqa: E402
-from checkpoints import load_model, resolve_spec  # noqa: E402
-from classifier import DEFAULT_CLASSIFIER, features_and_predictions, load_classifier  # noqa: E402
-from data import FASHION_MNIST_DIR, fashion_mnist_tensors, to_model_range  # noqa: E402
-from diffusion import create_diffusion  # noqa: E402
-from metrics import accuracy, frechet_distance_of_features, psnr  # noqa: E402
-from quant.backends import BACKENDS, prepare_for_inference  # noqa: E402
-from quant.calibrate import CalibrationRun, default_calibration_labels  # noqa: E402
-from quant.config import QuantConfig  # noqa: E402
-from quant.pipeline import quantize_dit  # noqa: E402
-from sampling import sample_uint8  # noqa: E402
+from benchmarks.rowlog import RowLog, card_of, provenance
+from diffusion import create_diffusion
+from evaluation.classifier import DEFAULT_CLASSIFIER, features_and_predictions, load_classifier
+from evaluation.data import FASHION_MNIST_DIR, fashion_mnist_tensors, to_model_range
+from evaluation.metrics import accuracy, frechet_distance_of_features, psnr
+from quant.backends import BACKENDS, prepare_for_inference
+from quant.calibrate import CalibrationRun, default_calibration_labels
+from quant.config import QuantConfig
+from quant.pipeline import quantize_dit
+from runtime.checkpoints import load_model, resolve_spec
+from runtime.sampling import sample_uint8
 
 METHODS = {
     "RTN": dict(smooth=False, lora_rank=0),

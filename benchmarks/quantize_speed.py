@@ -1,6 +1,6 @@
 """Time and memory of DiTAS quantization end to end (calibration, grid search, LoRA, measuring).
 
-    python benchmarks/quantize_speed.py --model DiT-XL/2 --image-size 256 --num-sampling-steps 50
+    python -m benchmarks.quantize_speed --model DiT-XL/2 --image-size 256 --num-sampling-steps 50
 
 Weights are random (every weight ~ N(0, 0.02²), adaLN included, so activations are not trivial):
 the cost does not depend on their values. Prints one JSON line with per-stage seconds and the
@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from checkpoints import spec_from_name  # noqa: E402
-from quant.calibrate import CalibrationRun, default_calibration_labels  # noqa: E402
-from quant.config import LORA_WEIGHTINGS, ROUNDINGS, QuantConfig  # noqa: E402
-from quant.pipeline import quantize_dit  # noqa: E402
+from quant.calibrate import CalibrationRun, default_calibration_labels
+from quant.config import LORA_WEIGHTINGS, ROUNDINGS, QuantConfig
+from quant.pipeline import quantize_dit
+from runtime.checkpoints import spec_from_name
 
 
 def random_dit(name: str, image_size: int, device: torch.device, seed: int = 0):

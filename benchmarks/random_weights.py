@@ -1,7 +1,7 @@
 """Stand-ins for weights that cannot be downloaded here: a random DiT checkpoint and a random SD VAE.
 
-    python benchmarks/random_weights.py --model DiT-XL/2 --out work/xl      # work/xl/DiT-XL-2-random.safetensors + .json
-    python benchmarks/random_weights.py --vae-cache work/hf                  # then HF_HOME=work/hf HF_HUB_OFFLINE=1
+    python -m benchmarks.random_weights --model DiT-XL/2 --out work/xl      # work/xl/DiT-XL-2-random.safetensors + .json
+    python -m benchmarks.random_weights --vae-cache work/hf                  # then HF_HOME=work/hf HF_HUB_OFFLINE=1
 
 Speed and process-count checks of the real scripts need the real architectures, not the real
 values. The VAE is written into a Hugging Face cache under the official repository name
@@ -12,16 +12,13 @@ its weights are random, so decoded images are noise. Needs diffusers for the VAE
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.quantize_speed import random_dit  # noqa: E402
-from checkpoints import spec_from_name, write_spec_json  # noqa: E402
+from benchmarks.quantize_speed import random_dit
+from runtime.checkpoints import spec_from_name, write_spec_json
 
 # The architecture of stabilityai/sd-vae-ft-ema and -mse (their config.json).
 SD_VAE_CONFIG = dict(

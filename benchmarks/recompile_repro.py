@@ -2,7 +2,7 @@
 speed.py's sampling rows as the code before the fix compiled them, in one process, with no reset
 between rows: `block.compile()` with automatic dynamic shapes and dynamo's default recompile limit.
 
-    TORCH_LOGS=recompiles python benchmarks/recompile_repro.py --rows bf16-compile w8a8-compile w4a8-compile \
+    TORCH_LOGS=recompiles python -m benchmarks.recompile_repro --rows bf16-compile w8a8-compile w4a8-compile \
         --batches 64 8 1 --cuda-graph off --output /tmp/repro.jsonl
 
 Every row and batch compiles DiTBlock.forward and FinalLayer.forward again (other module types,
@@ -12,14 +12,9 @@ run those modules eagerly, which is what made the last rows of a long call slow.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import speed  # noqa: E402
+from benchmarks import speed
 
 
 def compile_as_before(model: torch.nn.Module) -> None:

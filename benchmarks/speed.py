@@ -1,8 +1,8 @@
 """Inference speed, memory and model size of DiT-XL/2: floating point against the quantized backends.
 
-    python benchmarks/speed.py                      # check the kernels, GEMM microbenchmark, sampling rows
-    python benchmarks/speed.py --parts check        # only the kernel-vs-fake correctness check
-    python benchmarks/speed.py --parts sample --cuda-graph on off   # batch 1, 8, 64; bf16, W8A8, W4A8
+    python -m benchmarks.speed                      # check the kernels, GEMM microbenchmark, sampling rows
+    python -m benchmarks.speed --parts check        # only the kernel-vs-fake correctness check
+    python -m benchmarks.speed --parts sample --cuda-graph on off   # batch 1, 8, 64; bf16, W8A8, W4A8
 
 Parts (--parts):
 - check: every kernel against the `fake` backend on the same quantized layer (relative error, fresh
@@ -34,26 +34,23 @@ import argparse
 import dataclasses
 import functools
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.quantize_speed import random_dit  # noqa: E402
-from benchmarks.rowlog import RowLog, provenance  # noqa: E402
-from checkpoints import spec_from_name  # noqa: E402
-from diffusion import create_diffusion  # noqa: E402
-from quant.backends import TritonQuantLinear, TritonQuantMlp, prepare_for_inference, register_kernel_op  # noqa: E402
-from quant.config import QuantConfig  # noqa: E402
-from quant.layers import quantize_layer  # noqa: E402
-from quant.modules import QuantLinear  # noqa: E402
-from quant.pipeline import install  # noqa: E402
-from quant.targets import get_module, quant_targets  # noqa: E402
-from sampling import StepGraphs, compile_blocks, denoiser_step, generate  # noqa: E402
+from benchmarks.quantize_speed import random_dit
+from benchmarks.rowlog import RowLog, provenance
+from diffusion import create_diffusion
+from quant.backends import TritonQuantLinear, TritonQuantMlp, prepare_for_inference, register_kernel_op
+from quant.config import QuantConfig
+from quant.layers import quantize_layer
+from quant.modules import QuantLinear
+from quant.pipeline import install
+from quant.targets import get_module, quant_targets
+from runtime.checkpoints import spec_from_name
+from runtime.sampling import StepGraphs, compile_blocks, denoiser_step, generate
 
 
 class Row(NamedTuple):

@@ -1,7 +1,7 @@
 """Checkpoint size and sample effect of storing a quantized checkpoint's floating-point parts in
 the source checkpoint's dtype (bf16 for the demo) instead of float32 (issue 14).
 
-    python benchmarks/storage_dtype.py                 # CPU is fine: about 2 minutes on 2 cores
+    python -m benchmarks.storage_dtype                 # CPU is fine: about 2 minutes on 2 cores
 
 Quantizes the demo DiT once (W4A8, --adaln-bit 8 and none), saves it both ways, reloads each with
 the `fake` backend and samples the same noise: PSNR of the bf16-stored samples against the
@@ -11,24 +11,21 @@ float32-stored ones and against the FP model. Rows appended to benchmarks/result
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.rowlog import RowLog, card_of, provenance  # noqa: E402
-from checkpoints import load_model_and_dtype, resolve_spec  # noqa: E402
-from diffusion import create_diffusion  # noqa: E402
-from metrics import psnr  # noqa: E402
-from quant.calibrate import CalibrationRun, default_calibration_labels  # noqa: E402
-from quant.checkpoint import WEIGHTS_FILE, load_quantized, save_quantized  # noqa: E402
-from quant.config import QuantConfig  # noqa: E402
-from quant.pipeline import quantize_dit  # noqa: E402
-from sampling import sample_uint8  # noqa: E402
+from benchmarks.rowlog import RowLog, card_of, provenance
+from diffusion import create_diffusion
+from evaluation.metrics import psnr
+from quant.calibrate import CalibrationRun, default_calibration_labels
+from quant.checkpoint import WEIGHTS_FILE, load_quantized, save_quantized
+from quant.config import QuantConfig
+from quant.pipeline import quantize_dit
+from runtime.checkpoints import load_model_and_dtype, resolve_spec
+from runtime.sampling import sample_uint8
 
 
 def main(args: argparse.Namespace) -> None:

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from checkpoints import read_state_dict
-from errors import UserError
+from runtime.checkpoints import read_state_dict
+from runtime.errors import UserError
 
 DEFAULT_CLASSIFIER = "assets/demo/fmnist_classifier.safetensors"
 FEATURE_DIM = 128

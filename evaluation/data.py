@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from errors import UserError
+from runtime.errors import UserError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from diffusion import create_diffusion
-from sampling import SampleNoise
+from runtime.sampling import SampleNoise
 
 from .targets import LayerTarget, get_module
 

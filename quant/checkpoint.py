@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import ModelSpec, check_finite
-from errors import UserError
-from fileio import recover_directory, replace_directory, staging_prefix
+from runtime.checkpoints import ModelSpec, check_finite
+from runtime.errors import UserError
+from runtime.fileio import recover_directory, replace_directory, staging_prefix
 
 from .config import QuantConfig
 from .modules import QuantLinear, WeightOnlyLinear

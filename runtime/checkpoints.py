@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from errors import UserError
-from fileio import atomic_output
 from models import DiT, DiT_models, architecture_kwargs
+from runtime.errors import UserError
+from runtime.fileio import atomic_output
 
 OFFICIAL_CHECKPOINTS = ("DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt")
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"

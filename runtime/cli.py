@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import OFFICIAL_CHECKPOINTS, VAE_CHOICES, ModelSpec, default_checkpoint, resolve_spec
-from errors import UserError
 from models import DiT_models
+from runtime.checkpoints import OFFICIAL_CHECKPOINTS, VAE_CHOICES, ModelSpec, default_checkpoint, resolve_spec
+from runtime.errors import UserError
 
 EXIT_USER_ERROR = 2
 
@@ -75,9 +75,9 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device, log=print)
     """(model ready to sample, spec, label "FP" or e.g. "W4A8", source name): the quantized
     checkpoint of --path prepared for --backend, else the FP model the model flags name. Bit-width
     flags (--weight-bit/--act-bit, where a script has them) must agree with the checkpoint."""
-    from checkpoints import load_model
     from quant.backends import prepare_for_inference
     from quant.checkpoint import load_quantized
+    from runtime.checkpoints import load_model
 
     if not args.path:
         spec, ckpt = spec_and_checkpoint(args)
@@ -105,7 +105,7 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
 
 def speed_up_sampling(model: torch.nn.Module, args: argparse.Namespace, device: torch.device, log=print):
     """Apply --compile to `model` (in place) and return the StepGraphs of --cuda-graph (or None)."""
-    from sampling import StepGraphs, compile_blocks
+    from runtime.sampling import StepGraphs, compile_blocks
 
     on_cuda = device.type == "cuda"
     if args.cuda_graph and not on_cuda:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from errors import UserError
+from runtime.errors import UserError
 
 
 @contextmanager

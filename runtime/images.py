@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fileio import atomic_output
+from runtime.fileio import atomic_output
 
 
 def to_uint8(samples: torch.Tensor) -> np.ndarray:

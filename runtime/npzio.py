@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import UserError
-from fileio import atomic_output
+from runtime.errors import UserError
+from runtime.fileio import atomic_output
 
 
 def save_samples_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None = None) -> None:

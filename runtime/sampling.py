@@ -137,8 +137,8 @@ def sample_uint8(model, diffusion, vae, spec, indices: Sequence[int], global_see
                  graphs: StepGraphs | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Samples `indices` as (N, H, W, 3) uint8 images and their (N,) labels (drawn from each
     sample's generator unless given)."""
-    from images import to_rgb, to_uint8
-    from vae import decode
+    from runtime.images import to_rgb, to_uint8
+    from runtime.vae import decode
 
     noise = SampleNoise(global_seed, indices, (spec.in_channels, spec.input_size, spec.input_size), device)
     drawn = noise.labels(spec.num_classes)  # drawn first in any case, so the noise stream is the same

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from errors import UserError
+from runtime.errors import UserError
 
 LATENT_SCALE = 0.18215  # DiT's latents are the SD VAE's latents times this factor
 

@@ -12,7 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from checkpoints import ModelSpec  # noqa: E402
+from runtime.checkpoints import ModelSpec  # noqa: E402
 
 TINY_PIXEL_KWARGS = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 TINY_LATENT_KWARGS = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)

@@ -15,7 +15,6 @@ if "quant.kernels" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 triton = pytest.importorskip("triton")
 
-from checkpoints import ModelSpec  # noqa: E402
 from quant.backends import (  # noqa: E402
     TritonQuantLinear,
     TritonQuantMlp,
@@ -35,6 +34,7 @@ from quant.kernels import (  # noqa: E402
 )
 from quant.modules import QuantLinear  # noqa: E402
 from quant.primitives import QuantizedLayer, quantize_activation, quantize_weight  # noqa: E402
+from runtime.checkpoints import ModelSpec  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not INTERPRETED, reason="the kernels were loaded without the interpreter")
 

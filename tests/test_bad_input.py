@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import ModelSpec, check_finite, write_spec_json
 from conftest import ROOT, TINY_PIXEL_KWARGS, randomize
-from errors import UserError
-from fileio import backup_name, recover_directory, replace_directory, staging_prefix
-from npzio import save_samples_npz
 from quant.calibrate import CalibrationRun
 from quant.checkpoint import META_FILE, WEIGHTS_FILE, save_quantized
 from quant.config import QuantConfig
 from quant.pipeline import quantize_dit
+from runtime.checkpoints import ModelSpec, check_finite, write_spec_json
+from runtime.errors import UserError
+from runtime.fileio import backup_name, recover_directory, replace_directory, staging_prefix
+from runtime.npzio import save_samples_npz
 
 FAST_QUANT = ("--num-sampling-steps", "2", "--alpha-grid", "0.5", "--lora-rank", "4", "--lora-iters", "1",
               "--device", "cpu")

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import checkpoints
-from checkpoints import ModelSpec, load_model, read_state_dict, resolve_spec, spec_from_name, write_spec_json
 from conftest import ROOT, TINY_PIXEL_KWARGS
-from errors import UserError
+from runtime import checkpoints
+from runtime.checkpoints import ModelSpec, load_model, read_state_dict, resolve_spec, spec_from_name, write_spec_json
+from runtime.errors import UserError
 
 
 def outputs_equal(a, b):

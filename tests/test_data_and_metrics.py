@@ -10,10 +10,17 @@ import pytest
 import torch
 from PIL import Image
 
-from data import FASHION_MNIST_DIR, ImageFolder, center_crop_resize, load_fashion_mnist, read_idx, to_model_range
-from errors import UserError
-from metrics import accuracy, feature_statistics, frechet_distance, frechet_distance_of_features, psnr
-from npzio import load_samples_npz, save_samples_npz
+from evaluation.data import (
+    FASHION_MNIST_DIR,
+    ImageFolder,
+    center_crop_resize,
+    load_fashion_mnist,
+    read_idx,
+    to_model_range,
+)
+from evaluation.metrics import accuracy, feature_statistics, frechet_distance, frechet_distance_of_features, psnr
+from runtime.errors import UserError
+from runtime.npzio import load_samples_npz, save_samples_npz
 
 needs_fashion_mnist = pytest.mark.skipif(
     not FASHION_MNIST_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist"

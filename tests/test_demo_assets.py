@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from checkpoints import load_model, resolve_spec
-from classifier import DEFAULT_CLASSIFIER, features_and_predictions, load_classifier
 from conftest import ROOT
-from data import FASHION_MNIST_DIR, fashion_mnist_tensors
-from metrics import accuracy
+from evaluation.classifier import DEFAULT_CLASSIFIER, features_and_predictions, load_classifier
+from evaluation.data import FASHION_MNIST_DIR, fashion_mnist_tensors
+from evaluation.metrics import accuracy
+from runtime.checkpoints import load_model, resolve_spec
 
 DEMO_CKPT = ROOT / "assets/demo/dit_fmnist.safetensors"
 

@@ -12,11 +12,9 @@ import pytest
 import torch
 
 import quant.primitives
-from checkpoints import ModelSpec, load_model, resolve_spec, write_spec_json
 from conftest import ROOT, TINY_PIXEL_KWARGS, randomize
 from diffusion import create_diffusion
-from errors import UserError
-from metrics import psnr
+from evaluation.metrics import psnr
 from quant.calibrate import CalibrationRun, default_calibration_labels
 from quant.checkpoint import load_quantized, save_quantized
 from quant.config import QuantConfig
@@ -25,7 +23,9 @@ from quant.modules import QuantLinear, WeightOnlyLinear
 from quant.pipeline import install, quantize_dit
 from quant.primitives import unpack_int4
 from quant.targets import get_module, quant_targets
-from sampling import sample_uint8
+from runtime.checkpoints import ModelSpec, load_model, resolve_spec, write_spec_json
+from runtime.errors import UserError
+from runtime.sampling import sample_uint8
 
 DEMO = str(ROOT / "assets/demo/dit_fmnist.safetensors")
 CPU = torch.device("cpu")

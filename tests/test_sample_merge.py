@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import ModelSpec, write_spec_json
 from conftest import ROOT, TINY_PIXEL_KWARGS, randomize
-from npzio import load_samples_npz
 from quant.calibrate import CalibrationRun
 from quant.checkpoint import save_quantized
 from quant.config import QuantConfig
 from quant.pipeline import quantize_dit
+from runtime.checkpoints import ModelSpec, write_spec_json
+from runtime.npzio import load_samples_npz
 
 COUNT = 6
 
@@ -111,7 +111,7 @@ def test_quantized_samples_are_the_same_on_two_processes_and_other_bit_widths_ar
 
 def test_multi_gpu_comparison_counts_identical_images(tmp_path):
     from benchmarks.multi_gpu import compare
-    from npzio import save_samples_npz
+    from runtime.npzio import save_samples_npz
 
     images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
     other = images.copy()

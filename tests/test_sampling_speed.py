@@ -8,12 +8,12 @@ import argparse
 import pytest
 import torch
 
-from checkpoints import ModelSpec
-from cli import add_speed_arguments, speed_up_sampling
 from conftest import TINY_PIXEL_KWARGS, randomize
 from diffusion import create_diffusion
-from errors import UserError
-from sampling import SampleNoise, StepGraphs, generate
+from runtime.checkpoints import ModelSpec
+from runtime.cli import add_speed_arguments, speed_up_sampling
+from runtime.errors import UserError
+from runtime.sampling import SampleNoise, StepGraphs, generate
 
 CUDA = torch.cuda.is_available()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from checkpoints import ModelSpec
 from conftest import TINY_PIXEL_KWARGS, randomize
 from quant.calibrate import CalibrationRun
 from quant.compensate import compensated_codes, inverse_cholesky, root_and_inverse_root
@@ -15,6 +14,7 @@ from quant.lowrank import quantize_with_low_rank
 from quant.pipeline import quantize_dit
 from quant.primitives import quantize_weight
 from quant.smooth import candidate_factors
+from runtime.checkpoints import ModelSpec
 
 
 def correlated_inputs(rows: int, features: int, seed: int) -> torch.Tensor:
