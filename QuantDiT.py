@@ -29,7 +29,9 @@ from quant.config import (
     ACT_BITS_RANGE,
     ACT_GRANULARITIES,
     ADALN_WEIGHT_BITS,
+    DEFAULT_RECIPE,
     LORA_WEIGHTINGS,
+    RECIPES,
     ROUNDINGS,
     WEIGHT_BITS_RANGE,
     WEIGHT_GRANULARITIES,
@@ -53,6 +55,13 @@ from runtime.errors import UserError
 from runtime.fileio import check_output_directory, recover_directory, sha256_of
 
 
+def method_settings(args: argparse.Namespace) -> dict:
+    """The recipe's rounding, LoRA weighting and identity candidate, each overridden by its flag when given."""
+    chosen = {"rounding": args.rounding, "lora_weighting": args.lora_weighting,
+              "identity_candidate": args.identity_candidate}
+    return RECIPES[args.recipe] | {name: value for name, value in chosen.items() if value is not None}
+
+
 def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
     try:
         return QuantConfig(
@@ -61,7 +70,7 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
             act_dynamic=not args.static_act, smooth=not args.no_smooth, alpha_grid=tuple(args.alpha_grid),
             lora_rank=args.lora_rank, lora_iters=args.lora_iters, search_lora_iters=args.search_lora_iters,
             search_rows_per_step=args.search_rows_per_step, adaln_weight_bits=args.adaln_bit,
-            rounding=args.rounding, lora_weighting=args.lora_weighting, identity_candidate=args.identity_candidate,
+            **method_settings(args),
         )
     except ValueError as error:
         raise UserError(f"{error}") from None
@@ -172,15 +181,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--static-act", action="store_true",
                         help="fix activation ranges from calibration instead of computing them per forward")
     parser.add_argument("--no-smooth", action="store_true", help="skip TAS smoothing (round-to-nearest baseline)")
-    parser.add_argument("--identity-candidate", action="store_true",
-                        help="also offer each layer no smoothing (s = 1) in the grid search")
-    parser.add_argument("--rounding", choices=ROUNDINGS, default=QuantConfig.rounding,
+    parser.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE,
+                        help="paper: the published DiTAS (round to nearest, plain LoRA, alpha grid only), code for code; "
+                             f"best (default): {', '.join(f'{k}={v}' for k, v in RECIPES['best'].items())}, the best "
+                             "measured on the demo (README, 'Beyond the paper'). The three flags below override it")
+    parser.add_argument("--identity-candidate", action=argparse.BooleanOptionalAction, default=None,
+                        help="also offer each layer no smoothing (s = 1) in the grid search (default: the recipe's)")
+    parser.add_argument("--rounding", choices=ROUNDINGS, default=None,
                         help="final weight codes: round to nearest (the paper), or compensated: column by column, "
                              "each rounding error pushed onto the remaining columns through the calibration inputs' "
-                             "H = sum x^T x (GPTQ-style, data-free); the grid search still rounds to nearest")
-    parser.add_argument("--lora-weighting", choices=LORA_WEIGHTINGS, default=QuantConfig.lora_weighting,
+                             "H = sum x^T x (GPTQ-style, data-free); the grid search still rounds to nearest "
+                             "(default: the recipe's)")
+    parser.add_argument("--lora-weighting", choices=LORA_WEIGHTINGS, default=None,
                         help="what the LoRA minimises: plain ||W - Q - LR|| (the paper), or activation: the layer's "
-                             "output error over the calibration inputs, ||(W - Q - LR) H^1/2||")
+                             "output error over the calibration inputs, ||(W - Q - LR) H^1/2|| (default: the recipe's)")
     parser.add_argument("--storage-dtype", choices=["source", "float32"], default="source",
                         help="dtype of the checkpoint's floating-point parts (LoRA factors, biases, unquantized "
                              "weights): the source checkpoint's (bf16 for the demo: 0.48x its size with --adaln-bit 8) "

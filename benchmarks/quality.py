@@ -25,7 +25,7 @@ from evaluation.data import FASHION_MNIST_DIR, fashion_mnist_tensors, to_model_r
 from evaluation.metrics import accuracy, frechet_distance_of_features, psnr
 from quant.backends import BACKENDS, prepare_for_inference
 from quant.calibrate import CalibrationRun, default_calibration_labels
-from quant.config import QuantConfig
+from quant.config import DEFAULT_RECIPE, RECIPES, QuantConfig
 from quant.pipeline import quantize_dit
 from runtime.checkpoints import load_model, resolve_spec
 from runtime.sampling import sample_uint8
@@ -44,6 +44,7 @@ METHODS = {
     "DiTAS + weighted LoRA": dict(lora_weighting="activation"),
     "DiTAS + no-smoothing candidate": dict(identity_candidate=True),
     "DiTAS + all three": dict(rounding="compensated", lora_weighting="activation", identity_candidate=True),
+    "default": RECIPES[DEFAULT_RECIPE],  # what QuantDiT.py does without flags (now: the three parts above)
     "DiTAS per-group 64": dict(weight_granularity="per_group", weight_group_size=64),
     "DiTAS per-group 128": dict(weight_granularity="per_group", weight_group_size=128),
     # issue 17: two-level groups (a float scale per row, integer scales per group)

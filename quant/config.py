@@ -18,6 +18,14 @@ LORA_WEIGHTINGS = ("plain", "activation")
 WEIGHT_BITS_RANGE = (2, 8)
 ACT_BITS_RANGE = (4, 16)
 ADALN_WEIGHT_BITS = (8,)
+# Named method settings on top of QuantConfig's field defaults, which are the published DiTAS
+# ("paper": rounding to nearest, the plain LoRA, the α grid alone). QuantDiT.py applies
+# DEFAULT_RECIPE: the best measured on the demo (README, "Beyond the paper"; benchmarks/RESULTS.md).
+RECIPES: dict[str, dict] = {
+    "paper": {},
+    "best": dict(rounding="compensated", lora_weighting="activation", identity_candidate=True),
+}
+DEFAULT_RECIPE = "best"
 
 
 def default_alpha_grid() -> tuple[float, ...]:

@@ -1,5 +1,5 @@
 """Error-compensating rounding, the activation-weighted LoRA and the no-smoothing candidate
-(options of QuantConfig; the paper's settings stay the defaults until measured)."""
+(QuantConfig options; QuantDiT.py's default recipe "best" turns all three on, "paper" none)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_PIXEL_KWARGS, randomize
 from quant.calibrate import CalibrationRun
 from quant.compensate import compensated_codes, inverse_cholesky, root_and_inverse_root
-from quant.config import QuantConfig
+from quant.config import DEFAULT_RECIPE, RECIPES, QuantConfig
 from quant.lowrank import quantize_with_low_rank
 from quant.pipeline import quantize_dit
 from quant.primitives import quantize_weight
@@ -85,8 +85,7 @@ def test_pipeline_with_compensated_rounding_weighted_lora_and_the_identity_candi
     spec = ModelSpec(dit_kwargs=dict(TINY_PIXEL_KWARGS), vae=None)
     run = CalibrationRun(tuple(range(10)), 1.5, 3, 0)
     reports = {}
-    for name, changes in {"paper": {}, "new": dict(rounding="compensated", lora_weighting="activation",
-                                                   identity_candidate=True)}.items():
+    for name, changes in {"paper": RECIPES["paper"], "new": RECIPES["best"]}.items():
         config = QuantConfig(lora_rank=4, lora_iters=2, alpha_grid=(0.0, 0.5), search_rows_per_step=0, **changes)
         model = randomize(spec.build(), std=0.1)
         _, reports[name] = quantize_dit(model, config, run, torch.device("cpu"), progress=False)
@@ -166,3 +165,50 @@ def test_a_model_whose_layers_chose_no_smoothing_saves_and_loads(tmp_path, monke
     loaded, _, _ = load_quantized(save_quantized(tmp_path / "q", model, config, spec), "cpu")
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 900]), torch.tensor([0, 9])
     assert torch.equal(model(x, t, y), loaded(x, t, y))
+
+
+# QuantConfig's field defaults before the recipes existed: "paper" must keep every one of them.
+PUBLISHED_METHOD = dict(weight_bits=4, act_bits=8, weight_granularity="per_channel", weight_group_size=128,
+                        weight_symmetric=False, act_granularity="per_tensor", act_dynamic=True, smooth=True,
+                        lora_rank=32, lora_iters=10, low_rank_method="randomized", search_lora_iters=0,
+                        search_rows_per_step=512, adaln_weight_bits=None, rounding="nearest", lora_weighting="plain",
+                        identity_candidate=False, hessian_damping=0.01)
+
+
+def quantdit_config(*argv: str) -> QuantConfig:
+    import QuantDiT
+
+    return QuantDiT.quant_config_from_args(QuantDiT.parse_args(["--ckpt", "x.pt", *argv]))
+
+
+def test_the_paper_recipe_is_the_published_method_and_best_is_the_default():
+    paper = quantdit_config("--recipe", "paper")
+    assert {name: getattr(paper, name) for name in PUBLISHED_METHOD} == PUBLISHED_METHOD
+    assert paper.alpha_grid == tuple(round(0.05 * i, 2) for i in range(21))
+    assert DEFAULT_RECIPE == "best"
+    best = quantdit_config()
+    assert (best.rounding, best.lora_weighting, best.identity_candidate) == ("compensated", "activation", True)
+    assert quantdit_config("--recipe", "best") == best
+
+
+def test_explicit_flags_override_the_recipe():
+    config = quantdit_config("--rounding", "nearest", "--no-identity-candidate")
+    assert (config.rounding, config.lora_weighting, config.identity_candidate) == ("nearest", "activation", False)
+    config = quantdit_config("--recipe", "paper", "--lora-weighting", "activation")
+    assert (config.rounding, config.lora_weighting, config.identity_candidate) == ("nearest", "activation", False)
+
+
+def test_the_paper_recipe_reproduces_the_published_codes_bit_for_bit():
+    """The same tiny model quantized with "paper" and with the published settings spelled out field
+    by field: identical integer codes, scales, zero points and LoRA factors."""
+    spec = ModelSpec(dit_kwargs=dict(TINY_PIXEL_KWARGS), vae=None)
+    run = CalibrationRun(tuple(range(10)), 1.5, 3, 0)
+    small = dict(lora_rank=4, lora_iters=2, alpha_grid=(0.0, 0.5), search_rows_per_step=0)
+    models = []
+    for config in (QuantConfig(**RECIPES["paper"], **small), QuantConfig(**(PUBLISHED_METHOD | small))):
+        torch.manual_seed(0)
+        model, _ = quantize_dit(randomize(spec.build(), std=0.1), config, run, torch.device("cpu"), progress=False)
+        models.append(model.state_dict())
+    assert models[0].keys() == models[1].keys()
+    for name, tensor in models[0].items():
+        assert torch.equal(tensor, models[1][name]), name
