@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from diffusion import create_diffusion
-from runtime.sampling import SampleNoise
+from runtime.sampling import SampleNoise, denoiser_step, guided_batch
 
 from .targets import LayerTarget, get_module
 
@@ -76,20 +76,16 @@ def input_hooks(model: nn.Module, targets: Sequence[LayerTarget],
 @torch.no_grad()
 def run_sampling(model: nn.Module, run: CalibrationRun, device: torch.device,
                  progress: bool = True, desc: str = "calibration") -> None:
-    """The calibration run: ancestral sampling with CFG for run.labels (results discarded)."""
+    """The calibration run: ancestral sampling with CFG for run.labels (results discarded), the
+    model called as the samplers call it (runtime.sampling)."""
     diffusion = run.diffusion()
     spec_shape = (model.in_channels, model.x_embedder.grid_size * model.patch_size,
                   model.x_embedder.grid_size * model.patch_size)
     noise = SampleNoise(run.seed, range(len(run.labels)), spec_shape, device)
-    labels = torch.tensor(run.labels, device=device)
-    x_T = noise.draw()
-    null = torch.full_like(labels, model.y_embedder.num_classes)
-    z = torch.cat([x_T, x_T])
-    steps = diffusion.p_sample_loop_progressive(
-        model.forward_with_cfg, z.shape, z, clip_denoised=False,
-        model_kwargs=dict(y=torch.cat([labels, null]), cfg_scale=run.cfg_scale), device=device,
-        noise_fn=noise.noise_fn,
-    )
+    z, y = guided_batch(model, noise.draw(), torch.tensor(run.labels, device=device), run.cfg_scale)
+    step, _ = denoiser_step(model, run.cfg_scale)
+    steps = diffusion.p_sample_loop_progressive(step, z.shape, z, clip_denoised=False, model_kwargs=dict(y=y),
+                                                device=device, noise_fn=noise.noise_fn)
     if progress:
         from tqdm.auto import tqdm
 

@@ -61,6 +61,103 @@ def _timed_stage(name: str, device: torch.device, seconds: dict[str, float], log
     log(f"{name}: {seconds[name]:.1f} s")
 
 
+@dataclass
+class _Job:
+    """What every stage reads: the model being quantized, its settings and the run."""
+
+    model: nn.Module
+    config: QuantConfig
+    run: CalibrationRun
+    device: torch.device
+    compute_dtype: torch.dtype
+    progress: bool
+    targets: list[LayerTarget]
+    linears: dict[str, nn.Linear]
+    generator: torch.Generator  # the randomized SVD's, consumed in the stages' order
+
+    @property
+    def plain(self) -> QuantConfig:
+        """The settings of the grid search and the report's baseline: rounding to nearest, the
+        plain LoRA, whatever the final weights use (scoring every α with compensated rounding
+        would cost a rounding pass per candidate: a stand-in, like search_lora_iters)."""
+        return dataclasses.replace(self.config, rounding="nearest", lora_weighting="plain")
+
+    def quantized(self, target: LayerTarget, factors: torch.Tensor | None, lora_iters: int,
+                  stats: dict[str, ChannelStats], settings: QuantConfig | None = None):
+        """(layer, LoRA errors): the target quantized with its inputs divided by `factors` (None: no
+        smoothing) as a batch of one."""
+        linear = self.linears[target.name]
+        factors = torch.ones(linear.in_features, device=self.device) if factors is None else factors
+        return quantize_layer(linear, factors.unsqueeze(0), settings or self.config, lora_iters,
+                              stats.get(target.name), self.generator)
+
+
+@dataclass
+class _Search:
+    factors: dict[str, torch.Tensor | None]  # the chosen smoothing factors; None: not smoothed
+    chosen: dict[str, int]  # index of the chosen candidate
+    errors: dict[str, tuple[float, ...]]  # relative error of every candidate
+
+
+def _needs_statistics(config: QuantConfig) -> bool:
+    """Whether any stage reads the calibration statistics (smoothing, static ranges, H)."""
+    return config.smooth or not config.act_dynamic or config.needs_input_gram
+
+
+def _calibrate(job: _Job) -> dict[str, ChannelStats]:
+    return collect_channel_stats(job.model, job.targets, job.run, job.device, job.progress,
+                                 with_gram=job.config.needs_input_gram)
+
+
+def _candidates(job: _Job, stats: dict[str, ChannelStats]) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
+    """(factors of every candidate, the candidates to score) per layer."""
+    alphas = torch.tensor(job.config.alpha_grid, device=job.device)
+    all_factors = {t.name: candidate_factors(stats[t.name].absmax, weight_channel_absmax(job.linears[t.name].weight),
+                                             alphas, job.config.identity_candidate)
+                   for t in job.targets}
+
+    def build(t: LayerTarget) -> QuantizedLayer:
+        return quantize_layer(job.linears[t.name], all_factors[t.name], job.plain, job.config.search_lora_iters,
+                              stats[t.name], job.generator)[0]
+
+    # Without LoRA a candidate is cheap to rebuild, so it is built at every timestep and never
+    # stored (memory independent of depth); with LoRA the fits are done once and kept, compactly.
+    candidates = {t.name: [functools.partial(build, t) if job.config.search_lora_iters == 0
+                           else compact(build(t), job.compute_dtype)]
+                  for t in job.targets}
+    return all_factors, candidates
+
+
+def _grid_search(job: _Job, all_factors: dict[str, torch.Tensor], candidates: dict[str, list]) -> _Search:
+    sums = score_candidates(job.model, job.targets, candidates, job.run, job.device, job.compute_dtype,
+                            job.config.search_rows_per_step, job.progress)
+    chosen = {t.name: best_candidate(sums[t.name].squared_error) for t in job.targets}
+    grid = len(job.config.alpha_grid)  # the identity candidate (last, when offered) means no smoothing
+    return _Search(factors={t.name: None if chosen[t.name] == grid else all_factors[t.name][chosen[t.name]]
+                            for t in job.targets},
+                   chosen=chosen,
+                   errors={t.name: tuple(sums[t.name].relative().tolist()) for t in job.targets})
+
+
+def _quantize_weights(job: _Job, stats: dict[str, ChannelStats], factors: dict[str, torch.Tensor | None]):
+    """(final layers, their LoRA error histories) with the full LoRA."""
+    from tqdm.auto import tqdm
+
+    lora_iters = job.config.lora_iters if job.config.lora_rank else 0
+    fitted = {t.name: job.quantized(t, factors[t.name], lora_iters, stats)
+              for t in tqdm(job.targets, desc="weights + LoRA", disable=not job.progress)}
+    return ({name: layer for name, (layer, _) in fitted.items()},
+            {name: errors for name, (_, errors) in fitted.items()})
+
+
+def _measure(job: _Job, stats: dict[str, ChannelStats], finals: dict[str, QuantizedLayer]) -> dict:
+    """Each layer's output error over the run: plain round-to-nearest (no smoothing, no LoRA) and final."""
+    rtn = {t.name: job.quantized(t, None, 0, stats, job.plain)[0] for t in job.targets}
+    return score_candidates(job.model, job.targets, {t.name: [rtn[t.name], finals[t.name]] for t in job.targets},
+                            job.run, job.device, job.compute_dtype, job.config.search_rows_per_step, job.progress,
+                            desc="layer errors")
+
+
 @torch.no_grad()
 def quantize_dit(
     model: nn.Module,
@@ -74,90 +171,40 @@ def quantize_dit(
     """Quantize `model` in place (its target layers become QuantLinear, adaLN and V rows absorb
     the smoothing factors) and return it with a per-layer report."""
     log = logger.info if logger else (lambda message: None)
-    compute_dtype = compute_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model.eval()
     targets = quant_targets(model)
+    job = _Job(model, config, run, device, compute_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32),
+               progress, targets, {t.name: get_module(model, t.name) for t in targets},
+               torch.Generator().manual_seed(run.seed))
     report = QuantizationReport()
     stage = functools.partial(_timed_stage, device=device, seconds=report.seconds, log=log)
-    generator = torch.Generator().manual_seed(run.seed)
-    linears = {t.name: get_module(model, t.name) for t in targets}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     stats: dict[str, ChannelStats] = {}
-    if config.smooth or not config.act_dynamic or config.needs_input_gram:
+    if _needs_statistics(config):
         with stage("calibration (TAS statistics)"):
-            stats = collect_channel_stats(model, targets, run, device, progress,
-                                          with_gram=config.needs_input_gram)
-    # The grid search and the report's baseline round to nearest with the plain LoRA, whatever the
-    # final weights use: scoring every α with compensated rounding would cost a rounding pass per
-    # candidate (a stand-in, like search_lora_iters).
-    plain = dataclasses.replace(config, rounding="nearest", lora_weighting="plain")
-
-    def one_candidate(target: LayerTarget, f: torch.Tensor | None, lora_iters: int, settings: QuantConfig = config):
-        """The layer quantized with factors f (None: no smoothing) as a batch of one."""
-        f = torch.ones(linears[target.name].in_features, device=device) if f is None else f
-        return quantize_layer(linears[target.name], f.unsqueeze(0), settings, lora_iters, stats.get(target.name),
-                              generator)
-
-    def rtn(target: LayerTarget) -> QuantizedLayer:
-        """Plain round-to-nearest: no smoothing, no LoRA; the "before" of the report."""
-        return one_candidate(target, None, 0, plain)[0]
-
-    factors: dict[str, torch.Tensor | None] = {t.name: None for t in targets}
-    chosen: dict[str, int] = {}
-    search_errors: dict[str, tuple[float, ...]] = {}
-    alphas = torch.tensor(config.alpha_grid, device=device)
+            stats = _calibrate(job)
+    search = _Search(factors=dict.fromkeys(job.linears), chosen={}, errors={})
     if config.smooth:
         with stage("candidates"):
-            all_factors = {
-                t.name: candidate_factors(stats[t.name].absmax, weight_channel_absmax(linears[t.name].weight), alphas,
-                                          config.identity_candidate)
-                for t in targets
-            }
-
-            def build(t: LayerTarget) -> QuantizedLayer:
-                return quantize_layer(linears[t.name], all_factors[t.name], plain, config.search_lora_iters,
-                                      stats[t.name], generator)[0]
-
-            # Without LoRA a candidate is cheap to rebuild, so it is built at every timestep and
-            # never stored (memory independent of depth); with LoRA the fits are done once and
-            # kept, compactly.
-            candidates = {
-                t.name: [functools.partial(build, t) if config.search_lora_iters == 0 else compact(build(t), compute_dtype)]
-                for t in targets
-            }
+            all_factors, candidates = _candidates(job, stats)
         with stage("grid search"):
-            sums = score_candidates(model, targets, candidates, run, device, compute_dtype,
-                                    config.search_rows_per_step, progress)
+            search = _grid_search(job, all_factors, candidates)
         del candidates
-        chosen = {t.name: best_candidate(sums[t.name].squared_error) for t in targets}
-        search_errors = {t.name: tuple(sums[t.name].relative().tolist()) for t in targets}
-        # the identity candidate (last, when offered) means no smoothing: nothing to fold
-        factors = {t.name: None if chosen[t.name] == len(config.alpha_grid) else all_factors[t.name][chosen[t.name]]
-                   for t in targets}
-
     with stage("weight quantization + LoRA"):
-        from tqdm.auto import tqdm
-
-        lora_iters = config.lora_iters if config.lora_rank else 0
-        fitted = {t.name: one_candidate(t, factors[t.name], lora_iters)
-                  for t in tqdm(targets, desc="weights + LoRA", disable=not progress)}
-        finals = {name: layer for name, (layer, _) in fitted.items()}
-        lora_errors = {name: errors for name, (_, errors) in fitted.items()}
-
+        finals, lora_errors = _quantize_weights(job, stats, search.factors)
     with stage("measuring layer errors"):
-        sums = score_candidates(model, targets, {t.name: [rtn(t), finals[t.name]] for t in targets}, run,
-                                device, compute_dtype, config.search_rows_per_step, progress, desc="layer errors")
+        sums = _measure(job, stats, finals)
 
     for t in targets:
         relative = sums[t.name].relative()
-        alpha = float(config.alpha_grid[chosen[t.name]]) if factors[t.name] is not None else None
+        alpha = float(config.alpha_grid[search.chosen[t.name]]) if search.factors[t.name] is not None else None
         report.layers.append(LayerReport(t.name, t.role, alpha, float(relative[0]), float(relative[1]),
-                                         lora_errors[t.name], search_errors.get(t.name, ())))
+                                         lora_errors[t.name], search.errors.get(t.name, ())))
 
     with stage("install + fold"):
-        install(model, targets, {t.name: finals[t.name].select(0) for t in targets}, factors, config)
+        install(model, targets, {t.name: finals[t.name].select(0) for t in targets}, search.factors, config)
     if device.type == "cuda":
         report.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
     return model, report

@@ -108,18 +108,22 @@ def denoiser_step(model, cfg_scale: float) -> tuple[Callable[..., torch.Tensor],
     return step, ("cfg", cfg_scale)
 
 
+def guided_batch(model, x_T: torch.Tensor, labels: torch.Tensor, cfg_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, y), the model's batch for sampling x_T under `labels`: with classifier-free guidance
+    (cfg_scale > 1) doubled, the second half conditioned on the null class."""
+    if cfg_scale > 1.0:
+        null = torch.full_like(labels, model.y_embedder.num_classes)
+        return torch.cat([x_T, x_T]), torch.cat([labels, null])
+    return x_T, labels
+
+
 @torch.no_grad()
 def generate(model, diffusion, labels: torch.Tensor, noise: SampleNoise, cfg_scale: float, progress: bool = False,
              graphs: StepGraphs | None = None) -> torch.Tensor:
     """Ancestral sampling of one model-space sample per label, with classifier-free guidance when
     cfg_scale > 1 (the batch is doubled; the second half uses the null class). With `graphs`,
     every model call is a CUDA graph replay (captured at the first call of each batch shape)."""
-    x_T = noise.draw()
-    if cfg_scale > 1.0:
-        null = torch.full_like(labels, model.y_embedder.num_classes)
-        z, y = torch.cat([x_T, x_T]), torch.cat([labels, null])
-    else:
-        z, y = x_T, labels
+    z, y = guided_batch(model, noise.draw(), labels, cfg_scale)
     step, key = denoiser_step(model, cfg_scale)
 
     def model_fn(x, t, y):

@@ -240,7 +240,10 @@ def test_quantdit_flags_reach_the_quantizer(tmp_path):
     assert result.returncode == 0, result.stderr
     meta = json.loads((tmp_path / "out" / "quant.json").read_text())
     assert meta["quant_config"]["weight_bits"] == 3 and meta["quant_config"]["act_bits"] == 6
-    assert set(meta["alphas"].values()) <= {0.25, 0.75}
+    assert meta["quant_config"]["alpha_grid"] == [0.25, 0.75]
+    # the default recipe also offers each layer no smoothing (None); any α chosen is from the grid
+    assert set(meta["alphas"].values()) <= {0.25, 0.75, None}
+    assert meta["quant_config"]["rounding"] == "compensated"
     assert len(meta["source_sha256"]) == 64 and "torch" in meta["versions"]
     model, config, _ = load_quantized(tmp_path / "out")
     assert int(unpack_int4(model.blocks[0].attn.qkv.weight_codes).max()) <= 7  # 3-bit codes
