@@ -37,13 +37,8 @@ def quantize_layer(
         if stats is None or stats.gram is None:
             raise ValueError(f"{config.rounding} rounding and {config.lora_weighting} LoRA need the inputs' H")
         grams = smoothed_grams(stats.gram.to(weight.device), factors)
-    if config.rounding == "compensated":
-        uppers = [inverse_cholesky(g, config.hessian_damping) for g in grams]  # once, not per LoRA iteration
-        quantize = functools.partial(compensate_each, uppers=uppers, rounder=quantize, symmetric=config.weight_symmetric)
-    weighting = None
-    if config.lora_weighting == "activation":
-        roots = [root_and_inverse_root(g, config.hessian_damping) for g in grams]
-        weighting = (torch.stack([r for r, _ in roots]), torch.stack([i for _, i in roots]))
+    quantize = ROUNDERS[config.rounding](quantize, grams, config)
+    weighting = LORA_METRICS[config.lora_weighting](grams, config)
     rank = config.lora_rank if lora_iters > 0 else 0
     fitted = quantize_with_low_rank(weight, quantize, rank, max(lora_iters, 1), config.low_rank_method, generator,
                                     weighting)
@@ -65,6 +60,34 @@ def quantize_layer(
         static_range=static_range,
     )
     return layer, fitted.errors
+
+
+# The method's parts chosen by QuantConfig, by name (the names QuantConfig validates: ROUNDINGS,
+# LORA_WEIGHTINGS). A rounder turns round-to-nearest (a function of a (candidates, out, in) weight)
+# into the rounding used; a LoRA metric gives the (H^½, H^−½) pair the low-rank fit is weighted
+# by, or None for the plain ‖W − Q − L·R‖. `grams` is H of each candidate's smoothed inputs, or None.
+
+
+def _round_to_nearest(nearest, grams, config: QuantConfig):
+    return nearest
+
+
+def _compensated_rounding(nearest, grams, config: QuantConfig):
+    uppers = [inverse_cholesky(g, config.hessian_damping) for g in grams]  # once, not per LoRA iteration
+    return functools.partial(compensate_each, uppers=uppers, rounder=nearest, symmetric=config.weight_symmetric)
+
+
+def _plain_metric(grams, config: QuantConfig):
+    return None
+
+
+def _activation_metric(grams, config: QuantConfig):
+    roots = [root_and_inverse_root(g, config.hessian_damping) for g in grams]
+    return torch.stack([r for r, _ in roots]), torch.stack([i for _, i in roots])
+
+
+ROUNDERS = {"nearest": _round_to_nearest, "compensated": _compensated_rounding}
+LORA_METRICS = {"plain": _plain_metric, "activation": _activation_metric}
 
 
 def smoothed_grams(gram: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:

@@ -212,3 +212,10 @@ def test_the_paper_recipe_reproduces_the_published_codes_bit_for_bit():
     assert models[0].keys() == models[1].keys()
     for name, tensor in models[0].items():
         assert torch.equal(tensor, models[1][name]), name
+
+
+def test_every_rounding_and_lora_weighting_the_config_accepts_has_its_part():
+    from quant.config import LORA_WEIGHTINGS, ROUNDINGS
+    from quant.layers import LORA_METRICS, ROUNDERS
+
+    assert set(ROUNDERS) == set(ROUNDINGS) and set(LORA_METRICS) == set(LORA_WEIGHTINGS)
