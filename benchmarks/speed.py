@@ -43,12 +43,13 @@ import torch
 from benchmarks.quantize_speed import random_dit
 from benchmarks.rowlog import RowLog, provenance
 from diffusion import create_diffusion
-from quant.backends import TritonQuantLinear, TritonQuantMlp, prepare_for_inference, register_kernel_op
+from quant.backends import prepare_for_inference
 from quant.config import QuantConfig
 from quant.layers import quantize_layer
 from quant.modules import QuantLinear
 from quant.pipeline import install
 from quant.targets import get_module, quant_targets
+from quant.triton_modules import TritonQuantLinear, TritonQuantMlp, register_kernel_op
 from runtime.checkpoints import spec_from_name
 from runtime.sampling import StepGraphs, compile_blocks, denoiser_step, generate
 

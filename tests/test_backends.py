@@ -15,14 +15,7 @@ if "quant.kernels" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 triton = pytest.importorskip("triton")
 
-from quant.backends import (  # noqa: E402
-    TritonQuantLinear,
-    TritonQuantMlp,
-    fuse_mlps,
-    kernel_unsupported_reason,
-    prepare_for_inference,
-    register_kernel_op,
-)
+from quant.backends import prepare_for_inference  # noqa: E402
 from quant.config import QuantConfig  # noqa: E402
 from quant.kernels import (  # noqa: E402
     INTERPRETED,
@@ -34,6 +27,13 @@ from quant.kernels import (  # noqa: E402
 )
 from quant.modules import QuantLinear  # noqa: E402
 from quant.primitives import QuantizedLayer, quantize_activation, quantize_weight  # noqa: E402
+from quant.triton_modules import (  # noqa: E402
+    TritonQuantLinear,
+    TritonQuantMlp,
+    fuse_mlps,
+    kernel_unsupported_reason,
+    register_kernel_op,
+)
 from runtime.checkpoints import ModelSpec  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not INTERPRETED, reason="the kernels were loaded without the interpreter")

@@ -133,9 +133,9 @@ def test_compensated_rounding_keeps_two_level_codes_inside_int8():
 
 
 def test_a_two_level_model_saves_and_loads_and_the_kernels_cover_it(tmp_path):
-    from quant.backends import kernel_unsupported_reason
     from quant.checkpoint import load_quantized, save_quantized
     from quant.modules import QuantLinear
+    from quant.triton_modules import kernel_unsupported_reason
 
     spec = ModelSpec(dit_kwargs=dict(TINY_PIXEL_KWARGS), vae=None)
     config = QuantConfig(weight_granularity="two_level", weight_group_size=32, lora_rank=4, alpha_grid=(0.5,))

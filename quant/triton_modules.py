@@ -1,0 +1,242 @@
+"""The `triton` backend's modules: a QuantLinear computed by the int8 kernels (quant/kernels.py),
+DiT's Mlp with GELU and fc2's range fused into fc1's epilogue, the kernels as torch custom ops
+(opaque to torch.compile), and the swap of a model's quantized layers for them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .modules import QuantLinear
+from .primitives import activation_qparams, unpack_int4
+from .targets import set_module
+
+MAX_KERNEL_ACT_BITS = 8
+KERNEL_ACT_GRANULARITIES = ("per_tensor", "per_token")
+
+
+def kernel_unsupported_reason(layer: QuantLinear) -> str | None:
+    """Why the integer kernels cannot run `layer` (None: they can)."""
+    if layer.group_size != layer.in_features and layer.weight_group_scale is None:
+        return "per-group weight scales"
+    if layer.act_granularity not in KERNEL_ACT_GRANULARITIES:
+        return f"{layer.act_granularity} activation ranges"
+    if layer.act_bits > MAX_KERNEL_ACT_BITS:
+        return f"{layer.act_bits}-bit activations"
+    return None
+
+
+class TritonQuantLinear(nn.Module):
+    """The same function as a QuantLinear, computed by the int8 kernels. Built from a QuantLinear;
+    holds only what the kernels read (codes signed or packed, int32 column sums and zero points,
+    float32 scales and bias, bf16 LoRA factors padded to a rank multiple of 16)."""
+
+    def __init__(self, source: QuantLinear, use_tma: bool | None = None):
+        super().__init__()
+        from .kernels import BYTE_SHIFT, LORA_MULTIPLE, LORA_TORCH_DTYPE, PACKED_SHIFT, pack_split
+
+        self.in_features, self.out_features = source.in_features, source.out_features
+        self.act_bits, self.weight_bits, self.packed = source.act_bits, source.weight_bits, source.packed
+        self.act_granularity = source.act_granularity
+        # TMA tile loads: 1.1-1.2x faster for packed weights on an H100, slower for int8 codes
+        # except at fc2's shape (benchmarks/RESULTS.md). TMA needs 16-byte aligned row strides.
+        self.use_tma = (self.packed and self.in_features % 16 == 0) if use_tma is None else use_tma
+        codes = unpack_int4(source.weight_codes) if self.packed else source.weight_codes
+        table = None
+        if source.weight_group_scale is not None:
+            # two-level groups: the GEMM's weight operand is the int8 (c − z)·k, zero point 0
+            k, z = source.weight_group_scale, source.weight_zero
+            signed = ((codes.reshape(*k.shape, -1).to(torch.int32) - z.to(torch.int32).unsqueeze(-1))
+                      * k.to(torch.int32).unsqueeze(-1)).reshape(codes.shape)
+            weight = pack_split(codes) if self.packed else signed.to(torch.int8)
+            table = torch.stack([k, z], dim=-1).contiguous() if self.packed else None
+            weight_zero = torch.zeros(self.out_features, dtype=torch.int32, device=codes.device)
+            self.use_tma = False  # unpacked before every GEMM
+        else:
+            shift = PACKED_SHIFT.value if self.packed else BYTE_SHIFT
+            signed = codes.to(torch.int32) - shift
+            weight = pack_split(codes) if self.packed else signed.to(torch.int8)
+            weight_zero = source.weight_zero.reshape(-1).to(torch.int32) - shift
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("group_table", table)
+        self.register_buffer("column_sums", signed.sum(dim=1, dtype=torch.int32))
+        self.register_buffer("weight_zero", weight_zero)
+        self.register_buffer("weight_scale", source.weight_scale.reshape(-1).float().contiguous())
+        self.register_buffer("bias", None if source.bias is None else source.bias.float().contiguous())
+        self.register_buffer("smooth_inv", None if source.smooth_inv is None else source.smooth_inv.float())
+        self.register_buffer("act_range", None if source.act_range is None else source.act_range.float())
+        left, right = source.lora_left, source.lora_right
+        if left is not None:
+            padded = -(-left.shape[1] // LORA_MULTIPLE) * LORA_MULTIPLE
+            left = F.pad(left.float(), (0, padded - left.shape[1])).to(LORA_TORCH_DTYPE).contiguous()
+            right = F.pad(right.float(), (0, 0, 0, padded - right.shape[0])).to(LORA_TORCH_DTYPE).contiguous()
+        self.register_buffer("lora_left", left)
+        self.register_buffer("lora_right", right)
+
+    def _apply(self, fn, recurse=True):
+        # Keep the kernels' dtypes when the model is cast (model.to(bfloat16) must not round the
+        # float32 scales); moving between devices still applies.
+        def same_dtype(t: torch.Tensor) -> torch.Tensor:
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(moved.device)
+
+        return super()._apply(same_dtype, recurse)
+
+    @property
+    def per_token(self) -> bool:
+        return self.act_granularity == "per_token"
+
+    def qparams(self, x2d: torch.Tensor) -> torch.Tensor:
+        """[scales; zeros] of the activation codes, (2, 1) or per token (2, rows), as a float32
+        device tensor (no host sync)."""
+        if self.act_range is not None:
+            return self.qparams_of_range(self.act_range[:1], self.act_range[1:])
+        smoothed = x2d if self.smooth_inv is None else x2d * self.smooth_inv
+        # Row-wise first: a reduction along the rows' axis, which torch.compile fuses into the
+        # producer's row kernel (LayerNorm + modulation) instead of a slow whole-tensor reduction.
+        lo, hi = smoothed.amin(dim=1), smoothed.amax(dim=1)
+        return self.qparams_of_range(lo, hi) if self.per_token else self.qparams_of_range(lo.amin(), hi.amax())
+
+    def qparams_of_range(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """(2, R) [scales; zeros] of R ranges (lo, hi: (R,) or scalars)."""
+        return torch.stack(activation_qparams(lo, hi, self.act_bits)).reshape(2, -1)
+
+    def kernel_tensors(self) -> tuple:
+        """The layer's arguments of the ditas ops, after (x, qparams)."""
+        return (self.smooth_inv, self.lora_right, self.weight, self.packed, self.column_sums, self.weight_zero,
+                self.weight_scale, self.bias, self.lora_left, self.act_bits, self.use_tma, self.group_table)
+
+    def linear_2d(self, x2d: torch.Tensor, qparams: torch.Tensor) -> torch.Tensor:
+        return torch.ops.ditas.int8_linear(x2d, qparams, *self.kernel_tensors())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = rows_of(x, self.in_features)
+        return self.linear_2d(x2d, self.qparams(x2d)).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        rank = 0 if self.lora_left is None else self.lora_left.shape[1]
+        return (f"in={self.in_features}, out={self.out_features}, W{self.weight_bits}A{self.act_bits} int8 GEMM, "
+                f"packed={self.packed}, tma={self.use_tma}, act={self.act_granularity}, lora_rank(padded)={rank}, "
+                f"smooth_on_the_fly={self.smooth_inv is not None}")
+
+
+def rows_of(x: torch.Tensor, features: int) -> torch.Tensor:
+    """x as (rows, features) with stride 1 along the features, as the kernels read it."""
+    x2d = x.reshape(-1, features)
+    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+
+
+class TritonQuantMlp(nn.Module):
+    """DiT's Mlp (fc1 -> tanh GELU -> fc2) on the kernels with two passes over the hidden
+    activations fewer: fc1's GEMM epilogue applies GELU and reduces fc2's input range, per tensor
+    or per token (of GELU output × fc2's smoothing factors), while it stores the output."""
+
+    def __init__(self, fc1: TritonQuantLinear, fc2: TritonQuantLinear):
+        super().__init__()
+        self.fc1, self.fc2 = fc1, fc2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = rows_of(x, self.fc1.in_features)
+        dynamic = self.fc2.act_range is None
+        hidden, bounds = torch.ops.ditas.int8_linear_gelu(x2d, self.fc1.qparams(x2d), *self.fc1.kernel_tensors(),
+                                                          self.fc2.smooth_inv, dynamic, self.fc2.per_token)
+        qparams = self.fc2.qparams_of_range(bounds[0], -bounds[1]) if dynamic else self.fc2.qparams(hidden)
+        return self.fc2.linear_2d(hidden, qparams).reshape(*x.shape[:-1], self.fc2.out_features)
+
+
+def fusable_mlp(module: nn.Module) -> bool:
+    """Whether `module` is a DiT Mlp whose two layers both run on the kernels."""
+    act = getattr(module, "act", None)
+    return (isinstance(getattr(module, "fc1", None), TritonQuantLinear)
+            and isinstance(getattr(module, "fc2", None), TritonQuantLinear)
+            and isinstance(act, nn.GELU) and act.approximate == "tanh")
+
+
+def fuse_mlps(model: nn.Module) -> int:
+    """Swap every Mlp whose two layers run on the kernels for a TritonQuantMlp (in place); how many."""
+    names = [name for name, module in model.named_modules() if fusable_mlp(module)]
+    for name in names:
+        mlp = model.get_submodule(name)
+        set_module(model, name, TritonQuantMlp(mlp.fc1, mlp.fc2))
+    return len(names)
+
+
+_registered = False
+
+
+def register_kernel_op() -> None:
+    """torch.ops.ditas.int8_linear and int8_linear_gelu: the kernels as custom ops, opaque to
+    torch.compile (which still fuses the range reductions and everything around them)."""
+    global _registered
+    if _registered:
+        return
+    from .kernels import int8_gemm, quantize_rows
+
+    def run(x, qparams, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
+            lora_left, act_bits, use_tma, group_table, **epilogue):
+        codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right)
+        return int8_gemm(codes, rowsum, qparams, weight, packed, column_sums, weight_zero, weight_scale, bias, down,
+                         lora_left, x.dtype, use_tma, group_table=group_table, **epilogue)
+
+    @torch.library.custom_op("ditas::int8_linear", mutates_args=())
+    def int8_linear(x: torch.Tensor, qparams: torch.Tensor, smooth_inv: torch.Tensor | None,
+                    lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool, column_sums: torch.Tensor,
+                    weight_zero: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                    lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
+                    group_table: torch.Tensor | None) -> torch.Tensor:
+        return run(x, qparams, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
+                   lora_left, act_bits, use_tma, group_table)
+
+    @int8_linear.register_fake
+    def _(x, qparams, smooth_inv, lora_right, weight, *rest):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.custom_op("ditas::int8_linear_gelu", mutates_args=())
+    def int8_linear_gelu(x: torch.Tensor, qparams: torch.Tensor, smooth_inv: torch.Tensor | None,
+                         lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool,
+                         column_sums: torch.Tensor, weight_zero: torch.Tensor, weight_scale: torch.Tensor,
+                         bias: torch.Tensor | None, lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
+                         group_table: torch.Tensor | None, bounds_scale: torch.Tensor | None, with_bounds: bool,
+                         bounds_per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """GELU(linear(x)), and [min, −max] of its output × bounds_scale, (2, 1) or per row (2, M)
+        (+inf when not with_bounds)."""
+        bounds = torch.full((2, x.shape[0] if bounds_per_row else 1), float("inf"), dtype=torch.float32,
+                            device=x.device)
+        out = run(x, qparams, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
+                  lora_left, act_bits, use_tma, group_table, gelu=True, bounds=bounds if with_bounds else None,
+                  bounds_scale=bounds_scale)
+        return out, bounds
+
+    @int8_linear_gelu.register_fake
+    def _(x, qparams, smooth_inv, lora_right, weight, *rest):
+        bounds_per_row = rest[-1]
+        return (x.new_empty(x.shape[0], weight.shape[0]),
+                x.new_empty(2, x.shape[0] if bounds_per_row else 1, dtype=torch.float32))
+
+    _registered = True
+
+
+def install_kernels(model: nn.Module, log: Callable[[str], None]) -> None:
+    """Swap every quantized layer the kernels cover for a TritonQuantLinear and fuse the Mlps (in
+    place); the others keep the fake numerics, said in one log line. CUDA models only."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        log(f"backend triton needs a CUDA device (the model is on {device}): all {len(layers)} quantized layers "
+            "use the fake backend")
+        return
+    register_kernel_op()
+    fallbacks: dict[str, int] = {}
+    for name, layer in layers:
+        reason = kernel_unsupported_reason(layer)
+        if reason:
+            fallbacks[reason] = fallbacks.get(reason, 0) + 1
+            continue
+        set_module(model, name, TritonQuantLinear(layer))
+    fuse_mlps(model)
+    if fallbacks:
+        log(f"backend triton: {sum(fallbacks.values())} of {len(layers)} quantized layers use the fake backend "
+            f"(not covered by the kernels: {', '.join(f'{n} with {r}' for r, n in fallbacks.items())})")
