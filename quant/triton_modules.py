@@ -4,7 +4,9 @@ DiT's Mlp with GELU and fc2's range fused into fc1's epilogue, the kernels as to
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -16,6 +18,24 @@ from .targets import set_module
 
 MAX_KERNEL_ACT_BITS = 8
 KERNEL_ACT_GRANULARITIES = ("per_tensor", "per_token")
+
+
+class KernelTensors(NamedTuple):
+    """A TritonQuantLinear's arguments of the ditas ops after (x, qparams). Passed by name
+    (`**tensors._asdict()`), so only the ops' signatures fix an order."""
+
+    smooth_inv: torch.Tensor | None
+    lora_right: torch.Tensor | None
+    weight: torch.Tensor
+    packed: bool
+    column_sums: torch.Tensor
+    weight_zero: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+    lora_left: torch.Tensor | None
+    act_bits: int
+    use_tma: bool
+    group_table: torch.Tensor | None
 
 
 def kernel_unsupported_reason(layer: QuantLinear) -> str | None:
@@ -104,13 +124,12 @@ class TritonQuantLinear(nn.Module):
         """(2, R) [scales; zeros] of R ranges (lo, hi: (R,) or scalars)."""
         return torch.stack(activation_qparams(lo, hi, self.act_bits)).reshape(2, -1)
 
-    def kernel_tensors(self) -> tuple:
-        """The layer's arguments of the ditas ops, after (x, qparams)."""
-        return (self.smooth_inv, self.lora_right, self.weight, self.packed, self.column_sums, self.weight_zero,
-                self.weight_scale, self.bias, self.lora_left, self.act_bits, self.use_tma, self.group_table)
+    def kernel_tensors(self) -> KernelTensors:
+        """The layer's arguments of the ditas ops, after (x, qparams): its attributes of those names."""
+        return KernelTensors(**{name: getattr(self, name) for name in KernelTensors._fields})
 
     def linear_2d(self, x2d: torch.Tensor, qparams: torch.Tensor) -> torch.Tensor:
-        return torch.ops.ditas.int8_linear(x2d, qparams, *self.kernel_tensors())
+        return torch.ops.ditas.int8_linear(x2d, qparams, **self.kernel_tensors()._asdict())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = rows_of(x, self.in_features)
@@ -141,8 +160,9 @@ class TritonQuantMlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = rows_of(x, self.fc1.in_features)
         dynamic = self.fc2.act_range is None
-        hidden, bounds = torch.ops.ditas.int8_linear_gelu(x2d, self.fc1.qparams(x2d), *self.fc1.kernel_tensors(),
-                                                          self.fc2.smooth_inv, dynamic, self.fc2.per_token)
+        hidden, bounds = torch.ops.ditas.int8_linear_gelu(x2d, self.fc1.qparams(x2d), **self.fc1.kernel_tensors()._asdict(),
+                                                          bounds_scale=self.fc2.smooth_inv, with_bounds=dynamic,
+                                                          bounds_per_row=self.fc2.per_token)
         qparams = self.fc2.qparams_of_range(bounds[0], -bounds[1]) if dynamic else self.fc2.qparams(hidden)
         return self.fc2.linear_2d(hidden, qparams).reshape(*x.shape[:-1], self.fc2.out_features)
 
@@ -175,26 +195,35 @@ def register_kernel_op() -> None:
         return
     from .kernels import int8_gemm, quantize_rows
 
-    def run(x, qparams, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
+    def run(x, qparams, *, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
             lora_left, act_bits, use_tma, group_table, **epilogue):
         codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right)
         return int8_gemm(codes, rowsum, qparams, weight, packed, column_sums, weight_zero, weight_scale, bias, down,
                          lora_left, x.dtype, use_tma, group_table=group_table, **epilogue)
 
-    @torch.library.custom_op("ditas::int8_linear", mutates_args=())
+    def tensors_of(arguments: dict) -> dict:
+        """An op's KernelTensors arguments, by name."""
+        return {name: arguments[name] for name in KernelTensors._fields}
+
+    def fake_rule(op, shapes):
+        """A fake-tensor rule reading the op's arguments by name, however they were passed."""
+        signature = inspect.signature(op)
+
+        def rule(*args, **kwargs):
+            return shapes(signature.bind(*args, **kwargs).arguments)
+
+        return rule
+
     def int8_linear(x: torch.Tensor, qparams: torch.Tensor, smooth_inv: torch.Tensor | None,
                     lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool, column_sums: torch.Tensor,
                     weight_zero: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                     lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
                     group_table: torch.Tensor | None) -> torch.Tensor:
-        return run(x, qparams, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
-                   lora_left, act_bits, use_tma, group_table)
+        return run(x, qparams, **tensors_of(locals()))
 
-    @int8_linear.register_fake
-    def _(x, qparams, smooth_inv, lora_right, weight, *rest):
-        return x.new_empty(x.shape[0], weight.shape[0])
+    torch.library.custom_op("ditas::int8_linear", mutates_args=())(int8_linear).register_fake(
+        fake_rule(int8_linear, lambda a: a["x"].new_empty(a["x"].shape[0], a["weight"].shape[0])))
 
-    @torch.library.custom_op("ditas::int8_linear_gelu", mutates_args=())
     def int8_linear_gelu(x: torch.Tensor, qparams: torch.Tensor, smooth_inv: torch.Tensor | None,
                          lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool,
                          column_sums: torch.Tensor, weight_zero: torch.Tensor, weight_scale: torch.Tensor,
@@ -203,18 +232,17 @@ def register_kernel_op() -> None:
                          bounds_per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """GELU(linear(x)), and [min, −max] of its output × bounds_scale, (2, 1) or per row (2, M)
         (+inf when not with_bounds)."""
+        tensors = tensors_of(locals())
         bounds = torch.full((2, x.shape[0] if bounds_per_row else 1), float("inf"), dtype=torch.float32,
                             device=x.device)
-        out = run(x, qparams, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
-                  lora_left, act_bits, use_tma, group_table, gelu=True, bounds=bounds if with_bounds else None,
+        out = run(x, qparams, **tensors, gelu=True, bounds=bounds if with_bounds else None,
                   bounds_scale=bounds_scale)
         return out, bounds
 
-    @int8_linear_gelu.register_fake
-    def _(x, qparams, smooth_inv, lora_right, weight, *rest):
-        bounds_per_row = rest[-1]
-        return (x.new_empty(x.shape[0], weight.shape[0]),
-                x.new_empty(2, x.shape[0] if bounds_per_row else 1, dtype=torch.float32))
+    torch.library.custom_op("ditas::int8_linear_gelu", mutates_args=())(int8_linear_gelu).register_fake(
+        fake_rule(int8_linear_gelu, lambda a: (
+            a["x"].new_empty(a["x"].shape[0], a["weight"].shape[0]),
+            a["x"].new_empty(2, a["x"].shape[0] if a["bounds_per_row"] else 1, dtype=torch.float32))))
 
     _registered = True
 

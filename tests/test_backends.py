@@ -200,6 +200,9 @@ def test_kernel_op_schema_and_fake_tensor_rule():
         args = (x, kernel.qparams(x), *kernel.kernel_tensors())
         torch.library.opcheck(torch.ops.ditas.int8_linear.default, args,
                               test_utils=("test_schema", "test_faketensor"))
+        # by name, as the modules call them
+        torch.library.opcheck(torch.ops.ditas.int8_linear.default, args[:2], kernel.kernel_tensors()._asdict(),
+                              test_utils=("test_schema", "test_faketensor"))
         for per_row in (False, True):
             torch.library.opcheck(torch.ops.ditas.int8_linear_gelu.default,
                                   (*args, torch.rand(16) + 0.5, True, per_row),
