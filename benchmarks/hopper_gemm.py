@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.rowlog import RowLog, card_of, provenance
-from benchmarks.speed import HIDDEN, TOKENS, bench_ms, layer_shapes, outlier_input, quantized_layer_pair
+from benchmarks.speed import bench_ms
+from benchmarks.synthetic import HIDDEN, TOKENS, layer_shapes, outlier_input, quantized_layer_pair
 from quant.hopper_gemm import TileConfig
 
 CONFIGS = {

@@ -31,7 +31,6 @@ Every row is printed as a JSON line and appended, as measured, to --output
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import statistics
 import time
@@ -40,16 +39,22 @@ from typing import NamedTuple
 
 import torch
 
+from benchmarks.kernel_check import check_kernels
 from benchmarks.quantize_speed import random_dit
 from benchmarks.rowlog import RowLog, provenance
+from benchmarks.synthetic import (
+    GEMM_VARIANTS,
+    HIDDEN,
+    TOKENS,
+    layer_shapes,
+    model_bytes,
+    outlier_input,
+    quantized_layer_pair,
+    synthetic_quantized_dit,
+)
 from diffusion import create_diffusion
 from quant.backends import prepare_for_inference
-from quant.config import QuantConfig
-from quant.layers import quantize_layer
-from quant.modules import QuantLinear
-from quant.pipeline import install
-from quant.targets import get_module, quant_targets
-from quant.triton_modules import TritonQuantLinear, TritonQuantMlp, register_kernel_op
+from quant.triton_modules import register_kernel_op
 from runtime.checkpoints import spec_from_name
 from runtime.sampling import StepGraphs, compile_blocks, denoiser_step, generate
 
@@ -77,162 +82,6 @@ ROWS = {
     "w4a8-token-compile": Row(4, "triton", torch.bfloat16, True, "per_token"),
     "w4a8-2level-compile": Row(4, "triton", torch.bfloat16, True, "per_tensor", "two_level"),
 }
-TWO_LEVEL_GROUP = 64
-HIDDEN = {"DiT-XL/2": 1152, "demo": 256}
-# GEMM variants: name -> (weight bits, TritonQuantLinear options, extra int8_gemm options).
-# The defaults: W8 tiles by pointer loads; packed W4 codes unpacked to int8 once per call at
-# these row counts, then the W8 GEMM. Also: W8 through TMA, and W4 unpacked inside the GEMM's
-# main loop (TMA or pointer loads), the path of calls with fewer rows.
-IN_KERNEL = dict(unpack_from_rows=2**62)
-GEMM_VARIANTS = {
-    "w8a8": (8, {}, {}),
-    "w8a8-tma": (8, dict(use_tma=True), {}),
-    "w4a8": (4, {}, {}),
-    "w4a8-in-kernel": (4, {}, IN_KERNEL),
-    "w4a8-in-kernel-no-tma": (4, dict(use_tma=False), IN_KERNEL),
-}
-TOKENS = 256  # DiT-XL/2 at 256² (32² latents, patch 2)
-
-
-def layer_shapes(hidden: int) -> dict[str, tuple[int, int]]:
-    """(in, out) of the four quantized layers of a block."""
-    return {"qkv": (hidden, 3 * hidden), "proj": (hidden, hidden), "fc1": (hidden, 4 * hidden),
-            "fc2": (4 * hidden, hidden)}
-
-
-def random_quantized_layer(linear: torch.nn.Linear, config: QuantConfig, on_the_fly: bool,
-                           generator: torch.Generator):
-    """(layer, factors): `linear` quantized by round-to-nearest with a one-iteration LoRA; with
-    `on_the_fly`, smoothed by random factors kept in the layer (fc2's kind), else unsmoothed (None)."""
-    factors = torch.rand(linear.in_features, generator=generator) * 2 + 0.5 if on_the_fly else None
-    used = torch.ones(linear.in_features) if factors is None else factors
-    device = linear.weight.device
-    layer = quantize_layer(linear, used.to(device).unsqueeze(0), config, 1, generator=generator)[0].select(0)
-    if factors is None:
-        return dataclasses.replace(layer, smooth_inv=None), None
-    return layer, factors.to(device)
-
-
-def quantized_layer_pair(in_features: int, out_features: int, weight_bits: int, on_the_fly: bool, device,
-                         seed: int = 0, act_granularity: str = "per_tensor", weight_granularity: str = "per_channel",
-                         **kernel_options) -> tuple[QuantLinear, TritonQuantLinear]:
-    """One random layer quantized (rank-32 LoRA, optional on-the-fly smoothing) as fake and kernel modules."""
-    generator = torch.Generator().manual_seed(seed)
-    linear = torch.nn.Linear(in_features, out_features).to(device)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(out_features, in_features, generator=generator) * 0.02)
-    config = QuantConfig(weight_bits=weight_bits, act_bits=8, act_granularity=act_granularity,
-                         weight_granularity=weight_granularity, weight_group_size=TWO_LEVEL_GROUP)
-    fake = QuantLinear.from_layer(random_quantized_layer(linear, config, on_the_fly, generator)[0], config)
-    return fake, TritonQuantLinear(fake, **kernel_options)
-
-
-def outlier_input(rows: int, features: int, device, dtype, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    spread = 1 + 20 * (torch.rand(features, generator=generator) > 0.98)  # a few outlier channels
-    x = torch.randn(rows, features, generator=generator) * spread + 0.1
-    return x.to(device=device, dtype=dtype)
-
-
-CHECK_TOLERANCES = ((torch.float32, 2e-3), (torch.bfloat16, 8e-3))  # input dtype, relative error
-
-
-def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((got.float() - reference).norm() / reference.norm()).item()
-
-
-@torch.no_grad()
-def check_kernels(device, models: list[str], layers: list[str], emit) -> bool:
-    from quant.kernels import UNPACK_FROM_ROWS
-
-    torch.backends.cuda.matmul.allow_tf32 = False  # the fake reference in true float32
-    ok = True
-
-    def record(case: dict, kernel_module, fake_module) -> None:
-        nonlocal ok
-        rows, features = case["shape"][:2]
-        for dtype, tolerance in CHECK_TOLERANCES:
-            x = outlier_input(rows, features, device, dtype, seed=case["weight_bits"] * 7 + features)
-            try:  # a variant that fails to compile is reported as failed, not fatal
-                error = relative_error(kernel_module(x), fake_module(x.float()).float())
-            except Exception as failure:  # noqa: BLE001
-                error = float("nan")
-                print(f"check {case}: {str(failure).splitlines()[0]}")
-            passed = error < tolerance
-            ok &= passed
-            emit({"part": "check", **case, "input": str(dtype).removeprefix("torch."), "relative_error": error,
-                  "tolerance": tolerance, "passed": passed})
-
-    # Each weight format with each way of loading tiles, and per-token ranges; packed formats
-    # also below UNPACK_FROM_ROWS rows, where the GEMM unpacks them in its main loop; 512 rows
-    # (batch 1 with CFG), where the quantize pass splits K over programs.
-    layer_variants = ({(bits, tuple(options.items()), "per_tensor", "per_channel")
-                       for bits, options, _ in GEMM_VARIANTS.values()}
-                      | {(3, (), "per_tensor", "per_channel"), (8, (), "per_token", "per_channel"),
-                         (4, (), "per_token", "per_channel"), (4, (), "per_tensor", "two_level")})
-    for model_name in models:
-        hidden = HIDDEN[model_name]
-        for role, (k, n) in layer_shapes(hidden).items():
-            if role not in layers:
-                continue
-            for bits, options, granularity, weights in sorted(layer_variants):
-                fake, kernel = quantized_layer_pair(k, n, bits, role == "fc2", device, act_granularity=granularity,
-                                                    weight_granularity=weights, **dict(options))
-                for rows in (4000, 512, UNPACK_FROM_ROWS - 24) if kernel.packed else (4000, 512):
-                    record({"model": model_name, "layer": role, "shape": [rows, k, n], "weight_bits": bits,
-                            "options": dict(options), "act": granularity, "weights": weights}, kernel, fake)
-        if "mlp" in layers:
-            for bits, granularity in ((8, "per_tensor"), (4, "per_tensor"), (4, "per_token")):
-                for dtype, tolerance in CHECK_TOLERANCES:
-                    row = check_fused_mlp(hidden, bits, dtype, tolerance, device, granularity)
-                    ok &= row["passed"]
-                    emit({"part": "check", "model": model_name, **row})
-    return ok
-
-
-@torch.no_grad()
-def check_fused_mlp(hidden: int, bits: int, dtype, tolerance: float, device, act_granularity: str) -> dict:
-    """fc1 -> GELU -> fc2 with GELU and fc2's range in fc1's epilogue, in three parts: fc1 + GELU
-    against fake (the single-layer tolerance), the range against torch's reduction of the same
-    stored output (exact), and the whole MLP against fake, which may not exceed 1.25× the error
-    of the unfused kernel chain: two quantized layers in a row amplify small differences (an
-    fc1 output that differs in the last bit can move an fc2 code by one step)."""
-    fake_mlp, fused = quantized_mlp_pair(hidden, bits, device, act_granularity)
-    fc1, fc2 = fused.fc1, fused.fc2
-    x = outlier_input(4000, hidden, device, dtype, seed=bits)
-    row = {"layer": "mlp (fused)", "shape": [4000, hidden, hidden], "weight_bits": bits, "act": act_granularity,
-           "input": str(dtype).removeprefix("torch."), "tolerance": tolerance}
-    try:
-        stored, bounds = torch.ops.ditas.int8_linear_gelu(x, fc1.qparams(x), **fc1.kernel_tensors()._asdict(),
-                                                          bounds_scale=fc2.smooth_inv, with_bounds=True,
-                                                          bounds_per_row=fc2.per_token)
-        scaled = stored.float() * fc2.smooth_inv
-        low, high = (scaled.amin(dim=1), scaled.amax(dim=1)) if fc2.per_token else (scaled.min(), scaled.max())
-        reference = fake_mlp(x.float()).float()
-        unfused = fc2(torch.nn.functional.gelu(fc1(x), approximate="tanh"))
-        row |= {"fc1_gelu_error": relative_error(stored, fake_mlp.act(fake_mlp.fc1(x.float())).float()),
-                "range_exact": bool(torch.equal(bounds[0], low.reshape(-1)) and torch.equal(-bounds[1], high.reshape(-1))),
-                "relative_error": relative_error(fused(x), reference),
-                "unfused_chain_error": relative_error(unfused, reference)}
-    except Exception as failure:  # noqa: BLE001
-        print(f"check {row}: {str(failure).splitlines()[0]}")
-        return row | {"passed": False}
-    row["passed"] = (row["fc1_gelu_error"] < tolerance and row["range_exact"]
-                     and row["relative_error"] <= 1.25 * row["unfused_chain_error"])
-    return row
-
-
-def quantized_mlp_pair(hidden: int, weight_bits: int, device,
-                       act_granularity: str = "per_tensor") -> tuple[torch.nn.Module, TritonQuantMlp]:
-    """A DiT Mlp with random quantized fc1 and fc2 (fc2 smoothed on the fly), as fake and fused kernel modules."""
-    from models import Mlp
-
-    mlp = Mlp(hidden, 4 * hidden)
-    mlp.fc1 = quantized_layer_pair(hidden, 4 * hidden, weight_bits, False, device, seed=1,
-                                   act_granularity=act_granularity)[0]
-    mlp.fc2 = quantized_layer_pair(4 * hidden, hidden, weight_bits, True, device, seed=2,
-                                   act_granularity=act_granularity)[0]
-    return mlp, TritonQuantMlp(TritonQuantLinear(mlp.fc1), TritonQuantLinear(mlp.fc2))
 
 
 def bench_ms(fn) -> float:
@@ -243,7 +92,7 @@ def bench_ms(fn) -> float:
 
 @torch.no_grad()
 def gemm_microbenchmark(device, batch: int, variants: list[str], emit) -> None:
-    from quant.kernels import _int8_gemm_kernel, int8_gemm, quantize_rows
+    from quant.kernels import gemm_tile_choice, int8_gemm, quantize_rows
 
     m = 2 * batch * TOKENS
     for role, (k, n) in layer_shapes(HIDDEN["DiT-XL/2"]).items():
@@ -269,7 +118,7 @@ def gemm_microbenchmark(device, batch: int, variants: list[str], emit) -> None:
                                      kernel.lora_left, torch.bfloat16, kernel.use_tma, **gemm_options)
             try:  # a variant that fails to compile is reported, not fatal
                 row[f"{variant}_gemm_TFLOPs"] = flops / bench_ms(gemm) / 1e9
-                row[f"{variant}_config"] = str(_int8_gemm_kernel.best_config)
+                row[f"{variant}_config"] = gemm_tile_choice()
             except Exception as error:  # noqa: BLE001
                 row[f"{variant}_gemm_TFLOPs"], row[f"{variant}_error"] = float("nan"), str(error).splitlines()[0]
                 continue
@@ -282,26 +131,6 @@ def gemm_microbenchmark(device, batch: int, variants: list[str], emit) -> None:
             row[f"quantize_ms_w{bits}"] = bench_ms(functools.partial(quantize_rows, x, qparams, 8, kernel.smooth_inv,
                                                                      kernel.lora_right))
         emit(row)
-
-
-def synthetic_quantized_dit(name: str, image_size: int, device, weight_bits: int, adaln_bits: int | None,
-                            act_granularity: str = "per_tensor", weight_granularity: str = "per_channel"):
-    model = random_dit(name, image_size, device)
-    config = QuantConfig(weight_bits=weight_bits, act_bits=8, adaln_weight_bits=adaln_bits,
-                         act_granularity=act_granularity, weight_granularity=weight_granularity,
-                         weight_group_size=TWO_LEVEL_GROUP)
-    generator = torch.Generator().manual_seed(0)
-    targets = quant_targets(model)
-    layers, factors = {}, {}
-    for target in targets:
-        layers[target.name], factors[target.name] = random_quantized_layer(
-            get_module(model, target.name), config, target.role == "fc2", generator)
-    install(model, targets, layers, factors, config)
-    return model
-
-
-def model_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def build_row(name: str, args, device) -> torch.nn.Module:
@@ -358,7 +187,6 @@ def time_sampling(model, args, device, batch: int, graphs: StepGraphs | None) ->
     if graphs is not None:  # a replay on fresh inputs computes what the model computes eagerly
         row["graph_vs_eager_max_abs"] = graph_vs_eager(model, graphs, noise, labels)
     return row
-
 
 
 def graph_vs_eager(model, graphs: StepGraphs, noise: DeviceNoise, labels: torch.Tensor) -> float:

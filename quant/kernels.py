@@ -299,6 +299,11 @@ def _unpack_two_level_kernel(packed_ptr, table_ptr, out_ptr, N, K: tl.constexpr,
     _store_two_level(packed >> 4, k0 + HALF_SPAN + half, rows, row_ok, table_ptr, out_ptr, K, GROUPS, GROUP)
 
 
+def gemm_tile_choice() -> str:
+    """The int8 GEMM configuration the autotuner chose for its latest call (benchmark rows say it)."""
+    return str(_int8_gemm_kernel.best_config)
+
+
 def pack_split(codes: torch.Tensor) -> torch.Tensor:
     """(N, K) codes in [0, 15] -> (N, K'/2) uint8 in the split layout, K' = K rounded up to PACK_SPAN."""
     n, k = codes.shape

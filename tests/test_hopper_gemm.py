@@ -70,7 +70,7 @@ def test_instruction_width_divides_the_tile():
                     reason="needs a Hopper GPU")
 @pytest.mark.parametrize("per_token", [False, True])
 def test_on_hopper_the_gluon_gemm_equals_the_triton_gemm(per_token):
-    from benchmarks.speed import outlier_input, quantized_layer_pair
+    from benchmarks.synthetic import outlier_input, quantized_layer_pair
     from quant.kernels import int8_gemm, quantize_rows
 
     device = torch.device("cuda")

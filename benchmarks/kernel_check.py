@@ -1,0 +1,104 @@
+"""Every kernel against the `fake` backend on the same quantized layer (`python -m benchmarks.speed
+--parts check`): relative error on fresh random inputs with channel outliers, float32 and bf16
+inputs, at all DiT-XL/2 and demo shapes, each weight format and way of loading tiles, per-tensor
+and per-token ranges, and the fused MLP."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.synthetic import (
+    GEMM_VARIANTS,
+    HIDDEN,
+    layer_shapes,
+    outlier_input,
+    quantized_layer_pair,
+    quantized_mlp_pair,
+)
+
+CHECK_TOLERANCES = ((torch.float32, 2e-3), (torch.bfloat16, 8e-3))  # input dtype, relative error
+
+
+def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((got.float() - reference).norm() / reference.norm()).item()
+
+
+@torch.no_grad()
+def check_kernels(device, models: list[str], layers: list[str], emit) -> bool:
+    from quant.kernels import UNPACK_FROM_ROWS
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fake reference in true float32
+    ok = True
+
+    def record(case: dict, kernel_module, fake_module) -> None:
+        nonlocal ok
+        rows, features = case["shape"][:2]
+        for dtype, tolerance in CHECK_TOLERANCES:
+            x = outlier_input(rows, features, device, dtype, seed=case["weight_bits"] * 7 + features)
+            try:  # a variant that fails to compile is reported as failed, not fatal
+                error = relative_error(kernel_module(x), fake_module(x.float()).float())
+            except Exception as failure:  # noqa: BLE001
+                error = float("nan")
+                print(f"check {case}: {str(failure).splitlines()[0]}")
+            passed = error < tolerance
+            ok &= passed
+            emit({"part": "check", **case, "input": str(dtype).removeprefix("torch."), "relative_error": error,
+                  "tolerance": tolerance, "passed": passed})
+
+    # Each weight format with each way of loading tiles, and per-token ranges; packed formats
+    # also below UNPACK_FROM_ROWS rows, where the GEMM unpacks them in its main loop; 512 rows
+    # (batch 1 with CFG), where the quantize pass splits K over programs.
+    layer_variants = ({(bits, tuple(options.items()), "per_tensor", "per_channel")
+                       for bits, options, _ in GEMM_VARIANTS.values()}
+                      | {(3, (), "per_tensor", "per_channel"), (8, (), "per_token", "per_channel"),
+                         (4, (), "per_token", "per_channel"), (4, (), "per_tensor", "two_level")})
+    for model_name in models:
+        hidden = HIDDEN[model_name]
+        for role, (k, n) in layer_shapes(hidden).items():
+            if role not in layers:
+                continue
+            for bits, options, granularity, weights in sorted(layer_variants):
+                fake, kernel = quantized_layer_pair(k, n, bits, role == "fc2", device, act_granularity=granularity,
+                                                    weight_granularity=weights, **dict(options))
+                for rows in (4000, 512, UNPACK_FROM_ROWS - 24) if kernel.packed else (4000, 512):
+                    record({"model": model_name, "layer": role, "shape": [rows, k, n], "weight_bits": bits,
+                            "options": dict(options), "act": granularity, "weights": weights}, kernel, fake)
+        if "mlp" in layers:
+            for bits, granularity in ((8, "per_tensor"), (4, "per_tensor"), (4, "per_token")):
+                for dtype, tolerance in CHECK_TOLERANCES:
+                    row = check_fused_mlp(hidden, bits, dtype, tolerance, device, granularity)
+                    ok &= row["passed"]
+                    emit({"part": "check", "model": model_name, **row})
+    return ok
+
+
+@torch.no_grad()
+def check_fused_mlp(hidden: int, bits: int, dtype, tolerance: float, device, act_granularity: str) -> dict:
+    """fc1 -> GELU -> fc2 with GELU and fc2's range in fc1's epilogue, in three parts: fc1 + GELU
+    against fake (the single-layer tolerance), the range against torch's reduction of the same
+    stored output (exact), and the whole MLP against fake, which may not exceed 1.25× the error
+    of the unfused kernel chain: two quantized layers in a row amplify small differences (an
+    fc1 output that differs in the last bit can move an fc2 code by one step)."""
+    fake_mlp, fused = quantized_mlp_pair(hidden, bits, device, act_granularity)
+    fc1, fc2 = fused.fc1, fused.fc2
+    x = outlier_input(4000, hidden, device, dtype, seed=bits)
+    row = {"layer": "mlp (fused)", "shape": [4000, hidden, hidden], "weight_bits": bits, "act": act_granularity,
+           "input": str(dtype).removeprefix("torch."), "tolerance": tolerance}
+    try:
+        stored, bounds = torch.ops.ditas.int8_linear_gelu(x, fc1.qparams(x), **fc1.kernel_tensors()._asdict(),
+                                                          bounds_scale=fc2.smooth_inv, with_bounds=True,
+                                                          bounds_per_row=fc2.per_token)
+        scaled = stored.float() * fc2.smooth_inv
+        low, high = (scaled.amin(dim=1), scaled.amax(dim=1)) if fc2.per_token else (scaled.min(), scaled.max())
+        reference = fake_mlp(x.float()).float()
+        unfused = fc2(torch.nn.functional.gelu(fc1(x), approximate="tanh"))
+        row |= {"fc1_gelu_error": relative_error(stored, fake_mlp.act(fake_mlp.fc1(x.float())).float()),
+                "range_exact": bool(torch.equal(bounds[0], low.reshape(-1)) and torch.equal(-bounds[1], high.reshape(-1))),
+                "relative_error": relative_error(fused(x), reference),
+                "unfused_chain_error": relative_error(unfused, reference)}
+    except Exception as failure:  # noqa: BLE001
+        print(f"check {row}: {str(failure).splitlines()[0]}")
+        return row | {"passed": False}
+    row["passed"] = (row["fc1_gelu_error"] < tolerance and row["range_exact"]
+                     and row["relative_error"] <= 1.25 * row["unfused_chain_error"])
+    return row
