@@ -11,6 +11,7 @@ import platform
 import shutil
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -118,8 +119,15 @@ def build_quantized_shell(spec: ModelSpec, config: QuantConfig):
     return model
 
 
-def load_quantized(directory: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(model, config, meta) from a quantized checkpoint directory."""
+class QuantizedCheckpoint(NamedTuple):
+    model: torch.nn.Module  # the quantized DiT, in eval mode on the device asked for
+    config: QuantConfig
+    spec: ModelSpec  # its architecture, as stored
+    meta: dict  # the whole quant.json
+
+
+def load_quantized(directory: str | os.PathLike, device: str | torch.device = "cpu") -> QuantizedCheckpoint:
+    """A quantized checkpoint directory, loaded and checked."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -146,4 +154,4 @@ def load_quantized(directory: str | os.PathLike, device: str | torch.device = "c
                         "re-run QuantDiT.py")
     # parts stored narrower (storage_dtype) come back in the dtype the modules compute in
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, assign=True)
-    return model.to(device).eval(), config, meta
+    return QuantizedCheckpoint(model.to(device).eval(), config, spec, meta)

@@ -82,14 +82,14 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device, log=print)
     if not args.path:
         spec, ckpt = spec_and_checkpoint(args)
         return load_model(spec, ckpt, device), spec, "FP", Path(ckpt).stem
-    model, config, meta = load_quantized(args.path, device)
+    model, config, spec, _ = load_quantized(args.path, device)
     for flag, given, stored in (("--weight-bit", getattr(args, "weight_bit", None), config.weight_bits),
                                 ("--act-bit", getattr(args, "act_bit", None), config.act_bits)):
         if given is not None and given != stored:
             raise UserError(f"{flag} {given} disagrees with the checkpoint ({config.label}); drop the flag or "
                             f"quantize again with QuantDiT.py {flag} {given}")
     prepare_for_inference(model, args.backend, log=log)
-    return model, ModelSpec.from_json_dict(meta["model_config"]), config.label, Path(args.path).name
+    return model, spec, config.label, Path(args.path).name
 
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:

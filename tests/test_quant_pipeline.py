@@ -109,7 +109,7 @@ def test_checkpoint_reloads_bit_identically(tmp_path, demo_ditas):
     spec = resolve_spec(None, None, DEMO)
     config = QuantConfig(**FAST)
     save_quantized(tmp_path / "ckpt", model, config, spec, {"alphas": {layer.name: layer.alpha for layer in report.layers}})
-    loaded, loaded_config, meta = load_quantized(tmp_path / "ckpt")
+    loaded, loaded_config, _, meta = load_quantized(tmp_path / "ckpt")
     assert loaded_config == config and meta["model_config"] == spec.to_json_dict()
     original, reloaded = model.state_dict(), loaded.state_dict()
     assert original.keys() == reloaded.keys()
@@ -179,7 +179,7 @@ def test_any_dit_config_quantizes(tmp_path):
     assert [layer.name for layer in report.layers][-1] == "blocks.2.mlp.fc2" and len(report.layers) == 12
     assert all(layer.alpha in (0.0, 0.5, 1.0) for layer in report.layers)
     save_quantized(tmp_path / "q", quantized, config, spec)
-    loaded, _, _ = load_quantized(tmp_path / "q")
+    loaded, _, _, _ = load_quantized(tmp_path / "q")
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 7]), torch.tensor([2, 2])
     assert torch.equal(loaded(x, t, y), quantized(x, t, y))
 
@@ -199,7 +199,7 @@ def test_weight_only_adaln_is_close_smaller_and_round_trips(tmp_path):
             adaln = model.blocks[0].adaLN_modulation[-1]
             assert isinstance(adaln, WeightOnlyLinear) and adaln.weight_codes.dtype == torch.uint8
             save_quantized(tmp_path / "q", model, config, spec)
-            loaded, loaded_config, _ = load_quantized(tmp_path / "q")
+            loaded, loaded_config, _, _ = load_quantized(tmp_path / "q")
             assert loaded_config.adaln_weight_bits == 8
             assert torch.equal(loaded(x, t, y), outputs[bits])
     error = (outputs[8] - outputs[None]).norm() / outputs[None].norm()
@@ -245,7 +245,7 @@ def test_quantdit_flags_reach_the_quantizer(tmp_path):
     assert set(meta["alphas"].values()) <= {0.25, 0.75, None}
     assert meta["quant_config"]["rounding"] == "compensated"
     assert len(meta["source_sha256"]) == 64 and "torch" in meta["versions"]
-    model, config, _ = load_quantized(tmp_path / "out")
+    model, config, _, _ = load_quantized(tmp_path / "out")
     assert int(unpack_int4(model.blocks[0].attn.qkv.weight_codes).max()) <= 7  # 3-bit codes
     assert "DiTAS error below round-to-nearest" in result.stderr
 

@@ -141,7 +141,7 @@ def test_a_two_level_model_saves_and_loads_and_the_kernels_cover_it(tmp_path):
     config = QuantConfig(weight_granularity="two_level", weight_group_size=32, lora_rank=4, alpha_grid=(0.5,))
     model, _ = quantize_dit(randomize(spec.build(), std=0.1), config,
                             CalibrationRun(tuple(range(10)), 1.5, 2, 0), torch.device("cpu"), progress=False)
-    loaded, loaded_config, _ = load_quantized(save_quantized(tmp_path / "q", model, config, spec), "cpu")
+    loaded, loaded_config, _, _ = load_quantized(save_quantized(tmp_path / "q", model, config, spec), "cpu")
     assert loaded_config == config
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 900]), torch.tensor([0, 9])
     assert torch.equal(model(x, t, y), loaded(x, t, y))
@@ -162,7 +162,7 @@ def test_a_model_whose_layers_chose_no_smoothing_saves_and_loads(tmp_path, monke
     assert all(layer.alpha is None for layer in report.layers)
     fc2 = model.blocks[0].mlp.fc2
     assert torch.equal(fc2.smooth_inv, torch.ones_like(fc2.smooth_inv))  # s = 1, kept on the fly like any fc2
-    loaded, _, _ = load_quantized(save_quantized(tmp_path / "q", model, config, spec), "cpu")
+    loaded, _, _, _ = load_quantized(save_quantized(tmp_path / "q", model, config, spec), "cpu")
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 900]), torch.tensor([0, 9])
     assert torch.equal(model(x, t, y), loaded(x, t, y))
 
