@@ -7,7 +7,9 @@ quantized checkpoint directory.
 Stages: a calibration run of the FP model (Gaussian noise, 16 fixed labels, cfg --cfg-scale)
 collects each layer's per-channel input extremes over all timesteps (TAS); a second run scores
 every smoothing strength α of --alpha-grid per layer on the layer's output error (grid search);
-weights are smoothed, then quantized with the training-free LoRA; a third run measures each
+weights are smoothed, then quantized with the training-free LoRA (by default, --recipe best,
+with error-compensated rounding and a LoRA fit to the layer's output; --recipe paper is the
+published method); a third run measures each
 layer's error before (plain round-to-nearest) and after; the factors are folded (qkv, fc1 into
 adaLN; proj into the V rows of qkv; fc2 on the fly).
 """
