@@ -39,6 +39,7 @@ from quant.config import (
     WEIGHT_GRANULARITIES,
     QuantConfig,
     default_alpha_grid,
+    recipe_settings,
 )
 from quant.pipeline import quantize_dit
 from quant.targets import get_module, quant_targets
@@ -57,13 +58,6 @@ from runtime.errors import UserError
 from runtime.fileio import check_output_directory, recover_directory, sha256_of
 
 
-def method_settings(args: argparse.Namespace) -> dict:
-    """The recipe's rounding, LoRA weighting and identity candidate, each overridden by its flag when given."""
-    chosen = {"rounding": args.rounding, "lora_weighting": args.lora_weighting,
-              "identity_candidate": args.identity_candidate}
-    return RECIPES[args.recipe] | {name: value for name, value in chosen.items() if value is not None}
-
-
 def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
     try:
         return QuantConfig(
@@ -72,7 +66,8 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
             act_dynamic=not args.static_act, smooth=not args.no_smooth, alpha_grid=tuple(args.alpha_grid),
             lora_rank=args.lora_rank, lora_iters=args.lora_iters, search_lora_iters=args.search_lora_iters,
             search_rows_per_step=args.search_rows_per_step, adaln_weight_bits=args.adaln_bit,
-            **method_settings(args),
+            **recipe_settings(args.recipe, rounding=args.rounding, lora_weighting=args.lora_weighting,
+                              identity_candidate=args.identity_candidate),
         )
     except ValueError as error:
         raise UserError(f"{error}") from None

@@ -28,6 +28,11 @@ RECIPES: dict[str, dict] = {
 DEFAULT_RECIPE = "best"
 
 
+def recipe_settings(recipe: str, **overrides) -> dict:
+    """The recipe's method settings, each overridden by a value given (None: the recipe's)."""
+    return RECIPES[recipe] | {name: value for name, value in overrides.items() if value is not None}
+
+
 def default_alpha_grid() -> tuple[float, ...]:
     """α ∈ {0, 0.05, …, 1}, the paper's grid."""
     return tuple(round(0.05 * i, 2) for i in range(21))
