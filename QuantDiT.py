@@ -99,9 +99,9 @@ def format_summary(report) -> str:
         lora = f"{layer.lora_errors[0]:.3g} → {layer.lora_errors[-1]:.3g}" if layer.lora_errors else "-"
         lines.append(f"{layer.name:<24} {alpha:>5} {layer.rtn_error:>9.2e} {layer.final_error:>9.2e} {lora:>26}")
     better = sum(layer.final_error < layer.rtn_error for layer in report.layers)
-    unsmoothed = [layer for layer in report.layers if layer.alpha is None and layer.search_errors]
+    unsmoothed = sum(layer.chose_no_smoothing for layer in report.layers)
     if unsmoothed:
-        lines.append(f"no smoothing (the identity candidate) chosen in {len(unsmoothed)}/{len(report.layers)} layers")
+        lines.append(f"no smoothing (the identity candidate) chosen in {unsmoothed}/{len(report.layers)} layers")
     lines.append(f"DiTAS error below round-to-nearest in {better}/{len(report.layers)} layers "
                  "(relative squared output error over the calibration run)")
     return "\n".join(lines)

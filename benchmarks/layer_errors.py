@@ -46,7 +46,7 @@ def main(args: argparse.Namespace) -> None:
         log.add({"setting": config.label, "method": method, "steps": args.num_sampling_steps,
                  "mean_final_error": statistics.mean(layer.final_error for layer in layers),
                  "mean_rtn_error": statistics.mean(layer.rtn_error for layer in layers),
-                 "layers_unsmoothed": sum(layer.alpha is None for layer in layers), "layers": len(layers),
+                 "layers_unsmoothed": sum(layer.chose_no_smoothing for layer in layers), "layers": len(layers),
                  "quant_s": time.perf_counter() - start, "stage_s": report.seconds})
 
 

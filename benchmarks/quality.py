@@ -43,7 +43,7 @@ METHODS = {
     "DiTAS + compensated rounding": dict(rounding="compensated"),
     "DiTAS + weighted LoRA": dict(lora_weighting="activation"),
     "DiTAS + no-smoothing candidate": dict(identity_candidate=True),
-    "DiTAS + all three": dict(rounding="compensated", lora_weighting="activation", identity_candidate=True),
+    "DiTAS + all three": RECIPES["best"],
     "default": RECIPES[DEFAULT_RECIPE],  # what QuantDiT.py does without flags (now: the three parts above)
     "DiTAS per-group 64": dict(weight_granularity="per_group", weight_group_size=64),
     "DiTAS per-group 128": dict(weight_granularity="per_group", weight_group_size=128),

@@ -39,6 +39,11 @@ class LayerReport:
     lora_errors: tuple[float, ...] = ()
     search_errors: tuple[float, ...] = ()  # the grid search's relative error for each α of the grid
 
+    @property
+    def chose_no_smoothing(self) -> bool:
+        """The grid search ran and the identity candidate (s = 1) won."""
+        return self.alpha is None and bool(self.search_errors)
+
 
 @dataclass
 class QuantizationReport:
@@ -84,11 +89,11 @@ class _Job:
 
     def quantized(self, target: LayerTarget, factors: torch.Tensor | None, lora_iters: int,
                   stats: dict[str, ChannelStats], settings: QuantConfig | None = None):
-        """(layer, LoRA errors): the target quantized with its inputs divided by `factors` (None: no
-        smoothing) as a batch of one."""
+        """(layers, LoRA errors): the target quantized with its inputs divided by `factors`: one
+        vector (in,) or None (no smoothing) gives a batch of one, (candidates, in) a candidate each."""
         linear = self.linears[target.name]
         factors = torch.ones(linear.in_features, device=self.device) if factors is None else factors
-        return quantize_layer(linear, factors.unsqueeze(0), settings or self.config, lora_iters,
+        return quantize_layer(linear, factors.reshape(-1, linear.in_features), settings or self.config, lora_iters,
                               stats.get(target.name), self.generator)
 
 
@@ -117,8 +122,7 @@ def _candidates(job: _Job, stats: dict[str, ChannelStats]) -> tuple[dict[str, to
                    for t in job.targets}
 
     def build(t: LayerTarget) -> QuantizedLayer:
-        return quantize_layer(job.linears[t.name], all_factors[t.name], job.plain, job.config.search_lora_iters,
-                              stats[t.name], job.generator)[0]
+        return job.quantized(t, all_factors[t.name], job.config.search_lora_iters, stats, job.plain)[0]
 
     # Without LoRA a candidate is cheap to rebuild, so it is built at every timestep and never
     # stored (memory independent of depth); with LoRA the fits are done once and kept, compactly.
