@@ -12,6 +12,7 @@ fixed beforehand, so the result has exactly the storage format of round-to-neare
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -42,11 +43,28 @@ def inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
     return torch.linalg.cholesky(h_inverse, upper=True).float()
 
 
+def column_loop(w: torch.Tensor, upper: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, low: torch.Tensor,
+                high: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block of columns, in order: (codes, errors scaled by 1/U[j, j]) for the update of the later
+    blocks. w (rows, width) is the block of the partly compensated weight (updated in place); upper
+    the block's diagonal block of U; scale … high the grid at each element of the block."""
+    codes, errors = torch.empty_like(w), torch.empty_like(w)
+    for j in range(w.shape[1]):
+        q = torch.minimum(torch.maximum(torch.round(w[:, j] / scale[:, j]) + zero[:, j], low[:, j]), high[:, j])
+        codes[:, j] = q
+        error = (w[:, j] - (q - zero[:, j]) * scale[:, j]) / upper[j, j]
+        w[:, j:] -= error.unsqueeze(1) * upper[j, j:].unsqueeze(0)
+        errors[:, j] = error
+    return codes, errors
+
+
 def compensated_codes(weight: torch.Tensor, upper: torch.Tensor, grid: QuantizedWeight, symmetric: bool = False,
-                      block: int = 128) -> QuantizedWeight:
+                      block: int = 128, columns: Callable | None = None) -> QuantizedWeight:
     """Codes of an (out, in) `weight` on `grid`'s scales and zero points (unpacked; per channel,
     per group or per tensor; symmetric grids use codes 1 … 2^b − 1, as quantize_weight does),
-    chosen column by column with error compensation through `upper` = inverse_cholesky(H)."""
+    chosen column by column with error compensation through `upper` = inverse_cholesky(H).
+    `columns` walks one block of columns (column_loop's contract); by default the Triton kernel on
+    a GPU (a few launches per block instead of a dozen per column) and column_loop elsewhere."""
     out, inp = weight.shape
     upper = upper.to(weight.device, torch.float32)
 
@@ -57,16 +75,15 @@ def compensated_codes(weight: torch.Tensor, upper: torch.Tensor, grid: Quantized
 
     scale, zero = per_element(grid.group_scales()), per_element(grid.zero)
     low, high = (per_element(bound) for bound in grid.code_bounds(symmetric))
+    if columns is None and weight.is_cuda:
+        from .compensate_kernel import compensate_columns as columns
+    columns = columns or column_loop
     w = weight.float().clone()
     codes = torch.empty(out, inp, dtype=torch.float32, device=weight.device)
     for start in range(0, inp, block):
         end = min(start + block, inp)
-        errors = torch.empty(out, end - start, device=weight.device)
-        for j in range(start, end):
-            q = torch.minimum(torch.maximum(torch.round(w[:, j] / scale[:, j]) + zero[:, j], low[:, j]), high[:, j])
-            codes[:, j] = q
-            error = (w[:, j] - (q - zero[:, j]) * scale[:, j]) / upper[j, j]
-            w[:, j:end] -= error.unsqueeze(1) * upper[j, j:end].unsqueeze(0)
-            errors[:, j - start] = error
-        w[:, end:] -= errors @ upper[start:end, end:]
+        span = slice(start, end)
+        codes[:, span], errors = columns(w[:, span], upper[span, span], scale[:, span], zero[:, span],
+                                         low[:, span], high[:, span], block)
+        w[:, end:] -= errors @ upper[span, end:]
     return dataclasses.replace(grid, codes=codes.to(torch.uint8), packed=False)

@@ -45,7 +45,7 @@ class TileConfig(NamedTuple):
     block_m: int = 128
     block_n: int = 128
     block_k: int = 128
-    stages: int = 3  # slots per math partition's ring
+    stages: int = 2  # slots per math partition's ring (with the output's staging tile, 3 do not fit)
     consumers: int = 2  # math warpgroups taking alternate tiles (1: no overlap of epilogue and main loop)
     group_m: int = 8
     consumer_registers: int = 232
@@ -103,31 +103,33 @@ def _lora_update(y, off_m, off_n, M, N, qparams_ptr, down_ptr, left_ptr, left_sm
     order) as the register operand of a bf16 wgmma, the tile's rows of L through shared memory."""
     BLOCK_M: gl.constexpr = y.shape[0]
     BLOCK_N: gl.constexpr = y.shape[1]
-    rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
-    ranks = gl.arange(0, RANK, layout=gl.SliceLayout(0, rows_layout))
-    rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, rows_layout))
+    lora_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                          instr_shape=[16, INSTR_N, 16])
+    # down is loaded straight into the register-operand layout of the wgmma (no shuffle through shared memory)
+    operand_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=lora_layout, k_width=2)
+    ranks = gl.arange(0, RANK, layout=gl.SliceLayout(0, operand_layout))
+    rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, operand_layout))
     row_ok = (rows < M)[:, None]
-    down = gl.zeros([BLOCK_M, RANK], gl.float32, rows_layout)
+    down = gl.zeros([BLOCK_M, RANK], gl.float32, operand_layout)
     for split in gl.static_range(SPLITS):
         down += gl.load(down_ptr + (split * M + rows[:, None]) * RANK + ranks[None, :], mask=row_ok, other=0.0)
     if PER_ROW:
         down = down * gl.load(qparams_ptr + rows, mask=rows < M, other=1.0)[:, None]
     else:
         down = down * gl.load(qparams_ptr)
-    cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, rows_layout))
-    left_smem.store(gl.load(left_ptr + cols[:, None] * RANK + ranks[None, :], mask=(cols < N)[:, None], other=0.0))
+    left_layout: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [WARPS, 1], [1, 0])
+    left_ranks = gl.arange(0, RANK, layout=gl.SliceLayout(0, left_layout))
+    cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, left_layout))
+    left_smem.store(gl.load(left_ptr + cols[:, None] * RANK + left_ranks[None, :], mask=(cols < N)[:, None],
+                            other=0.0))
     fence_async_shared()
-    lora_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                          instr_shape=[16, INSTR_N, 16])
-    operand = gl.convert_layout(down.to(gl.bfloat16), gl.DotOperandLayout(operand_index=0, parent=lora_layout,
-                                                                           k_width=2))
-    summed = warpgroup_mma(operand, left_smem.permute((1, 0)), gl.convert_layout(y, lora_layout))
+    summed = warpgroup_mma(down.to(gl.bfloat16), left_smem.permute((1, 0)), gl.convert_layout(y, lora_layout))
     return gl.convert_layout(summed, y.type.layout)
 
 
 @gluon.jit
 def _epilogue(acc, off_m, off_n, M, N, stride_om, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
-              qparams_ptr, down_ptr, left_ptr, out_ptr, bounds_ptr, bounds_scale_ptr, left_smem,
+              qparams_ptr, down_ptr, left_ptr, out_desc, out_smem, bounds_ptr, bounds_scale_ptr, left_smem,
               K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr,
               BOUNDS: gl.constexpr, BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr,
               BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr, WARPS: gl.constexpr, INSTR_N: gl.constexpr):
@@ -158,10 +160,13 @@ def _epilogue(acc, off_m, off_n, M, N, stride_om, rowsum_ptr, colsum_ptr, wzero_
         y += gl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if GELU:
         y = _gelu_tanh(y)
-    out = y.to(out_ptr.dtype.element_ty)
-    in_bounds = row_ok[:, None] & col_ok[None, :]
-    gl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], out, mask=in_bounds)
-    if BOUNDS:  # the next layer's range, as kernels.int8_gemm reduces it
+    out = y.to(out_desc.dtype)
+    tma.store_wait(0)  # this partition's previous tile has left out_smem
+    out_smem.store(out)
+    fence_async_shared()
+    tma.async_copy_shared_to_global(out_desc, [off_m, off_n], out_smem)
+    if BOUNDS:
+        in_bounds = row_ok[:, None] & col_ok[None, :]  # the next layer's range, as kernels.int8_gemm reduces it
         v = out.to(gl.float32)
         if BOUNDS_SCALED:
             v = v * gl.load(bounds_scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
@@ -177,7 +182,7 @@ def _epilogue(acc, off_m, off_n, M, N, stride_om, rowsum_ptr, colsum_ptr, wzero_
 
 @gluon.jit
 def _math(a_bufs, b_bufs, ready, free, left_smem, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
-          qparams_ptr, down_ptr, left_ptr, out_ptr, bounds_ptr, bounds_scale_ptr, M, N, stride_om,
+          qparams_ptr, down_ptr, left_ptr, out_desc, out_smem, bounds_ptr, bounds_scale_ptr, M, N, stride_om,
           K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr, BOUNDS: gl.constexpr,
           BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr, BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr,
           STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, FIRST: gl.constexpr,
@@ -207,14 +212,15 @@ def _math(a_bufs, b_bufs, ready, free, left_smem, rowsum_ptr, colsum_ptr, wzero_
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(free.index(FIRST * STAGES + (step + STAGES - 1) % STAGES))
         _epilogue(acc, off_m, off_n, M, N, stride_om, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
-                  qparams_ptr, down_ptr, left_ptr, out_ptr, bounds_ptr, bounds_scale_ptr, left_smem, K, HAS_BIAS,
-                  RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, WARPS, INSTR_N)
+                  qparams_ptr, down_ptr, left_ptr, out_desc, out_smem, bounds_ptr, bounds_scale_ptr, left_smem, K,
+                  HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, WARPS, INSTR_N)
+    tma.store_wait(0)
 
 
 @gluon.jit
 def _int8_gemm_ws_kernel(
     a_desc, b_desc, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr,
-    out_ptr, bounds_ptr, bounds_scale_ptr, M, N, stride_om,
+    out_desc, bounds_ptr, bounds_scale_ptr, M, N, stride_om,
     K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr, BOUNDS: gl.constexpr,
     BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr, BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr,
     STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, INSTR_N: gl.constexpr,
@@ -232,27 +238,31 @@ def _int8_gemm_ws_kernel(
         mbarrier.init(free.index(i), count=1)
     left_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, LEFT_RANK], gl.bfloat16)
     left_smem = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS, BLOCK_N, LEFT_RANK], left_layout)
+    out_smem = gl.allocate_shared_memory(out_desc.dtype, [CONSUMERS] + out_desc.block_type.shape, out_desc.layout)
     if CONSUMERS == 2:
         gl.warp_specialize([
             (_math, (a_bufs, b_bufs, ready, free, left_smem.index(0), rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr,
-                     bias_ptr, qparams_ptr, down_ptr, left_ptr, out_ptr, bounds_ptr, bounds_scale_ptr, M, N, stride_om,
-                     K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, STAGES, GROUP_M,
-                     CONSUMERS, 0, num_warps, INSTR_N)),
+                     bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem.index(0), bounds_ptr, bounds_scale_ptr,
+                     M, N, stride_om, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS,
+                     STAGES, GROUP_M, CONSUMERS, 0, num_warps, INSTR_N)),
             (_math, (a_bufs, b_bufs, ready, free, left_smem.index(1), rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr,
-                     bias_ptr, qparams_ptr, down_ptr, left_ptr, out_ptr, bounds_ptr, bounds_scale_ptr, M, N, stride_om,
-                     K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, STAGES, GROUP_M,
-                     CONSUMERS, 1, num_warps, INSTR_N)),
+                     bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem.index(1), bounds_ptr, bounds_scale_ptr,
+                     M, N, stride_om, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS,
+                     STAGES, GROUP_M, CONSUMERS, 1, num_warps, INSTR_N)),
             (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M, CONSUMERS, 0)),
             (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M, CONSUMERS, 1)),
         ], [num_warps, 1, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS, LOADER_REGISTERS])
     else:
         gl.warp_specialize([
             (_math, (a_bufs, b_bufs, ready, free, left_smem.index(0), rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr,
-                     bias_ptr, qparams_ptr, down_ptr, left_ptr, out_ptr, bounds_ptr, bounds_scale_ptr, M, N, stride_om,
-                     K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, STAGES, GROUP_M,
-                     CONSUMERS, 0, num_warps, INSTR_N)),
+                     bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem.index(0), bounds_ptr, bounds_scale_ptr,
+                     M, N, stride_om, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS,
+                     STAGES, GROUP_M, CONSUMERS, 0, num_warps, INSTR_N)),
             (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M, CONSUMERS, 0)),
         ], [1], [LOADER_REGISTERS])
+
+
+_GLUON_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
 
 
 def wgmma_instr_n(block_n: int) -> int:
@@ -281,12 +291,14 @@ def int8_gemm_ws(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tenso
     b_desc = TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k],
                                           gl.NVMMASharedLayout.get_default_for([config.block_n, config.block_k], gl.int8))
     out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
+    out_desc = TensorDescriptor.from_tensor(out, [config.block_m, config.block_n], gl.NVMMASharedLayout.get_default_for(
+        [config.block_m, config.block_n], _GLUON_DTYPES[out_dtype]))
     rank = 0 if left is None else left.shape[1]
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     placeholder = scale_w  # any float32 tensor, for pointers a kernel variant never reads
     _int8_gemm_ws_kernel[(min(tiles, _multiprocessors(codes.device.index or 0)),)](
         a_desc, b_desc, rowsum, colsum, zero_w, scale_w, placeholder if bias is None else bias, qparams,
-        placeholder if down is None else down, placeholder if left is None else left, out,
+        placeholder if down is None else down, placeholder if left is None else left, out_desc,
         placeholder if bounds is None else bounds, placeholder if bounds_scale is None else bounds_scale,
         m, n, out.stride(0),
         K=k, HAS_BIAS=bias is not None, RANK=rank, GELU=gelu, BOUNDS=bounds is not None,

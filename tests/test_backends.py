@@ -283,3 +283,27 @@ def test_triton_backend_on_cpu_falls_back_to_fake_with_one_log_line():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     with pytest.raises(ValueError, match="unknown backend"):
         prepare_for_inference(model, "cuda-magic")
+
+
+@pytest.mark.parametrize("granularity,symmetric,width", [("per_channel", False, 16), ("per_group", False, 12),
+                                                         ("per_channel", True, 16)])
+def test_the_compensation_kernel_walks_a_block_of_columns_as_the_torch_loop_does(granularity, symmetric, width):
+    from quant.compensate import column_loop, inverse_cholesky
+    from quant.compensate_kernel import compensate_columns
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(256, width, generator=generator) @ (torch.eye(width) + 0.3 * torch.randn(width, width,
+                                                                                         generator=generator))
+    weight = torch.randn(37, width, generator=generator)  # rows not a multiple of the kernel's row block
+    grid = quantize_weight(weight, 4, granularity, 4, symmetric)
+    scale = grid.group_scales().float().repeat_interleave(grid.group_size, dim=-1).expand(37, width)
+    zero = grid.zero.float().repeat_interleave(grid.group_size, dim=-1).expand(37, width)
+    low, high = (torch.full((37, width), float(b)) if not isinstance(b, torch.Tensor)
+                 else b.float().repeat_interleave(grid.group_size, dim=-1).expand(37, width)
+                 for b in grid.code_bounds(symmetric))
+    upper = inverse_cholesky(x.T @ x, 0.01)
+    expected_codes, expected_errors = column_loop(weight.clone(), upper, scale, zero, low, high, 16)
+    codes, errors = compensate_columns(weight, upper, scale, zero, low, high, 16)
+    assert torch.equal(codes, expected_codes)
+    torch.testing.assert_close(errors, expected_errors, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(codes, grid.codes.float())  # the compensation moved some codes off nearest

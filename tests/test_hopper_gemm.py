@@ -31,10 +31,13 @@ def compile_for_hopper(config: hopper_gemm.TileConfig, rank: int, gelu: bool, pe
         "b_desc": TensorDescriptor.from_tensor(torch.empty(n, k, dtype=torch.int8), [config.block_n, config.block_k],
                                                gl.NVMMASharedLayout.get_default_for([config.block_n, config.block_k],
                                                                                     gl.int8)),
+        "out_desc": TensorDescriptor.from_tensor(torch.empty(m, n, dtype=torch.bfloat16), [config.block_m, config.block_n],
+                                                 gl.NVMMASharedLayout.get_default_for([config.block_m, config.block_n],
+                                                                                      gl.bfloat16)),
     }
     f32, i32, bf16 = torch.empty(8), torch.empty(8, dtype=torch.int32), torch.empty(8, dtype=torch.bfloat16)
     values = descriptors | dict(rowsum_ptr=i32, colsum_ptr=i32, wzero_ptr=i32, wscale_ptr=f32, bias_ptr=f32,
-                                qparams_ptr=f32, down_ptr=f32, left_ptr=bf16, out_ptr=bf16, bounds_ptr=f32,
+                                qparams_ptr=f32, down_ptr=f32, left_ptr=bf16, bounds_ptr=f32,
                                 bounds_scale_ptr=f32, M=m, N=n, stride_om=n)
     warps = 4 if config.consumers == 2 else 4 * (config.block_m // 64)
     constants = dict(K=k, HAS_BIAS=True, RANK=rank, GELU=gelu, BOUNDS=gelu, BOUNDS_SCALED=gelu, PER_ROW=per_row,
