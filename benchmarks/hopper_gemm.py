@@ -26,11 +26,11 @@ from benchmarks.synthetic import HIDDEN, TOKENS, layer_shapes, outlier_input, qu
 from quant.hopper_gemm import TileConfig
 
 CONFIGS = {  # each fits the 227 KB of shared memory with the output's staging tiles
-    "default": TileConfig(),
-    "k64-stages-4": TileConfig(block_k=64, stages=4),
-    "m64-n128": TileConfig(block_m=64, stages=3),
-    "one-consumer-128": TileConfig(consumers=1, stages=5),
-    "one-consumer-256": TileConfig(block_n=256, consumers=1, stages=3),
+    "default": TileConfig(),  # one math partition of two warpgroups, 128×128 tiles, 5 slots
+    "two-consumers": TileConfig(consumers=2, stages=2),
+    "k64-stages-4": TileConfig(consumers=2, block_k=64, stages=4),
+    "m64-n128": TileConfig(consumers=2, block_m=64, stages=3),
+    "one-consumer-256": TileConfig(block_n=256, stages=3),
 }
 
 
@@ -75,7 +75,8 @@ def measure(config_name: str, batch: int, log: RowLog, device) -> None:
             inputs = (codes, rowsum, qparams, layer.weight)
             tail = (layer.column_sums, layer.weight_zero, layer.weight_scale, layer.bias, down, layer.lora_left,
                     torch.bfloat16)
-            triton_call = functools.partial(call, int8_gemm, inputs + (False,) + tail, extra, bounds_shape)
+            triton_call = functools.partial(call, functools.partial(int8_gemm, warp_specialised=False),
+                                            inputs + (False,) + tail, extra, bounds_shape)
             ws_call = functools.partial(call, functools.partial(int8_gemm_ws, config=config), inputs + tail, extra,
                                         bounds_shape)
             try:
@@ -103,7 +104,7 @@ def measure(config_name: str, batch: int, log: RowLog, device) -> None:
     codes, rowsum, down = quantize_rows(x, qparams, 8, layer.smooth_inv, layer.lora_right, splits=3)
     tail = (layer.column_sums, layer.weight_zero, layer.weight_scale, layer.bias, down, layer.lora_left,
             torch.bfloat16)
-    reference = int8_gemm(codes, rowsum, qparams, layer.weight, False, *tail)
+    reference = int8_gemm(codes, rowsum, qparams, layer.weight, False, *tail, warp_specialised=False)
     got = int8_gemm_ws(codes, rowsum, qparams, layer.weight, *tail, config=config)
     log.add({"config": config_name, "layer": "qkv", "M": 512, "K": k, "N": n, "act": "per_tensor",
              "epilogue": "split quantize pass (3)", "relative_difference": relative_difference(got, reference)})

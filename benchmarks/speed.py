@@ -203,7 +203,7 @@ def graph_vs_eager(model, graphs: StepGraphs, noise: DeviceNoise, labels: torch.
 
 # GPU kernel name patterns -> the share of a forward they are counted in (first match wins)
 KERNEL_KINDS = (
-    ("int8 GEMM + epilogue", ("_int8_gemm_kernel",)),
+    ("int8 GEMM + epilogue", ("_int8_gemm_kernel", "_int8_gemm_ws_kernel")),
     ("quantize pass", ("_quantize_rows_kernel",)),
     ("attention", ("flash", "fmha", "attention", "sdpa")),  # before GEMMs: cuDNN's names hold "sm90" too
     ("float GEMM (cuBLAS)", ("gemm", "nvjet", "xmma", "cutlass", "sm90")),

@@ -44,18 +44,18 @@ def inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
 
 
 def column_loop(w: torch.Tensor, upper: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, low: torch.Tensor,
-                high: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One block of columns, in order: (codes, errors scaled by 1/U[j, j]) for the update of the later
-    blocks. w (rows, width) is the block of the partly compensated weight (updated in place); upper
-    the block's diagonal block of U; scale … high the grid at each element of the block."""
-    codes, errors = torch.empty_like(w), torch.empty_like(w)
-    for j in range(w.shape[1]):
+                high: torch.Tensor, span: slice, codes: torch.Tensor) -> torch.Tensor:
+    """The columns of `span`, in order: writes their codes into `codes` and returns their errors
+    scaled by 1/U[j, j] (rows, width), for the update of the later columns. w is the partly
+    compensated (out, in) weight (updated inside the span); scale … high the grid at each element."""
+    errors = torch.empty(w.shape[0], span.stop - span.start, dtype=w.dtype, device=w.device)
+    for j in range(span.start, span.stop):
         q = torch.minimum(torch.maximum(torch.round(w[:, j] / scale[:, j]) + zero[:, j], low[:, j]), high[:, j])
         codes[:, j] = q
         error = (w[:, j] - (q - zero[:, j]) * scale[:, j]) / upper[j, j]
-        w[:, j:] -= error.unsqueeze(1) * upper[j, j:].unsqueeze(0)
-        errors[:, j] = error
-    return codes, errors
+        w[:, j:span.stop] -= error.unsqueeze(1) * upper[j, j:span.stop].unsqueeze(0)
+        errors[:, j - span.start] = error
+    return errors
 
 
 def compensated_codes(weight: torch.Tensor, upper: torch.Tensor, grid: QuantizedWeight, symmetric: bool = False,
@@ -66,12 +66,12 @@ def compensated_codes(weight: torch.Tensor, upper: torch.Tensor, grid: Quantized
     `columns` walks one block of columns (column_loop's contract); by default the Triton kernel on
     a GPU (a few launches per block instead of a dozen per column) and column_loop elsewhere."""
     out, inp = weight.shape
-    upper = upper.to(weight.device, torch.float32)
+    upper = upper.to(weight.device, torch.float32).contiguous()
 
     def per_element(t: torch.Tensor | int) -> torch.Tensor:  # a per-group quantity at every (row, column)
         if not isinstance(t, torch.Tensor):
             return torch.full((out, inp), float(t), device=weight.device)
-        return t.float().to(weight.device).repeat_interleave(grid.group_size, dim=-1).expand(out, inp)
+        return t.float().to(weight.device).repeat_interleave(grid.group_size, dim=-1).expand(out, inp).contiguous()
 
     scale, zero = per_element(grid.group_scales()), per_element(grid.zero)
     low, high = (per_element(bound) for bound in grid.code_bounds(symmetric))
@@ -81,9 +81,7 @@ def compensated_codes(weight: torch.Tensor, upper: torch.Tensor, grid: Quantized
     w = weight.float().clone()
     codes = torch.empty(out, inp, dtype=torch.float32, device=weight.device)
     for start in range(0, inp, block):
-        end = min(start + block, inp)
-        span = slice(start, end)
-        codes[:, span], errors = columns(w[:, span], upper[span, span], scale[:, span], zero[:, span],
-                                         low[:, span], high[:, span], block)
-        w[:, end:] -= errors @ upper[span, end:]
+        span = slice(start, min(start + block, inp))
+        errors = columns(w, upper, scale, zero, low, high, span, codes)
+        w[:, span.stop:] -= errors @ upper[span, span.stop:]
     return dataclasses.replace(grid, codes=codes.to(torch.uint8), packed=False)

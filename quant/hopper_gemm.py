@@ -45,8 +45,8 @@ class TileConfig(NamedTuple):
     block_m: int = 128
     block_n: int = 128
     block_k: int = 128
-    stages: int = 2  # slots per math partition's ring (with the output's staging tile, 3 do not fit)
-    consumers: int = 2  # math warpgroups taking alternate tiles (1: no overlap of epilogue and main loop)
+    stages: int = 5  # slots per math partition's ring (with two partitions and the staging tiles, at most 2)
+    consumers: int = 1  # math partitions taking alternate tiles (1: two warpgroups share each tile)
     group_m: int = 8
     consumer_registers: int = 232
 

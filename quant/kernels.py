@@ -56,6 +56,13 @@ FAST_TANH = tl.constexpr(not INTERPRETED)
 # loop cost more at every DiT-XL/2 batch measured, down to 512 rows (batch 1 with CFG;
 # benchmarks/RESULTS.md). Fewer rows: the GEMM reads the packed bytes itself.
 UNPACK_FROM_ROWS = 256
+# Calls of at least this many rows on a Hopper GPU go to the persistent, warp-specialised Gluon
+# GEMM (quant/hopper_gemm.py) where it measured faster than the GEMM here: DiT-XL/2's qkv and fc2
+# at 32,768 rows (benchmarks/RESULTS.md). Where it was slower it is not used: N = K = 1,152
+# (proj: max(N, K) below WARP_SPECIALISED_MIN_SIDE), fc1's GELU + range epilogue, float32 output
+# (its staging tile does not fit beside the slots) and packed weights unpacked in the main loop.
+WARP_SPECIALISED_FROM_ROWS = 4096
+WARP_SPECIALISED_MIN_SIDE = 2048
 # The quantize pass splits K into chunks of this many columns over programs when its rows alone
 # give fewer than QUANTIZE_PROGRAMS_PER_SM programs per multiprocessor.
 SPLIT_K_CHUNK = 32 if INTERPRETED else 128
@@ -336,6 +343,20 @@ def quantize_splits(m: int, k: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(k, SPLIT_K_CHUNK), triton.cdiv(wanted, triton.cdiv(m, 32))))
 
 
+@functools.cache
+def _is_hopper(device: torch.device) -> bool:
+    return not INTERPRETED and torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def warp_specialised_suits(m: int, n: int, k: int, rank: int, packed: bool, gelu: bool, bounds, out_dtype,
+                           device: torch.device) -> bool:
+    """Whether a call goes to quant/hopper_gemm.py's kernel (WARP_SPECIALISED_FROM_ROWS says why)."""
+    return (device.type == "cuda" and not packed and not gelu and bounds is None
+            and out_dtype in (torch.bfloat16, torch.float16) and m >= WARP_SPECIALISED_FROM_ROWS
+            and max(n, k) >= WARP_SPECIALISED_MIN_SIDE and rank in (0, 16, 32, 64) and n % 8 == 0 and k % 16 == 0
+            and _is_hopper(device))
+
+
 def per_row(qparams: torch.Tensor) -> bool:
     """Whether (2, R) qparams (or bounds) hold one range per row (R > 1) rather than one per tensor."""
     return qparams.numel() > 2
@@ -391,7 +412,7 @@ def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, 
               down: torch.Tensor | None, left: torch.Tensor | None, out_dtype: torch.dtype,
               use_tma: bool = False, gelu: bool = False, bounds: torch.Tensor | None = None,
               bounds_scale: torch.Tensor | None = None, unpack_from_rows: int = UNPACK_FROM_ROWS,
-              group_table: torch.Tensor | None = None) -> torch.Tensor:
+              group_table: torch.Tensor | None = None, warp_specialised: bool | None = None) -> torch.Tensor:
     """The GEMM with its epilogue: out (M, N) = s_x s_w (Σ q'c' − corrections) + s_x·down·Lᵀ + b,
     then GELU (tanh) with `gelu`.
     `weight` is int8 (N, K) signed codes, or (packed) uint8 codes in the split layout (pack_split);
@@ -403,17 +424,25 @@ def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, 
     kernel reduces [min, −max] of its stored output (times `bounds_scale` per column when given):
     the next layer's activation range without another pass over `out`.
     `group_table` (N, groups, 2) uint8 [k, z]: packed two-level group codes, unpacked to int8
-    (c − z)·k before the GEMM at any M (`zero_w` is then 0 and `scale_w` the row scale)."""
+    (c − z)·k before the GEMM at any M (`zero_w` is then 0 and `scale_w` the row scale).
+    `warp_specialised`: run quant/hopper_gemm.py's kernel (None: where warp_specialised_suits)."""
     m, k = codes.shape
     if group_table is not None:  # two-level groups: always unpacked first (zero point 0 after it)
         weight, packed, use_tma = unpack_two_level(weight, group_table, k), False, False
     elif packed and m >= unpack_from_rows:
         weight, packed, use_tma = unpack_signed(weight, k), False, False
+    n = weight.shape[0]
+    rank = 0 if left is None else left.shape[1]
+    if warp_specialised is None:
+        warp_specialised = warp_specialised_suits(m, n, k, rank, packed, gelu, bounds, out_dtype, codes.device)
+    if warp_specialised:
+        from .hopper_gemm import int8_gemm_ws
+
+        return int8_gemm_ws(codes, rowsum, qparams, weight, colsum, zero_w, scale_w, bias, down, left, out_dtype,
+                            gelu, bounds, bounds_scale)
     if use_tma:
         _ensure_descriptor_allocator()
-    n = weight.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
-    rank = 0 if left is None else left.shape[1]
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     placeholder = scale_w  # any float32 tensor, for pointers a kernel variant never reads
     _int8_gemm_kernel[grid](

@@ -51,8 +51,8 @@ def compile_for_hopper(config: hopper_gemm.TileConfig, rank: int, gelu: bool, pe
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
 
 
-@pytest.mark.parametrize("config", [hopper_gemm.DEFAULT_CONFIG, hopper_gemm.TileConfig(consumers=1, stages=5)],
-                         ids=["two-warpgroups", "one-warpgroup"])
+@pytest.mark.parametrize("config", [hopper_gemm.DEFAULT_CONFIG, hopper_gemm.TileConfig(consumers=2, stages=2)],
+                         ids=["one-math-partition", "two-math-partitions"])
 @pytest.mark.parametrize("rank,gelu,per_row", [(32, False, False), (0, True, True)])
 def test_the_kernel_compiles_for_hopper_with_warp_specialised_partitions(config, rank, gelu, per_row):
     compiled = compile_for_hopper(config, rank, gelu, per_row)
@@ -83,5 +83,22 @@ def test_on_hopper_the_gluon_gemm_equals_the_triton_gemm(per_token):
     qparams = layer.qparams(x)
     codes, rowsum, down = quantize_rows(x, qparams, 8, layer.smooth_inv, layer.lora_right)
     tail = (layer.column_sums, layer.weight_zero, layer.weight_scale, layer.bias, down, layer.lora_left, torch.bfloat16)
-    expected = int8_gemm(codes, rowsum, qparams, layer.weight, False, *tail)
+    expected = int8_gemm(codes, rowsum, qparams, layer.weight, False, *tail, warp_specialised=False)
     assert torch.equal(hopper_gemm.int8_gemm_ws(codes, rowsum, qparams, layer.weight, *tail), expected)
+
+
+def test_large_calls_on_hopper_go_to_the_gluon_gemm_where_it_measured_faster(monkeypatch):
+    from quant import kernels
+
+    monkeypatch.setattr(kernels, "_is_hopper", lambda device: True)
+    cuda = torch.device("cuda")
+
+    def suits(m, n, k, gelu=False, out_dtype=torch.bfloat16, device=cuda):
+        return kernels.warp_specialised_suits(m, n, k, 32, False, gelu, None, out_dtype, device)
+
+    assert suits(32768, 3456, 1152) and suits(32768, 1152, 4608) and suits(4096, 3456, 1152)  # qkv, fc2, batch 8
+    assert not suits(32768, 1152, 1152)  # proj: slower there
+    assert not suits(32768, 4608, 1152, gelu=True)  # fc1 with GELU + range: slower there
+    assert not suits(512, 3456, 1152)  # small calls
+    assert not suits(32768, 3456, 1152, out_dtype=torch.float32)  # its staging tile would not fit
+    assert not suits(32768, 3456, 1152, device=torch.device("cpu"))
