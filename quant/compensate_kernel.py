@@ -20,6 +20,7 @@ import triton.language as tl
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 · 2^23: (v + M) − M rounds float32 |v| < 2^22 half to even
 BLOCK_ROWS = 8 if INTERPRETED else 16
+WARPS = 4
 
 
 @triton.jit
@@ -57,7 +58,8 @@ def _compensate_columns_kernel(w_ptr, upper_ptr, scale_ptr, zero_ptr, low_ptr, h
 
 
 def compensate_columns(w: torch.Tensor, upper: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                       low: torch.Tensor, high: torch.Tensor, span: slice, codes: torch.Tensor) -> torch.Tensor:
+                       low: torch.Tensor, high: torch.Tensor, span: slice, codes: torch.Tensor,
+                       warps: int = WARPS) -> torch.Tensor:
     """`compensate.column_loop` in one launch (w inside the span is not written back: only the
     errors matter to the later columns). Every tensor contiguous float32, as compensated_codes
     passes them."""
@@ -66,5 +68,5 @@ def compensate_columns(w: torch.Tensor, upper: torch.Tensor, scale: torch.Tensor
     errors = torch.empty(rows, width, dtype=torch.float32, device=w.device)
     _compensate_columns_kernel[(triton.cdiv(rows, BLOCK_ROWS),)](
         w, upper, scale, zero, low, high, codes, errors, rows, columns, span.start,
-        WIDTH=width, BLOCK=triton.next_power_of_2(width), BLOCK_ROWS=BLOCK_ROWS)
+        WIDTH=width, BLOCK=triton.next_power_of_2(width), BLOCK_ROWS=BLOCK_ROWS, num_warps=warps)
     return errors
