@@ -44,6 +44,7 @@ METHODS = {
     "DiTAS + weighted LoRA": dict(lora_weighting="activation"),
     "DiTAS + no-smoothing candidate": dict(identity_candidate=True),
     "DiTAS + all three": RECIPES["best"],
+    "best, per-token activations": {**RECIPES["best"], "act_granularity": "per_token"},
     "default": RECIPES[DEFAULT_RECIPE],  # what QuantDiT.py does without flags (now: the three parts above)
     "DiTAS per-group 64": dict(weight_granularity="per_group", weight_group_size=64),
     "DiTAS per-group 128": dict(weight_granularity="per_group", weight_group_size=128),

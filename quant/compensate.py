@@ -29,11 +29,13 @@ def damped(hessian: torch.Tensor, damping: float) -> torch.Tensor:
     return h
 
 
-def root_and_inverse_root(hessian: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H^½, H^−½) of the damped H, symmetric, by an eigendecomposition (float32)."""
-    values, vectors = torch.linalg.eigh(damped(hessian, damping))
-    root = values.clamp(min=torch.finfo(torch.float64).tiny).sqrt()
-    return ((vectors * root) @ vectors.T).float(), ((vectors / root) @ vectors.T).float()
+def factor_and_inverse(hessian: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, C⁻¹) with C·Cᵀ the damped H: its lower Cholesky factor (float32). Any such C weights a
+    low-rank fit the same way, ‖E·C‖² = tr(E H Eᵀ); a Cholesky factor costs a fraction of the
+    symmetric square root's eigendecomposition (seconds on DiT-XL/2's 4,608-wide fc2)."""
+    factor = torch.linalg.cholesky(damped(hessian, damping))
+    identity = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+    return factor.float(), torch.linalg.solve_triangular(factor, identity, upper=False).float()
 
 
 def inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:

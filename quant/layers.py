@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .calibrate import ChannelStats
-from .compensate import compensated_codes, inverse_cholesky, root_and_inverse_root
+from .compensate import compensated_codes, factor_and_inverse, inverse_cholesky
 from .config import QuantConfig
 from .lowrank import quantize_with_low_rank
 from .primitives import QuantizedLayer, QuantizedWeight, quantize_weight
@@ -64,7 +64,7 @@ def quantize_layer(
 
 # The method's parts chosen by QuantConfig, by name (the names QuantConfig validates: ROUNDINGS,
 # LORA_WEIGHTINGS). A rounder turns round-to-nearest (a function of a (candidates, out, in) weight)
-# into the rounding used; a LoRA metric gives the (H^½, H^−½) pair the low-rank fit is weighted
+# into the rounding used; a LoRA metric gives the (C, C⁻¹) pair (C·Cᵀ = H) the low-rank fit is weighted
 # by, or None for the plain ‖W − Q − L·R‖. `grams` is H of each candidate's smoothed inputs, or None.
 
 
@@ -82,8 +82,8 @@ def _plain_metric(grams, config: QuantConfig):
 
 
 def _activation_metric(grams, config: QuantConfig):
-    roots = [root_and_inverse_root(g, config.hessian_damping) for g in grams]
-    return torch.stack([r for r, _ in roots]), torch.stack([i for _, i in roots])
+    factors = [factor_and_inverse(g, config.hessian_damping) for g in grams]
+    return torch.stack([c for c, _ in factors]), torch.stack([i for _, i in factors])
 
 
 ROUNDERS = {"nearest": _round_to_nearest, "compensated": _compensated_rounding}

@@ -60,9 +60,9 @@ def quantize_with_low_rank(
     An iteration is kept only if it lowers the error of every matrix in the batch's total, so the
     returned error never exceeds the previous one: min-max quantization re-derives its grid from
     its input and a randomized fit is not exactly optimal, so a step can occasionally overshoot.
-    With `weighting` = (H^½, H^−½) of the layer's input second moment H, the fit and the errors
-    are in the output metric ‖(·)·H^½‖: L·R is the best rank-r fit of the residual times H^½,
-    mapped back by H^−½ (the activation-weighted LoRA).
+    With `weighting` = (C, C⁻¹), C·Cᵀ = H the layer's input second moment, the fit and the errors
+    are in the output metric ‖(·)·C‖ = ‖(·)·H^½‖: L·R is the best rank-r fit of the residual
+    times C, mapped back by C⁻¹ (the activation-weighted LoRA).
     """
     w = w.float()
 

@@ -8,9 +8,9 @@ import torch
 
 from conftest import TINY_PIXEL_KWARGS, randomize
 from quant.calibrate import CalibrationRun
-from quant.compensate import compensated_codes, inverse_cholesky, root_and_inverse_root
+from quant.compensate import compensated_codes, factor_and_inverse, inverse_cholesky
 from quant.config import DEFAULT_RECIPE, RECIPES, QuantConfig
-from quant.lowrank import quantize_with_low_rank
+from quant.lowrank import exact_low_rank, quantize_with_low_rank
 from quant.pipeline import quantize_dit
 from quant.primitives import quantize_weight
 from quant.smooth import candidate_factors
@@ -50,19 +50,33 @@ def test_with_uncorrelated_unit_inputs_compensated_rounding_is_rounding_to_neare
     assert torch.equal(compensated_codes(weight, inverse_cholesky(torch.eye(32) * 1000, 1e-9), grid).codes, grid.codes)
 
 
-def test_square_roots_of_the_damped_input_moment():
+def test_the_weighting_factor_squares_to_the_damped_input_moment():
     x = correlated_inputs(256, 24, 0)
-    root, inverse = root_and_inverse_root(x.T @ x, 0.01)
-    torch.testing.assert_close(root @ inverse, torch.eye(24), atol=1e-3, rtol=0)
-    torch.testing.assert_close(root @ root, x.T @ x + 0.01 * (x.T @ x).diagonal().mean() * torch.eye(24),
+    factor, inverse = factor_and_inverse(x.T @ x, 0.01)
+    torch.testing.assert_close(factor @ inverse, torch.eye(24), atol=1e-3, rtol=0)
+    torch.testing.assert_close(factor @ factor.T, x.T @ x + 0.01 * (x.T @ x).diagonal().mean() * torch.eye(24),
                                rtol=1e-3, atol=1e-2)
+
+
+def test_every_square_root_of_h_gives_the_same_weighted_fit():
+    """C = H^½ (symmetric) and C = the Cholesky factor weight the exact rank-r fit identically."""
+    x = correlated_inputs(512, 32, 1)
+    residual = torch.randn(40, 32, generator=torch.Generator().manual_seed(1))
+    h = (x.T @ x).double()
+    values, vectors = torch.linalg.eigh(h)
+    root = (vectors * values.sqrt()) @ vectors.T
+    fits = []
+    for factor in (root, torch.linalg.cholesky(h)):
+        left, right = exact_low_rank(residual.double() @ factor, 4)
+        fits.append(left @ right @ torch.linalg.inv(factor))
+    torch.testing.assert_close(fits[0], fits[1], rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_the_activation_weighted_lora_lowers_the_output_error(seed):
     x = correlated_inputs(512, 64, seed)
     weight = torch.randn(48, 64, generator=torch.Generator().manual_seed(seed))
-    weighting = root_and_inverse_root(x.T @ x, 0.01)
+    weighting = factor_and_inverse(x.T @ x, 0.01)
 
     def quantize(w):
         return quantize_weight(w, 4)
