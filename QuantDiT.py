@@ -62,12 +62,12 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
     try:
         return QuantConfig(
             weight_bits=args.weight_bit, act_bits=args.act_bit, weight_granularity=args.weight_granularity,
-            weight_group_size=args.weight_group_size, act_granularity=args.act_granularity,
+            weight_group_size=args.weight_group_size,
             act_dynamic=not args.static_act, smooth=not args.no_smooth, alpha_grid=tuple(args.alpha_grid),
             lora_rank=args.lora_rank, lora_iters=args.lora_iters, search_lora_iters=args.search_lora_iters,
             search_rows_per_step=args.search_rows_per_step, adaln_weight_bits=args.adaln_bit,
             **recipe_settings(args.recipe, rounding=args.rounding, lora_weighting=args.lora_weighting,
-                              identity_candidate=args.identity_candidate),
+                              identity_candidate=args.identity_candidate, act_granularity=args.act_granularity),
         )
     except ValueError as error:
         raise UserError(f"{error}") from None
@@ -173,15 +173,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="one weight scale per output channel, per group of inputs, or two_level: a float scale per "
                              "row and an integer scale per group (int8-GEMM friendly, see README)")
     parser.add_argument("--weight-group-size", type=positive_int, default=QuantConfig.weight_group_size, help="inputs per group for per_group")
-    parser.add_argument("--act-granularity", choices=ACT_GRANULARITIES, default=QuantConfig.act_granularity,
-                        help="one activation range per tensor (the paper) or per token")
+    parser.add_argument("--act-granularity", choices=ACT_GRANULARITIES, default=None,
+                        help="one activation range per tensor (the paper) or per token (default: the recipe's)")
     parser.add_argument("--static-act", action="store_true",
                         help="fix activation ranges from calibration instead of computing them per forward")
     parser.add_argument("--no-smooth", action="store_true", help="skip TAS smoothing (round-to-nearest baseline)")
     parser.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE,
                         help="paper: the published DiTAS (round to nearest, plain LoRA, alpha grid only), code for code; "
                              f"best (default): {', '.join(f'{k}={v}' for k, v in RECIPES['best'].items())}, the best "
-                             "measured on the demo (README, 'Beyond the paper'). The three flags below override it")
+                             "measured on the demo (README, 'Beyond the paper'). --act-granularity and the three flags below "
+                             "override it")
     parser.add_argument("--identity-candidate", action=argparse.BooleanOptionalAction, default=None,
                         help="also offer each layer no smoothing (s = 1) in the grid search (default: the recipe's)")
     parser.add_argument("--rounding", choices=ROUNDINGS, default=None,

@@ -43,8 +43,8 @@ METHODS = {
     "DiTAS + compensated rounding": dict(rounding="compensated"),
     "DiTAS + weighted LoRA": dict(lora_weighting="activation"),
     "DiTAS + no-smoothing candidate": dict(identity_candidate=True),
-    "DiTAS + all three": RECIPES["best"],
-    "best, per-token activations": {**RECIPES["best"], "act_granularity": "per_token"},
+    "DiTAS + all three": {**RECIPES["best"], "act_granularity": "per_tensor"},  # the three weight parts
+    "best, per-token activations": RECIPES["best"],
     "default": RECIPES[DEFAULT_RECIPE],  # what QuantDiT.py does without flags (now: the three parts above)
     "DiTAS per-group 64": dict(weight_granularity="per_group", weight_group_size=64),
     "DiTAS per-group 128": dict(weight_granularity="per_group", weight_group_size=128),

@@ -53,7 +53,7 @@ def main(args: argparse.Namespace) -> None:
     result = {
         "model": args.model, "image_size": args.image_size, "steps": args.num_sampling_steps, "config": config.label,
         "recipe": args.recipe, "rounding": config.rounding, "lora_weighting": config.lora_weighting,
-        "identity_candidate": config.identity_candidate,
+        "identity_candidate": config.identity_candidate, "act_granularity": config.act_granularity,
         "search_lora_iters": config.search_lora_iters, "search_rows_per_step": config.search_rows_per_step,
         "total_s": round(total, 2), "stages_s": {k: round(v, 2) for k, v in report.seconds.items()},
         "peak_gpu_GiB": None if device.type != "cuda" else round(torch.cuda.max_memory_allocated() / 2**30, 2),

@@ -19,11 +19,13 @@ WEIGHT_BITS_RANGE = (2, 8)
 ACT_BITS_RANGE = (4, 16)
 ADALN_WEIGHT_BITS = (8,)
 # Named method settings on top of QuantConfig's field defaults, which are the published DiTAS
-# ("paper": rounding to nearest, the plain LoRA, the α grid alone). QuantDiT.py applies
-# DEFAULT_RECIPE: the best measured on the demo (README, "Beyond the paper"; benchmarks/RESULTS.md).
+# ("paper": rounding to nearest, the plain LoRA, the α grid alone, one activation range per
+# tensor). QuantDiT.py applies DEFAULT_RECIPE: the best measured on the demo (README, "Beyond the
+# paper"; benchmarks/RESULTS.md), which also takes each token's activation range on its own.
 RECIPES: dict[str, dict] = {
     "paper": {},
-    "best": dict(rounding="compensated", lora_weighting="activation", identity_candidate=True),
+    "best": dict(rounding="compensated", lora_weighting="activation", identity_candidate=True,
+                 act_granularity="per_token"),
 }
 DEFAULT_RECIPE = "best"
 

@@ -99,7 +99,8 @@ def test_pipeline_with_compensated_rounding_weighted_lora_and_the_identity_candi
     spec = ModelSpec(dit_kwargs=dict(TINY_PIXEL_KWARGS), vae=None)
     run = CalibrationRun(tuple(range(10)), 1.5, 3, 0)
     reports = {}
-    for name, changes in {"paper": RECIPES["paper"], "new": RECIPES["best"]}.items():
+    weight_parts = {**RECIPES["best"], "act_granularity": "per_tensor"}  # the α scores need the paper's ranges
+    for name, changes in {"paper": RECIPES["paper"], "new": weight_parts}.items():
         config = QuantConfig(lora_rank=4, lora_iters=2, alpha_grid=(0.0, 0.5), search_rows_per_step=0, **changes)
         model = randomize(spec.build(), std=0.1)
         _, reports[name] = quantize_dit(model, config, run, torch.device("cpu"), progress=False)
@@ -201,7 +202,8 @@ def test_the_paper_recipe_is_the_published_method_and_best_is_the_default():
     assert paper.alpha_grid == tuple(round(0.05 * i, 2) for i in range(21))
     assert DEFAULT_RECIPE == "best"
     best = quantdit_config()
-    assert (best.rounding, best.lora_weighting, best.identity_candidate) == ("compensated", "activation", True)
+    assert (best.rounding, best.lora_weighting, best.identity_candidate, best.act_granularity) == (
+        "compensated", "activation", True, "per_token")
     assert quantdit_config("--recipe", "best") == best
 
 
@@ -210,6 +212,8 @@ def test_explicit_flags_override_the_recipe():
     assert (config.rounding, config.lora_weighting, config.identity_candidate) == ("nearest", "activation", False)
     config = quantdit_config("--recipe", "paper", "--lora-weighting", "activation")
     assert (config.rounding, config.lora_weighting, config.identity_candidate) == ("nearest", "activation", False)
+    assert config.act_granularity == "per_tensor"
+    assert quantdit_config("--act-granularity", "per_tensor").act_granularity == "per_tensor"
 
 
 def test_the_paper_recipe_reproduces_the_published_codes_bit_for_bit():
