@@ -5,12 +5,18 @@ warps, so with K = 1,152 (nine 128-wide steps) the tensor cores idle through eve
 (zero-point corrections, scales, a rank-32 LoRA product, bias, GELU, the next layer's range).
 Here one program per multiprocessor walks its tiles in grouped order, split into partitions:
 
-- CONSUMERS *math* warpgroups take alternate tiles of the program: while one runs its tile's
-  main loop on the tensor cores (wgmma), the other can run the epilogue of its previous tile,
-  so the tensor cores are not left idle through epilogues;
-- each math warpgroup has a one-warp *loader* that streams its activation and weight tiles by
+- CONSUMERS *math* partitions take alternate tiles of the program: with two, while one runs its
+  tile's main loop on the tensor cores (wgmma), the other can run the epilogue of its previous
+  tile. The default is one partition of two warpgroups sharing each 128×128 tile: with the
+  output staged in shared memory it has room for 5 slots and no register spills, and it
+  measured fastest (benchmarks/RESULTS.md);
+- each math partition has a one-warp *loader* that streams its activation and weight tiles by
   TMA into its own ring of STAGES shared-memory slots (`ready[s]` says a slot is full, `free[s]`
-  that the warpgroup is done with it), running ahead into the next tile during the epilogue.
+  that the partition is done with it), running ahead into the next tile during the epilogue;
+- the epilogue writes its bf16 tile to shared memory and stores it by TMA, which finishes while
+  the next tile's main loop runs.
+
+`kernels.int8_gemm` sends it the calls it measured faster on (`kernels.warp_specialised_suits`).
 
 Same arithmetic as `kernels.int8_gemm` (the module docstring there derives the corrections):
 int32 accumulation, then out = s_x s_w (Σ q'c' − z'_x Σ c' − z'_w Σ q' + K z'_x z'_w)
@@ -128,7 +134,7 @@ def _lora_update(y, off_m, off_n, M, N, qparams_ptr, down_ptr, left_ptr, left_sm
 
 
 @gluon.jit
-def _epilogue(acc, off_m, off_n, M, N, stride_om, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
+def _epilogue(acc, off_m, off_n, M, N, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
               qparams_ptr, down_ptr, left_ptr, out_desc, out_smem, bounds_ptr, bounds_scale_ptr, left_smem,
               K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr,
               BOUNDS: gl.constexpr, BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr,
@@ -182,7 +188,7 @@ def _epilogue(acc, off_m, off_n, M, N, stride_om, rowsum_ptr, colsum_ptr, wzero_
 
 @gluon.jit
 def _math(a_bufs, b_bufs, ready, free, left_smem, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
-          qparams_ptr, down_ptr, left_ptr, out_desc, out_smem, bounds_ptr, bounds_scale_ptr, M, N, stride_om,
+          qparams_ptr, down_ptr, left_ptr, out_desc, out_smem, bounds_ptr, bounds_scale_ptr, M, N,
           K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr, BOUNDS: gl.constexpr,
           BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr, BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr,
           STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, FIRST: gl.constexpr,
@@ -211,7 +217,7 @@ def _math(a_bufs, b_bufs, ready, free, left_smem, rowsum_ptr, colsum_ptr, wzero_
             step += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(free.index(FIRST * STAGES + (step + STAGES - 1) % STAGES))
-        _epilogue(acc, off_m, off_n, M, N, stride_om, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
+        _epilogue(acc, off_m, off_n, M, N, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
                   qparams_ptr, down_ptr, left_ptr, out_desc, out_smem, bounds_ptr, bounds_scale_ptr, left_smem, K,
                   HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, WARPS, INSTR_N)
     tma.store_wait(0)
@@ -220,7 +226,7 @@ def _math(a_bufs, b_bufs, ready, free, left_smem, rowsum_ptr, colsum_ptr, wzero_
 @gluon.jit
 def _int8_gemm_ws_kernel(
     a_desc, b_desc, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr,
-    out_desc, bounds_ptr, bounds_scale_ptr, M, N, stride_om,
+    out_desc, bounds_ptr, bounds_scale_ptr, M, N,
     K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr, BOUNDS: gl.constexpr,
     BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr, BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr,
     STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, INSTR_N: gl.constexpr,
@@ -243,11 +249,11 @@ def _int8_gemm_ws_kernel(
         gl.warp_specialize([
             (_math, (a_bufs, b_bufs, ready, free, left_smem.index(0), rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr,
                      bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem.index(0), bounds_ptr, bounds_scale_ptr,
-                     M, N, stride_om, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS,
+                     M, N, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS,
                      STAGES, GROUP_M, CONSUMERS, 0, num_warps, INSTR_N)),
             (_math, (a_bufs, b_bufs, ready, free, left_smem.index(1), rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr,
                      bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem.index(1), bounds_ptr, bounds_scale_ptr,
-                     M, N, stride_om, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS,
+                     M, N, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS,
                      STAGES, GROUP_M, CONSUMERS, 1, num_warps, INSTR_N)),
             (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M, CONSUMERS, 0)),
             (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M, CONSUMERS, 1)),
@@ -256,7 +262,7 @@ def _int8_gemm_ws_kernel(
         gl.warp_specialize([
             (_math, (a_bufs, b_bufs, ready, free, left_smem.index(0), rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr,
                      bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem.index(0), bounds_ptr, bounds_scale_ptr,
-                     M, N, stride_om, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS,
+                     M, N, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS,
                      STAGES, GROUP_M, CONSUMERS, 0, num_warps, INSTR_N)),
             (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M, CONSUMERS, 0)),
         ], [1], [LOADER_REGISTERS])
@@ -300,7 +306,7 @@ def int8_gemm_ws(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tenso
         a_desc, b_desc, rowsum, colsum, zero_w, scale_w, placeholder if bias is None else bias, qparams,
         placeholder if down is None else down, placeholder if left is None else left, out_desc,
         placeholder if bounds is None else bounds, placeholder if bounds_scale is None else bounds_scale,
-        m, n, out.stride(0),
+        m, n,
         K=k, HAS_BIAS=bias is not None, RANK=rank, GELU=gelu, BOUNDS=bounds is not None,
         BOUNDS_SCALED=bounds_scale is not None, PER_ROW=per_row(qparams),
         BOUNDS_PER_ROW=bounds is not None and per_row(bounds), SPLITS=rowsum.shape[0], STAGES=config.stages,
