@@ -133,10 +133,5 @@ class QuantConfig:
         return cls(**data)
 
     @property
-    def needs_input_gram(self) -> bool:
-        """Whether the calibration run must accumulate each layer's H = Σ xᵀx."""
-        return self.rounding == "compensated" or self.lora_weighting == "activation"
-
-    @property
     def label(self) -> str:
         return f"W{self.weight_bits}A{self.act_bits}"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -33,12 +35,12 @@ def quantize_layer(
     quantize = functools.partial(quantize_weight, bits=config.weight_bits, granularity=config.weight_granularity,
                                  group_size=config.weight_group_size, symmetric=config.weight_symmetric)
     grams = None
-    if config.needs_input_gram:
+    if needs_input_gram(config):
         if stats is None or stats.gram is None:
             raise ValueError(f"{config.rounding} rounding and {config.lora_weighting} LoRA need the inputs' H")
         grams = smoothed_grams(stats.gram.to(weight.device), factors)
-    quantize = ROUNDERS[config.rounding](quantize, grams, config)
-    weighting = LORA_METRICS[config.lora_weighting](grams, config)
+    quantize = ROUNDERS[config.rounding].build(quantize, grams, config)
+    weighting = LORA_METRICS[config.lora_weighting].build(grams, config)
     rank = config.lora_rank if lora_iters > 0 else 0
     fitted = quantize_with_low_rank(weight, quantize, rank, max(lora_iters, 1), config.low_rank_method, generator,
                                     weighting)
@@ -65,7 +67,13 @@ def quantize_layer(
 # The method's parts chosen by QuantConfig, by name (the names QuantConfig validates: ROUNDINGS,
 # LORA_WEIGHTINGS). A rounder turns round-to-nearest (a function of a (candidates, out, in) weight)
 # into the rounding used; a LoRA metric gives the (C, C⁻¹) pair (C·Cᵀ = H) the low-rank fit is weighted
-# by, or None for the plain ‖W − Q − L·R‖. `grams` is H of each candidate's smoothed inputs, or None.
+# by, or None for the plain ‖W − Q − L·R‖. `grams` is H of each candidate's smoothed inputs, or None;
+# a part that reads it says so, and the calibration run then accumulates H for every layer.
+
+
+class Part(NamedTuple):
+    build: Callable
+    needs_gram: bool
 
 
 def _round_to_nearest(nearest, grams, config: QuantConfig):
@@ -86,8 +94,14 @@ def _activation_metric(grams, config: QuantConfig):
     return torch.stack([c for c, _ in factors]), torch.stack([i for _, i in factors])
 
 
-ROUNDERS = {"nearest": _round_to_nearest, "compensated": _compensated_rounding}
-LORA_METRICS = {"plain": _plain_metric, "activation": _activation_metric}
+ROUNDERS = {"nearest": Part(_round_to_nearest, needs_gram=False),
+            "compensated": Part(_compensated_rounding, needs_gram=True)}
+LORA_METRICS = {"plain": Part(_plain_metric, needs_gram=False), "activation": Part(_activation_metric, needs_gram=True)}
+
+
+def needs_input_gram(config: QuantConfig) -> bool:
+    """Whether the calibration run must accumulate each layer's H = Σ xᵀx for the chosen parts."""
+    return ROUNDERS[config.rounding].needs_gram or LORA_METRICS[config.lora_weighting].needs_gram
 
 
 def smoothed_grams(gram: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:

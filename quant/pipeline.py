@@ -21,7 +21,7 @@ import torch.nn as nn
 from .calibrate import CalibrationRun, ChannelStats, collect_channel_stats
 from .config import QuantConfig
 from .fold import MODULATION_OF, fold_into_modulation, fold_into_value_rows
-from .layers import quantize_layer
+from .layers import needs_input_gram, quantize_layer
 from .modules import QuantLinear, WeightOnlyLinear
 from .primitives import QuantizedLayer
 from .scoring import score_candidates
@@ -106,12 +106,12 @@ class _Search:
 
 def _needs_statistics(config: QuantConfig) -> bool:
     """Whether any stage reads the calibration statistics (smoothing, static ranges, H)."""
-    return config.smooth or not config.act_dynamic or config.needs_input_gram
+    return config.smooth or not config.act_dynamic or needs_input_gram(config)
 
 
 def _calibrate(job: _Job) -> dict[str, ChannelStats]:
     return collect_channel_stats(job.model, job.targets, job.run, job.device, job.progress,
-                                 with_gram=job.config.needs_input_gram)
+                                 with_gram=needs_input_gram(job.config))
 
 
 def _candidates(job: _Job, stats: dict[str, ChannelStats]) -> tuple[dict[str, torch.Tensor], dict[str, list]]:

@@ -237,3 +237,13 @@ def test_every_rounding_and_lora_weighting_the_config_accepts_has_its_part():
     from quant.layers import LORA_METRICS, ROUNDERS
 
     assert set(ROUNDERS) == set(ROUNDINGS) and set(LORA_METRICS) == set(LORA_WEIGHTINGS)
+
+
+def test_the_calibration_run_accumulates_h_exactly_when_a_chosen_part_reads_it():
+    from quant.layers import needs_input_gram
+
+    assert not needs_input_gram(QuantConfig(**RECIPES["paper"]))
+    assert needs_input_gram(QuantConfig(**RECIPES["best"]))
+    assert needs_input_gram(QuantConfig(rounding="compensated")) and needs_input_gram(
+        QuantConfig(lora_weighting="activation"))
+    assert not needs_input_gram(QuantConfig(identity_candidate=True, act_granularity="per_token"))
