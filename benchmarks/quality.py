@@ -45,6 +45,8 @@ METHODS = {
     "DiTAS + no-smoothing candidate": dict(identity_candidate=True),
     "DiTAS + all three": {**RECIPES["best"], "act_granularity": "per_tensor"},  # the three weight parts
     "best, per-token activations": RECIPES["best"],
+    "best, per-group 64": {**RECIPES["best"], "weight_granularity": "per_group", "weight_group_size": 64},
+    "best, two-level 64": {**RECIPES["best"], "weight_granularity": "two_level", "weight_group_size": 64},
     "default": RECIPES[DEFAULT_RECIPE],  # what QuantDiT.py does without flags (now: the three parts above)
     "DiTAS per-group 64": dict(weight_granularity="per_group", weight_group_size=64),
     "DiTAS per-group 128": dict(weight_granularity="per_group", weight_group_size=128),
