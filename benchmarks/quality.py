@@ -47,7 +47,7 @@ METHODS = {
     "best, per-token activations": RECIPES["best"],
     "best, per-group 64": {**RECIPES["best"], "weight_granularity": "per_group", "weight_group_size": 64},
     "best, two-level 64": {**RECIPES["best"], "weight_granularity": "two_level", "weight_group_size": 64},
-    "default": RECIPES[DEFAULT_RECIPE],  # what QuantDiT.py does without flags (now: the three parts above)
+    "default": RECIPES[DEFAULT_RECIPE],  # what QuantDiT.py does without flags (now: "best, per-token activations")
     "DiTAS per-group 64": dict(weight_granularity="per_group", weight_group_size=64),
     "DiTAS per-group 128": dict(weight_granularity="per_group", weight_group_size=128),
     # issue 17: two-level groups (a float scale per row, integer scales per group)

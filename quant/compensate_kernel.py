@@ -11,14 +11,12 @@ a subtraction into one rounding (FMA), so a code can differ from the CPU's in a 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 · 2^23: (v + M) − M rounds float32 |v| < 2^22 half to even
+from .kernels import INTERPRETED, ROUND_MAGIC
+
 BLOCK_ROWS = 8 if INTERPRETED else 16
 WARPS = 4
 

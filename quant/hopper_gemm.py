@@ -27,7 +27,6 @@ as `int8_gemm` does at these row counts.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -276,18 +275,13 @@ def wgmma_instr_n(block_n: int) -> int:
     return next(n for n in range(224, 0, -16) if block_n % n == 0)
 
 
-@functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def int8_gemm_ws(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, weight: torch.Tensor,
                  colsum: torch.Tensor, zero_w: torch.Tensor, scale_w: torch.Tensor, bias: torch.Tensor | None,
                  down: torch.Tensor | None, left: torch.Tensor | None, out_dtype: torch.dtype, gelu: bool = False,
                  bounds: torch.Tensor | None = None, bounds_scale: torch.Tensor | None = None,
                  config: TileConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """`kernels.int8_gemm` for int8 (N, K) weights on Hopper (same arguments, no packed codes)."""
-    from .kernels import per_row
+    from .kernels import multiprocessors, per_row
 
     m, k = codes.shape
     n = weight.shape[0]
@@ -302,7 +296,7 @@ def int8_gemm_ws(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tenso
     rank = 0 if left is None else left.shape[1]
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     placeholder = scale_w  # any float32 tensor, for pointers a kernel variant never reads
-    _int8_gemm_ws_kernel[(min(tiles, _multiprocessors(codes.device.index or 0)),)](
+    _int8_gemm_ws_kernel[(min(tiles, multiprocessors(codes.device)),)](
         a_desc, b_desc, rowsum, colsum, zero_w, scale_w, placeholder if bias is None else bias, qparams,
         placeholder if down is None else down, placeholder if left is None else left, out_desc,
         placeholder if bounds is None else bounds, placeholder if bounds_scale is None else bounds_scale,

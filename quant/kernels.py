@@ -331,7 +331,8 @@ def _ensure_descriptor_allocator() -> None:
 
 
 @functools.cache
-def _multiprocessors(device: torch.device) -> int:
+def multiprocessors(device: torch.device) -> int:
+    """The device's streaming multiprocessors (a stand-in 64 under the CPU interpreter)."""
     return 64 if INTERPRETED else torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -339,7 +340,7 @@ def quantize_splits(m: int, k: int, device: torch.device) -> int:
     """Into how many K chunks the quantize pass of an (m, k) activation is split: enough programs
     for QUANTIZE_PROGRAMS_PER_SM per multiprocessor (counting 32-row programs), at most one per
     SPLIT_K_CHUNK columns; 1 for large calls, whose rows alone fill the GPU."""
-    wanted = QUANTIZE_PROGRAMS_PER_SM * _multiprocessors(device)
+    wanted = QUANTIZE_PROGRAMS_PER_SM * multiprocessors(device)
     return max(1, min(triton.cdiv(k, SPLIT_K_CHUNK), triton.cdiv(wanted, triton.cdiv(m, 32))))
 
 
