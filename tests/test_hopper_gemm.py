@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
-import inspect
+import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,58 +18,37 @@ if not torch.cuda.is_available() and "quant.kernels" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 triton = pytest.importorskip("triton")
-gluon_runtime = pytest.importorskip("triton.experimental.gluon._runtime")
-
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.experimental.gluon import language as gl  # noqa: E402
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E402
-from triton.runtime.jit import mangle_type  # noqa: E402
+pytest.importorskip("triton.experimental.gluon._runtime")
 
 from quant import hopper_gemm  # noqa: E402
 
-
-def compile_for_hopper(config: hopper_gemm.TileConfig, rank: int, gelu: bool, per_row: bool):
-    """triton.compile of the kernel for sm_90a with DiT-XL/2's qkv shape (host tensors stand in
-    for the device ones: only dtypes and alignment enter the signature)."""
-    m, k, n = 4096, 1152, 3456
-    kernel = hopper_gemm._int8_gemm_ws_kernel
-    descriptors = {
-        "a_desc": TensorDescriptor.from_tensor(torch.empty(m, k, dtype=torch.int8), [config.block_m, config.block_k],
-                                               gl.NVMMASharedLayout.get_default_for([config.block_m, config.block_k],
-                                                                                    gl.int8)),
-        "b_desc": TensorDescriptor.from_tensor(torch.empty(n, k, dtype=torch.int8), [config.block_n, config.block_k],
-                                               gl.NVMMASharedLayout.get_default_for([config.block_n, config.block_k],
-                                                                                    gl.int8)),
-        "out_desc": TensorDescriptor.from_tensor(torch.empty(m, n, dtype=torch.bfloat16), [config.block_m, config.block_n],
-                                                 gl.NVMMASharedLayout.get_default_for([config.block_m, config.block_n],
-                                                                                      gl.bfloat16)),
-    }
-    f32, i32, bf16 = torch.empty(8), torch.empty(8, dtype=torch.int32), torch.empty(8, dtype=torch.bfloat16)
-    values = descriptors | dict(rowsum_ptr=i32, colsum_ptr=i32, wzero_ptr=i32, wscale_ptr=f32, bias_ptr=f32,
-                                qparams_ptr=f32, down_ptr=f32, left_ptr=bf16, bounds_ptr=f32,
-                                bounds_scale_ptr=f32, M=m, N=n)
-    warps = 4 if config.consumers == 2 else 4 * (config.block_m // 64)
-    constants = dict(K=k, HAS_BIAS=True, RANK=rank, GELU=gelu, BOUNDS=gelu, BOUNDS_SCALED=gelu, PER_ROW=per_row,
-                     BOUNDS_PER_ROW=gelu and per_row, SPLITS=1, STAGES=config.stages, GROUP_M=config.group_m,
-                     CONSUMERS=config.consumers, INSTR_N=hopper_gemm.wgmma_instr_n(config.block_n),
-                     LEFT_RANK=max(rank, 16), CONSUMER_REGISTERS=config.consumer_registers, num_warps=warps)
-    names = list(inspect.signature(kernel.fn).parameters)
-    signature = {name: mangle_type(value) for name, value in values.items()} | dict.fromkeys(constants, "constexpr")
-    source = gluon_runtime.GluonASTSource(kernel, signature=signature,
-                                          constexprs={(names.index(name),): v for name, v in constants.items()})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+COMPILE_CONFIGS = {"one-math-partition": hopper_gemm.DEFAULT_CONFIG,
+                   "two-math-partitions": hopper_gemm.TileConfig(consumers=2, stages=2)}
+COMPILE_EPILOGUES = [(32, False, False), (0, True, True)]  # (LoRA rank, GELU + range, per-row ranges)
 
 
-@pytest.mark.parametrize("config", [hopper_gemm.DEFAULT_CONFIG, hopper_gemm.TileConfig(consumers=2, stages=2)],
-                         ids=["one-math-partition", "two-math-partitions"])
-@pytest.mark.parametrize("rank,gelu,per_row", [(32, False, False), (0, True, True)])
-def test_the_kernel_compiles_for_hopper_with_warp_specialised_partitions(config, rank, gelu, per_row):
-    compiled = compile_for_hopper(config, rank, gelu, per_row)
-    ptx = compiled.asm["ptx"]
+@pytest.fixture(scope="module")
+def compiled_for_hopper() -> dict:
+    """{(config name, rank, gelu, per_row): {"ptx", "shared"}}, compiled by tests/hopper_compile.py
+    in a process without Triton's CPU interpreter (test_backends turns it on in this one)."""
+    cases = [(name, *epilogue) for name in COMPILE_CONFIGS for epilogue in COMPILE_EPILOGUES]
+    arguments = [[COMPILE_CONFIGS[name]._asdict(), rank, gelu, per_row] for name, rank, gelu, per_row in cases]
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("hopper_compile.py")), json.dumps(arguments)],
+                          env=env, capture_output=True, text=True, check=True, timeout=600)
+    return dict(zip(cases, json.loads(done.stdout)))
+
+
+@pytest.mark.parametrize("config", list(COMPILE_CONFIGS))
+@pytest.mark.parametrize("rank,gelu,per_row", COMPILE_EPILOGUES)
+def test_the_kernel_compiles_for_hopper_with_warp_specialised_partitions(compiled_for_hopper, config, rank, gelu,
+                                                                        per_row):
+    compiled = compiled_for_hopper[(config, rank, gelu, per_row)]
+    ptx = compiled["ptx"]
     assert ".target sm_90a" in ptx
     assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx  # tensor cores fed by TMA
     assert "setmaxnreg" in ptx  # partitions with their own register budgets
-    assert compiled.metadata.shared <= 232448  # fits the H100's 227 KB of shared memory per block
+    assert compiled["shared"] <= 232448  # fits the H100's 227 KB of shared memory per block
 
 
 def test_instruction_width_divides_the_tile():
