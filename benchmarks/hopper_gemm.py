@@ -6,7 +6,7 @@ For each tile configuration and each of DiT-XL/2's four quantized layer shapes (
 (CFG) × 256 tokens): the relative difference of its output from `kernels.int8_gemm` on the same
 inputs (the integer part is exact in both; the bf16 LoRA product may round differently), then
 TFLOP/s (2·M·N·K per second, `triton.testing.do_bench`) of both kernels and of cuBLAS bf16 on the
-same shape, in the same process. fc1 also with GELU and fc2's range in the epilogue; one shape
+same shape, in the same process; the two int8 GEMMs also replayed from a CUDA graph (`graphed_ms`). fc1 also with GELU and fc2's range in the epilogue; one shape
 also with per-token ranges and with a quantize pass split in three. Every row is appended, as
 measured, to --output (benchmarks/results/gemm.jsonl) with the call id, card, date and commit.
 Run one configuration per process (a kernel that deadlocks then costs one process, not the run).
@@ -27,17 +27,34 @@ from quant.hopper_gemm import TileConfig
 
 CONFIGS = {  # each fits the 227 KB of shared memory with the output's staging tiles
     "default": TileConfig(),  # one math partition of two warpgroups, 128×128 tiles, 5 slots
-    "two-consumers": TileConfig(consumers=2, stages=2),
-    "k64-stages-4": TileConfig(consumers=2, block_k=64, stages=4),
-    "m64-n128": TileConfig(consumers=2, block_m=64, stages=3),
+    # two math partitions of one warpgroup taking turns (ping-pong), one shared ring
+    "ping-pong": TileConfig(consumers=2, stages=4),
+    "ping-pong-k64": TileConfig(consumers=2, block_k=64, stages=8),
+    "ping-pong-m64": TileConfig(consumers=2, block_m=64, stages=6),
     "one-consumer-256": TileConfig(block_n=256, stages=3),
 }
+GRAPHED_CALLS = 10  # calls per CUDA graph in graphed_ms
 
 
 def call(kernel, args: tuple, extra: dict, bounds_shape: tuple | None):
     """kernel(*args, **extra) with a fresh +inf bounds tensor of bounds_shape (None: no bounds)."""
     bounds = None if bounds_shape is None else torch.full(bounds_shape, float("inf"), device=args[0].device)
     return kernel(*args, **extra, bounds=bounds), bounds
+
+
+def graphed_ms(fn) -> float:
+    """Milliseconds per call of fn replayed from a CUDA graph of GRAPHED_CALLS calls: the GPU's time
+    without the Python launch (which at 4,096 rows costs more than the GEMM), as in the samplers."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up (compilation, autotuning) off the capture
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPHED_CALLS):
+            fn()
+    return bench_ms(graph.replay) / GRAPHED_CALLS
 
 
 def relative_difference(got: torch.Tensor, reference: torch.Tensor) -> float:
@@ -87,11 +104,13 @@ def measure(config_name: str, batch: int, log: RowLog, device) -> None:
                 if epilogue:
                     row["bounds_difference"] = (got_bounds - reference_bounds).abs().max().item()
                 row["ws_TFLOPs"] = flops / bench_ms(ws_call) / 1e9
+                row["ws_graphed_TFLOPs"] = flops / graphed_ms(ws_call) / 1e9
             except Exception as error:  # noqa: BLE001 — a configuration that fails is a row, not the end
                 row["error"] = str(error).splitlines()[0][:300]
                 log.add(row)
                 continue
             row["triton_TFLOPs"] = flops / bench_ms(triton_call) / 1e9
+            row["triton_graphed_TFLOPs"] = flops / graphed_ms(triton_call) / 1e9
             if not epilogue and granularity == "per_tensor":
                 row["bf16_cublas_TFLOPs"] = flops / bench_ms(
                     functools.partial(torch.nn.functional.linear, x, weight)) / 1e9

@@ -5,14 +5,13 @@ warps, so with K = 1,152 (nine 128-wide steps) the tensor cores idle through eve
 (zero-point corrections, scales, a rank-32 LoRA product, bias, GELU, the next layer's range).
 Here one program per multiprocessor walks its tiles in grouped order, split into partitions:
 
-- CONSUMERS *math* partitions take alternate tiles of the program: with two, while one runs its
-  tile's main loop on the tensor cores (wgmma), the other can run the epilogue of its previous
-  tile. The default is one partition of two warpgroups sharing each 128×128 tile: with the
-  output staged in shared memory it has room for 5 slots and no register spills, and it
-  measured fastest (benchmarks/RESULTS.md);
-- each math partition has a one-warp *loader* that streams its activation and weight tiles by
-  TMA into its own ring of STAGES shared-memory slots (`ready[s]` says a slot is full, `free[s]`
-  that the partition is done with it), running ahead into the next tile during the epilogue;
+- CONSUMERS *math* partitions take alternate tiles of the program. With two (one warpgroup
+  each, "ping-pong") their main loops take turns on the tensor cores, so one partition's
+  epilogue runs while the other's main loop does. With one, two warpgroups share each 128×128
+  tile (no register spills, 5 slots) and the tensor cores wait through its epilogue;
+- one *loader* warp streams the activation and weight tiles of the program's tiles, in order, by
+  TMA into one ring of STAGES shared-memory slots (`ready[s]`: the slot is full, `free[s]`: its
+  reader is done with it), running ahead into the next tile during an epilogue;
 - the epilogue writes its bf16 tile to shared memory and stores it by TMA, which finishes while
   the next tile's main loop runs.
 
@@ -50,8 +49,8 @@ class TileConfig(NamedTuple):
     block_m: int = 128
     block_n: int = 128
     block_k: int = 128
-    stages: int = 5  # slots per math partition's ring (with two partitions and the staging tiles, at most 2)
-    consumers: int = 1  # math partitions taking alternate tiles (1: two warpgroups share each tile)
+    stages: int = 5  # slots of the ring (shared memory also holds one staging tile per math partition)
+    consumers: int = 1  # math partitions taking alternate tiles (1: two warpgroups share each tile; 2: ping-pong)
     group_m: int = 8
     consumer_registers: int = 232
 
@@ -72,19 +71,18 @@ def _tile_origin(tile, tiles_m, tiles_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.cons
 
 @gluon.jit
 def _loader(a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K: gl.constexpr, STAGES: gl.constexpr,
-            GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, FIRST: gl.constexpr):
-    """Loads the tiles of math partition FIRST into its ring (slots FIRST·STAGES …)."""
+            GROUP_M: gl.constexpr):
+    """Loads the program's tiles, in order, K step by K step, into the ring of STAGES slots."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     tiles_m = gl.cdiv(M, BLOCK_M)
     tiles_n = gl.cdiv(N, BLOCK_N)
-    programs = gl.num_programs(0)
     step = 0
-    for tile in range(gl.program_id(0) + FIRST * programs, tiles_m * tiles_n, CONSUMERS * programs):
+    for tile in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
         off_m, off_n = _tile_origin(tile, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
         for k in range(0, K, BLOCK_K):
-            slot = FIRST * STAGES + step % STAGES
+            slot = step % STAGES
             # a slot's first use waits for parity 1 of a fresh barrier, which passes at once
             mbarrier.wait(free.index(slot), ((step // STAGES) & 1) ^ 1)
             mbarrier.expect(ready.index(slot), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
@@ -186,7 +184,7 @@ def _epilogue(acc, off_m, off_n, M, N, rowsum_ptr, colsum_ptr, wzero_ptr, wscale
 
 
 @gluon.jit
-def _math(a_bufs, b_bufs, ready, free, left_smem, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
+def _math(a_bufs, b_bufs, ready, free, turn, left_smem, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
           qparams_ptr, down_ptr, left_ptr, out_desc, out_smem, bounds_ptr, bounds_scale_ptr, M, N,
           K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr, BOUNDS: gl.constexpr,
           BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr, BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr,
@@ -202,20 +200,31 @@ def _math(a_bufs, b_bufs, ready, free, left_smem, rowsum_ptr, colsum_ptr, wzero_
     tiles_m = gl.cdiv(M, BLOCK_M)
     tiles_n = gl.cdiv(N, BLOCK_N)
     programs = gl.num_programs(0)
-    step = 0  # steps of this partition's ring (its slots are FIRST·STAGES …)
+    step = FIRST * K_STEPS  # the ring's step of this tile's first K step (the loader's count)
+    turns = 0
     for tile in range(gl.program_id(0) + FIRST * programs, tiles_m * tiles_n, CONSUMERS * programs):
         off_m, off_n = _tile_origin(tile, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
+        if CONSUMERS == 2:
+            # Main loops take turns (partition 0 first: parity 1 of a fresh barrier passes at
+            # once). Besides keeping the tensor cores for one main loop at a time, this keeps
+            # the ring's parity waits unambiguous: a partition waits on a slot only once every
+            # earlier step of the ring has been waited on.
+            mbarrier.wait(turn.index(FIRST), (turns & 1) ^ (1 - FIRST))
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout)
         for kk in range(K_STEPS):
-            slot = FIRST * STAGES + step % STAGES
+            slot = step % STAGES
             mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
             acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
             # one wgmma in flight: the previous step's has finished reading its slot
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-            mbarrier.arrive(free.index(FIRST * STAGES + (step + STAGES - 1) % STAGES), pred=kk > 0)
+            mbarrier.arrive(free.index((step + STAGES - 1) % STAGES), pred=kk > 0)
             step += 1
+        if CONSUMERS == 2:
+            mbarrier.arrive(turn.index(1 - FIRST))  # every step of this tile is issued: the other's turn
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(free.index(FIRST * STAGES + (step + STAGES - 1) % STAGES))
+        mbarrier.arrive(free.index((step + STAGES - 1) % STAGES))
+        step += (CONSUMERS - 1) * K_STEPS  # the other partition's tile
+        turns += 1
         _epilogue(acc, off_m, off_n, M, N, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
                   qparams_ptr, down_ptr, left_ptr, out_desc, out_smem, bounds_ptr, bounds_scale_ptr, left_smem, K,
                   HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, WARPS, INSTR_N)
@@ -232,38 +241,39 @@ def _int8_gemm_ws_kernel(
     LEFT_RANK: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr, num_warps: gl.constexpr,
 ):
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-    # one ring of STAGES slots per math partition, filled by its own loader warp: each barrier is
-    # then waited on in order by one partition (a parity wait cannot tell phases two apart)
-    a_bufs = gl.allocate_shared_memory(gl.int8, [CONSUMERS * STAGES] + a_desc.block_type.shape, a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(gl.int8, [CONSUMERS * STAGES] + b_desc.block_type.shape, b_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [CONSUMERS * STAGES, 1], mbarrier.MBarrierLayout())
-    free = gl.allocate_shared_memory(gl.int64, [CONSUMERS * STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(CONSUMERS * STAGES):
+    a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(free.index(i), count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
     left_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, LEFT_RANK], gl.bfloat16)
     left_smem = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS, BLOCK_N, LEFT_RANK], left_layout)
     out_smem = gl.allocate_shared_memory(out_desc.dtype, [CONSUMERS] + out_desc.block_type.shape, out_desc.layout)
+    # (gluon.jit code builds no lists by comprehension: the partitions are spelled out)
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (_math, (a_bufs, b_bufs, ready, free, left_smem.index(0), rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr,
-                     bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem.index(0), bounds_ptr, bounds_scale_ptr,
-                     M, N, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS,
-                     STAGES, GROUP_M, CONSUMERS, 0, num_warps, INSTR_N)),
-            (_math, (a_bufs, b_bufs, ready, free, left_smem.index(1), rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr,
-                     bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem.index(1), bounds_ptr, bounds_scale_ptr,
-                     M, N, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS,
-                     STAGES, GROUP_M, CONSUMERS, 1, num_warps, INSTR_N)),
-            (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M, CONSUMERS, 0)),
-            (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M, CONSUMERS, 1)),
-        ], [num_warps, 1, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS, LOADER_REGISTERS])
+            (_math, (a_bufs, b_bufs, ready, free, turn, left_smem.index(0), rowsum_ptr, colsum_ptr, wzero_ptr,
+                     wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem.index(0), bounds_ptr,
+                     bounds_scale_ptr, M, N, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW,
+                     SPLITS, STAGES, GROUP_M, CONSUMERS, 0, num_warps, INSTR_N)),
+            (_math, (a_bufs, b_bufs, ready, free, turn, left_smem.index(1), rowsum_ptr, colsum_ptr, wzero_ptr,
+                     wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem.index(1), bounds_ptr,
+                     bounds_scale_ptr, M, N, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW,
+                     SPLITS, STAGES, GROUP_M, CONSUMERS, 1, num_warps, INSTR_N)),
+            (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M)),
+        ], [num_warps, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
     else:
         gl.warp_specialize([
-            (_math, (a_bufs, b_bufs, ready, free, left_smem.index(0), rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr,
-                     bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem.index(0), bounds_ptr, bounds_scale_ptr,
-                     M, N, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS,
-                     STAGES, GROUP_M, CONSUMERS, 0, num_warps, INSTR_N)),
-            (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M, CONSUMERS, 0)),
+            (_math, (a_bufs, b_bufs, ready, free, turn, left_smem.index(0), rowsum_ptr, colsum_ptr, wzero_ptr,
+                     wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem.index(0), bounds_ptr,
+                     bounds_scale_ptr, M, N, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW,
+                     SPLITS, STAGES, GROUP_M, CONSUMERS, 0, num_warps, INSTR_N)),
+            (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M)),
         ], [1], [LOADER_REGISTERS])
 
 

@@ -23,7 +23,7 @@ pytest.importorskip("triton.experimental.gluon._runtime")
 from quant import hopper_gemm  # noqa: E402
 
 COMPILE_CONFIGS = {"one-math-partition": hopper_gemm.DEFAULT_CONFIG,
-                   "two-math-partitions": hopper_gemm.TileConfig(consumers=2, stages=2)}
+                   "ping-pong": hopper_gemm.TileConfig(consumers=2, stages=4)}
 COMPILE_EPILOGUES = [(32, False, False), (0, True, True)]  # (LoRA rank, GELU + range, per-row ranges)
 
 
