@@ -7,7 +7,8 @@ Here one program per multiprocessor walks its tiles in grouped order, split into
 
 - CONSUMERS *math* partitions take alternate tiles of the program. With two (one warpgroup
   each, "ping-pong") their main loops take turns on the tensor cores, so one partition's
-  epilogue runs while the other's main loop does. With one, two warpgroups share each 128×128
+  epilogue runs while the other's main loop does (the default: 1.1–1.3× the rate of one
+  partition at K = 1,152, benchmarks/RESULTS.md). With one, two warpgroups share each 128×128
   tile (no register spills, 5 slots) and the tensor cores wait through its epilogue;
 - one *loader* warp streams the activation and weight tiles of the program's tiles, in order, by
   TMA into one ring of STAGES shared-memory slots (`ready[s]`: the slot is full, `free[s]`: its
@@ -49,8 +50,8 @@ class TileConfig(NamedTuple):
     block_m: int = 128
     block_n: int = 128
     block_k: int = 128
-    stages: int = 5  # slots of the ring (shared memory also holds one staging tile per math partition)
-    consumers: int = 1  # math partitions taking alternate tiles (1: two warpgroups share each tile; 2: ping-pong)
+    stages: int = 4  # slots of the ring (shared memory also holds one staging tile per math partition)
+    consumers: int = 2  # math partitions taking alternate tiles (2: ping-pong; 1: two warpgroups share each tile)
     group_m: int = 8
     consumer_registers: int = 232
 
@@ -280,6 +281,11 @@ def _int8_gemm_ws_kernel(
 _GLUON_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
 
 
+def math_warps(config: TileConfig) -> int:
+    """Warps of a math partition: one warpgroup each in ping-pong, else a warpgroup per 64 tile rows."""
+    return 4 if config.consumers == 2 else 4 * (config.block_m // 64)
+
+
 def wgmma_instr_n(block_n: int) -> int:
     """The widest int8 wgmma N (a multiple of 16 up to 224 for 8-bit types) that divides the tile."""
     return next(n for n in range(224, 0, -16) if block_n % n == 0)
@@ -295,7 +301,7 @@ def int8_gemm_ws(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tenso
 
     m, k = codes.shape
     n = weight.shape[0]
-    warps = 4 if config.consumers == 2 else 4 * (config.block_m // 64)
+    warps = math_warps(config)
     a_desc = TensorDescriptor.from_tensor(codes, [config.block_m, config.block_k],
                                           gl.NVMMASharedLayout.get_default_for([config.block_m, config.block_k], gl.int8))
     b_desc = TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k],

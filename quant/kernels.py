@@ -57,12 +57,12 @@ FAST_TANH = tl.constexpr(not INTERPRETED)
 # benchmarks/RESULTS.md). Fewer rows: the GEMM reads the packed bytes itself.
 UNPACK_FROM_ROWS = 256
 # Calls of at least this many rows on a Hopper GPU go to the persistent, warp-specialised Gluon
-# GEMM (quant/hopper_gemm.py) where it measured faster than the GEMM here: DiT-XL/2's qkv and fc2
-# at 32,768 rows (benchmarks/RESULTS.md). Where it was slower it is not used: N = K = 1,152
-# (proj: max(N, K) below WARP_SPECIALISED_MIN_SIDE), fc1's GELU + range epilogue, float32 output
-# (its staging tile does not fit beside the slots) and packed weights unpacked in the main loop.
+# GEMM (quant/hopper_gemm.py), which measured faster than the GEMM here at all four DiT-XL/2
+# shapes at 4,096 and 32,768 rows, timed as the samplers run them (CUDA graphs;
+# benchmarks/RESULTS.md). Not there: per-row output ranges in the epilogue (slower: fc1's GELU +
+# fc2's per-token range), float32 output (its staging tiles do not fit beside the slots) and
+# packed weights unpacked in the main loop.
 WARP_SPECIALISED_FROM_ROWS = 4096
-WARP_SPECIALISED_MIN_SIDE = 2048
 # The quantize pass splits K into chunks of this many columns over programs when its rows alone
 # give fewer than QUANTIZE_PROGRAMS_PER_SM programs per multiprocessor.
 SPLIT_K_CHUNK = 32 if INTERPRETED else 128
@@ -352,10 +352,9 @@ def _is_hopper(device: torch.device) -> bool:
 def warp_specialised_suits(m: int, n: int, k: int, rank: int, packed: bool, gelu: bool, bounds, out_dtype,
                            device: torch.device) -> bool:
     """Whether a call goes to quant/hopper_gemm.py's kernel (WARP_SPECIALISED_FROM_ROWS says why)."""
-    return (device.type == "cuda" and not packed and not gelu and bounds is None
+    return (device.type == "cuda" and not packed and (bounds is None or not per_row(bounds))
             and out_dtype in (torch.bfloat16, torch.float16) and m >= WARP_SPECIALISED_FROM_ROWS
-            and max(n, k) >= WARP_SPECIALISED_MIN_SIDE and rank in (0, 16, 32, 64) and n % 8 == 0 and k % 16 == 0
-            and _is_hopper(device))
+            and rank in (0, 16, 32, 64) and n % 8 == 0 and k % 16 == 0 and _is_hopper(device))
 
 
 def per_row(qparams: torch.Tensor) -> bool:

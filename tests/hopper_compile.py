@@ -48,7 +48,7 @@ def compile_for_hopper(config: hopper_gemm.TileConfig, rank: int, gelu: bool, pe
     values = descriptors | dict(rowsum_ptr=i32, colsum_ptr=i32, wzero_ptr=i32, wscale_ptr=f32, bias_ptr=f32,
                                 qparams_ptr=f32, down_ptr=f32, left_ptr=bf16, bounds_ptr=f32,
                                 bounds_scale_ptr=f32, M=m, N=n)
-    warps = 4 if config.consumers == 2 else 4 * (config.block_m // 64)
+    warps = hopper_gemm.math_warps(config)
     constants = dict(K=k, HAS_BIAS=True, RANK=rank, GELU=gelu, BOUNDS=gelu, BOUNDS_SCALED=gelu, PER_ROW=per_row,
                      BOUNDS_PER_ROW=gelu and per_row, SPLITS=1, STAGES=config.stages, GROUP_M=config.group_m,
                      CONSUMERS=config.consumers, INSTR_N=hopper_gemm.wgmma_instr_n(config.block_n),

@@ -22,8 +22,8 @@ pytest.importorskip("triton.experimental.gluon._runtime")
 
 from quant import hopper_gemm  # noqa: E402
 
-COMPILE_CONFIGS = {"one-math-partition": hopper_gemm.DEFAULT_CONFIG,
-                   "ping-pong": hopper_gemm.TileConfig(consumers=2, stages=4)}
+COMPILE_CONFIGS = {"ping-pong": hopper_gemm.DEFAULT_CONFIG,
+                   "one-math-partition": hopper_gemm.TileConfig(consumers=1, stages=5)}
 COMPILE_EPILOGUES = [(32, False, False), (0, True, True)]  # (LoRA rank, GELU + range, per-row ranges)
 
 
@@ -81,12 +81,13 @@ def test_large_calls_on_hopper_go_to_the_gluon_gemm_where_it_measured_faster(mon
     monkeypatch.setattr(kernels, "_is_hopper", lambda device: True)
     cuda = torch.device("cuda")
 
-    def suits(m, n, k, gelu=False, out_dtype=torch.bfloat16, device=cuda):
-        return kernels.warp_specialised_suits(m, n, k, 32, False, gelu, None, out_dtype, device)
+    def suits(m, n, k, bounds=None, out_dtype=torch.bfloat16, device=cuda):
+        return kernels.warp_specialised_suits(m, n, k, 32, False, bounds is not None, bounds, out_dtype, device)
 
     assert suits(32768, 3456, 1152) and suits(32768, 1152, 4608) and suits(4096, 3456, 1152)  # qkv, fc2, batch 8
-    assert not suits(32768, 1152, 1152)  # proj: slower there
-    assert not suits(32768, 4608, 1152, gelu=True)  # fc1 with GELU + range: slower there
+    assert suits(32768, 1152, 1152)  # proj
+    assert suits(32768, 4608, 1152, bounds=torch.zeros(2, 1))  # fc1 with GELU and fc2's range per tensor
+    assert not suits(32768, 4608, 1152, bounds=torch.zeros(2, 32768))  # … per token: slower there
     assert not suits(512, 3456, 1152)  # small calls
     assert not suits(32768, 3456, 1152, out_dtype=torch.float32)  # its staging tile would not fit
     assert not suits(32768, 3456, 1152, device=torch.device("cpu"))
