@@ -59,10 +59,12 @@ UNPACK_FROM_ROWS = 256
 # Calls of at least this many rows on a Hopper GPU go to the persistent, warp-specialised Gluon
 # GEMM (quant/hopper_gemm.py), which measured faster than the GEMM here at all four DiT-XL/2
 # shapes at 4,096 and 32,768 rows, timed as the samplers run them (CUDA graphs;
-# benchmarks/RESULTS.md). Not there: per-row output ranges in the epilogue (slower: fc1's GELU +
-# fc2's per-token range), float32 output (its staging tiles do not fit beside the slots) and
-# packed weights unpacked in the main loop.
+# benchmarks/RESULTS.md). An output range in the epilogue (fc1's GELU + fc2's range) goes there
+# only per tensor and from WARP_SPECIALISED_RANGE_FROM_ROWS rows: it was slower per row, and
+# per tensor at 4,096 rows (314 against 433 TOPS). Not there either: float32 output (its staging
+# tiles do not fit beside the slots) and packed weights unpacked in the main loop.
 WARP_SPECIALISED_FROM_ROWS = 4096
+WARP_SPECIALISED_RANGE_FROM_ROWS = 32768
 # The quantize pass splits K into chunks of this many columns over programs when its rows alone
 # give fewer than QUANTIZE_PROGRAMS_PER_SM programs per multiprocessor.
 SPLIT_K_CHUNK = 32 if INTERPRETED else 128
@@ -352,7 +354,8 @@ def _is_hopper(device: torch.device) -> bool:
 def warp_specialised_suits(m: int, n: int, k: int, rank: int, packed: bool, gelu: bool, bounds, out_dtype,
                            device: torch.device) -> bool:
     """Whether a call goes to quant/hopper_gemm.py's kernel (WARP_SPECIALISED_FROM_ROWS says why)."""
-    return (device.type == "cuda" and not packed and (bounds is None or not per_row(bounds))
+    range_suits = bounds is None or (not per_row(bounds) and m >= WARP_SPECIALISED_RANGE_FROM_ROWS)
+    return (device.type == "cuda" and not packed and range_suits
             and out_dtype in (torch.bfloat16, torch.float16) and m >= WARP_SPECIALISED_FROM_ROWS
             and rank in (0, 16, 32, 64) and n % 8 == 0 and k % 16 == 0 and _is_hopper(device))
 

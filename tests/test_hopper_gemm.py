@@ -88,6 +88,7 @@ def test_large_calls_on_hopper_go_to_the_gluon_gemm_where_it_measured_faster(mon
     assert suits(32768, 1152, 1152)  # proj
     assert suits(32768, 4608, 1152, bounds=torch.zeros(2, 1))  # fc1 with GELU and fc2's range per tensor
     assert not suits(32768, 4608, 1152, bounds=torch.zeros(2, 32768))  # … per token: slower there
+    assert not suits(4096, 4608, 1152, bounds=torch.zeros(2, 1))  # … per tensor at batch 8: slower there
     assert not suits(512, 3456, 1152)  # small calls
     assert not suits(32768, 3456, 1152, out_dtype=torch.float32)  # its staging tile would not fit
     assert not suits(32768, 3456, 1152, device=torch.device("cpu"))
