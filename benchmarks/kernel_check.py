@@ -88,7 +88,7 @@ def check_fused_mlp(hidden: int, bits: int, dtype, tolerance: float, device, act
     row = {"layer": "mlp (fused)", "shape": [LARGE_ROWS, hidden, hidden], "weight_bits": bits, "act": act_granularity,
            "input": str(dtype).removeprefix("torch."), "tolerance": tolerance}
     try:
-        stored, bounds = torch.ops.ditas.int8_linear_gelu(x, fc1.qparams(x), x.dtype, **fc1.kernel_tensors()._asdict(),
+        stored, bounds = torch.ops.ditas.int8_linear_gelu(x, fc1.qparams(x), **fc1.kernel_tensors()._asdict(),
                                                           bounds_scale=fc2.smooth_inv, with_bounds=True,
                                                           bounds_per_row=fc2.per_token)
         scaled = stored.float() * fc2.smooth_inv

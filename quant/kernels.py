@@ -110,18 +110,16 @@ def _row_qparams(qparams_ptr, rows, row_ok, M, PER_ROW: tl.constexpr):
     return scale, zero
 
 
-@triton.autotune(configs=QUANTIZE_CONFIGS,
-                 key=["M", "K", "K_PER_SPLIT", "RANK", "HAS_SMOOTH", "PER_ROW", "FROM_CODES"])
+@triton.autotune(configs=QUANTIZE_CONFIGS, key=["M", "K", "K_PER_SPLIT", "RANK", "HAS_SMOOTH", "PER_ROW"])
 @triton.jit
 def _quantize_rows_kernel(
     x_ptr, smooth_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr,
     M, stride_xm,
     K: tl.constexpr, K_PER_SPLIT: tl.constexpr, QMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr,
-    PER_ROW: tl.constexpr, FROM_CODES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # program (i, j): rows i·BLOCK_M … and columns j·K_PER_SPLIT …; its row sums and LoRA
-    # down-projection are partial sums, written to slice j of rowsum (splits, M) and down (splits, M, rank).
-    # FROM_CODES: x holds the codes − 128 (int8) already, and only the sums are computed.
+    # down-projection are partial sums, written to slice j of rowsum (splits, M) and down (splits, M, rank)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
     row_ok = rows < M
@@ -134,17 +132,13 @@ def _quantize_rows_kernel(
         cols = split * K_PER_SPLIT + k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         mask = row_ok[:, None] & col_ok[None, :]
-        if FROM_CODES:
-            shifted = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0).to(tl.int32)
-            q = (shifted + ACT_SHIFT).to(tl.float32)
-        else:
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            if HAS_SMOOTH:
-                x = x * tl.load(smooth_ptr + cols, mask=col_ok, other=0.0)[None, :]
-            rounded = (x / scale + ROUND_MAGIC) - ROUND_MAGIC
-            q = tl.minimum(tl.maximum(rounded + zero, 0.0), QMAX)
-            shifted = tl.where(mask, q - ACT_SHIFT, 0.0).to(tl.int32)
-            tl.store(codes_ptr + rows[:, None] * K + cols[None, :], shifted.to(tl.int8), mask=mask)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            x = x * tl.load(smooth_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        rounded = (x / scale + ROUND_MAGIC) - ROUND_MAGIC
+        q = tl.minimum(tl.maximum(rounded + zero, 0.0), QMAX)
+        shifted = tl.where(mask, q - ACT_SHIFT, 0.0).to(tl.int32)
+        tl.store(codes_ptr + rows[:, None] * K + cols[None, :], shifted.to(tl.int8), mask=mask)
         rowsum += tl.sum(shifted, axis=1)
         if RANK > 0:
             centered = tl.where(mask, q - zero, 0.0).to(LORA_DTYPE)  # integers |v| ≤ 255: exact in bf16
@@ -378,36 +372,22 @@ def quantize_rows(x: torch.Tensor, qparams: torch.Tensor, act_bits: int, smooth_
     (splits, M, rank) or None) of a 2-D x with stride 1 along K: each of the `splits` (default:
     quantize_splits) programs of a row block covers one K chunk, and the partial sums add up to
     the whole rows'. qparams: float32 (2, 1) or (2, M) [scales; zero points], on x's device."""
-    codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
-    return (codes, *_row_pass(x, codes, qparams, act_bits, smooth_inv, right, splits))
-
-
-def code_sums(codes: torch.Tensor, qparams: torch.Tensor, right: torch.Tensor | None, splits: int | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """quantize_rows's partial row sums and (q − z)·Rᵀ of codes − 128 (int8, (M, K), stride 1
-    along K) that are already quantized (by torch, fused into their producer under torch.compile)."""
-    return _row_pass(codes, None, qparams, 8, None, right, splits)
-
-
-def _row_pass(x: torch.Tensor, codes: torch.Tensor | None, qparams: torch.Tensor, act_bits: int,
-              smooth_inv: torch.Tensor | None, right: torch.Tensor | None, splits: int | None
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The quantize pass over x into `codes`, or (codes None) the sums pass over codes x."""
     m, k = x.shape
     rank = 0 if right is None else right.shape[0]
     splits = quantize_splits(m, k, x.device) if splits is None else splits
     k_per_split = triton.cdiv(triton.cdiv(k, SPLIT_K_CHUNK), splits) * SPLIT_K_CHUNK
     splits = triton.cdiv(k, k_per_split)  # no empty chunk
+    codes = torch.empty(m, k, dtype=torch.int8, device=x.device)
     rowsum = torch.empty(splits, m, dtype=torch.int32, device=x.device)
     down = torch.empty(splits, m, max(rank, 1), dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), splits)  # noqa: E731
     _quantize_rows_kernel[grid](
         x, smooth_inv if smooth_inv is not None else qparams, qparams, right if right is not None else qparams,
-        codes if codes is not None else x, rowsum, down, m, x.stride(0),
+        codes, rowsum, down, m, x.stride(0),
         K=k, K_PER_SPLIT=k_per_split, QMAX=float(2**act_bits - 1), HAS_SMOOTH=smooth_inv is not None, RANK=rank,
-        PER_ROW=per_row(qparams), FROM_CODES=codes is None,
+        PER_ROW=per_row(qparams),
     )
-    return rowsum, down if rank else None
+    return codes, rowsum, down if rank else None
 
 
 def unpack_signed(packed: torch.Tensor, k: int) -> torch.Tensor:

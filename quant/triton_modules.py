@@ -124,46 +124,22 @@ class TritonQuantLinear(nn.Module):
         """(2, R) [scales; zeros] of R ranges (lo, hi: (R,) or scalars)."""
         return torch.stack(activation_qparams(lo, hi, self.act_bits)).reshape(2, -1)
 
-    def activation_codes(self, x2d: torch.Tensor, qparams: torch.Tensor) -> torch.Tensor:
-        """The int8 codes − 128 of x2d, in torch: the quantize pass's arithmetic (same rounding)."""
-        from .kernels import ACT_SHIFT
-
-        smoothed = x2d.float() if self.smooth_inv is None else x2d.float() * self.smooth_inv
-        scale, zero = qparams.reshape(2, -1, 1)  # (1, 1) per tensor, (rows, 1) per token
-        q = (torch.round(smoothed / scale) + zero).clamp(0, 2**self.act_bits - 1)
-        return (q - ACT_SHIFT.value).to(torch.int8)
-
-    def kernel_input(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(what the ditas ops take as x, qparams): the activations themselves, quantized inside
-        the op by the quantize pass; or, under torch.compile, their int8 codes computed here, where
-        Inductor fuses the rounding into the kernel that produces x (LayerNorm + modulation, the
-        attention output's copy) and the op only sums them: x is then never stored in bf16."""
-        qparams = self.qparams(x2d)
-        return (self.activation_codes(x2d, qparams) if quantize_in_graph() else x2d), qparams
-
     def kernel_tensors(self) -> KernelTensors:
         """The layer's arguments of the ditas ops, after (x, qparams): its attributes of those names."""
         return KernelTensors(**{name: getattr(self, name) for name in KernelTensors._fields})
 
-    def linear_2d(self, x2d: torch.Tensor, qparams: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        return torch.ops.ditas.int8_linear(x2d, qparams, out_dtype, **self.kernel_tensors()._asdict())
+    def linear_2d(self, x2d: torch.Tensor, qparams: torch.Tensor) -> torch.Tensor:
+        return torch.ops.ditas.int8_linear(x2d, qparams, **self.kernel_tensors()._asdict())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = rows_of(x, self.in_features)
-        return self.linear_2d(*self.kernel_input(x2d), x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return self.linear_2d(x2d, self.qparams(x2d)).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         rank = 0 if self.lora_left is None else self.lora_left.shape[1]
         return (f"in={self.in_features}, out={self.out_features}, W{self.weight_bits}A{self.act_bits} int8 GEMM, "
                 f"packed={self.packed}, tma={self.use_tma}, act={self.act_granularity}, lora_rank(padded)={rank}, "
                 f"smooth_on_the_fly={self.smooth_inv is not None}")
-
-
-def quantize_in_graph() -> bool:
-    """Whether activations are quantized by torch code (TritonQuantLinear.kernel_input): while
-    torch.compile traces, where it fuses them into their producer. Eagerly, the quantize pass (one
-    Triton kernel reading x once) is faster than torch's separate element-wise kernels."""
-    return torch.compiler.is_compiling()
 
 
 def rows_of(x: torch.Tensor, features: int) -> torch.Tensor:
@@ -184,13 +160,11 @@ class TritonQuantMlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = rows_of(x, self.fc1.in_features)
         dynamic = self.fc2.act_range is None
-        hidden, bounds = torch.ops.ditas.int8_linear_gelu(*self.fc1.kernel_input(x2d), x.dtype,
-                                                          **self.fc1.kernel_tensors()._asdict(),
+        hidden, bounds = torch.ops.ditas.int8_linear_gelu(x2d, self.fc1.qparams(x2d), **self.fc1.kernel_tensors()._asdict(),
                                                           bounds_scale=self.fc2.smooth_inv, with_bounds=dynamic,
                                                           bounds_per_row=self.fc2.per_token)
         qparams = self.fc2.qparams_of_range(bounds[0], -bounds[1]) if dynamic else self.fc2.qparams(hidden)
-        # fc2's input comes from the op: the quantize pass reads it (a torch pass would add one)
-        return self.fc2.linear_2d(hidden, qparams, x.dtype).reshape(*x.shape[:-1], self.fc2.out_features)
+        return self.fc2.linear_2d(hidden, qparams).reshape(*x.shape[:-1], self.fc2.out_features)
 
 
 def fusable_mlp(module: nn.Module) -> bool:
@@ -219,16 +193,13 @@ def register_kernel_op() -> None:
     global _registered
     if _registered:
         return
-    from .kernels import code_sums, int8_gemm, quantize_rows
+    from .kernels import int8_gemm, quantize_rows
 
-    def run(x, qparams, out_dtype, *, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale,
-            bias, lora_left, act_bits, use_tma, group_table, **epilogue):
-        if x.dtype == torch.int8:  # codes − 128 already (TritonQuantLinear.kernel_input; smoothing applied)
-            codes, (rowsum, down) = x, code_sums(x, qparams, lora_right)
-        else:
-            codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right)
+    def run(x, qparams, *, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
+            lora_left, act_bits, use_tma, group_table, **epilogue):
+        codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right)
         return int8_gemm(codes, rowsum, qparams, weight, packed, column_sums, weight_zero, weight_scale, bias, down,
-                         lora_left, out_dtype, use_tma, group_table=group_table, **epilogue)
+                         lora_left, x.dtype, use_tma, group_table=group_table, **epilogue)
 
     def tensors_of(arguments: dict) -> dict:
         """An op's KernelTensors arguments, by name."""
@@ -243,20 +214,17 @@ def register_kernel_op() -> None:
 
         return rule
 
-    def int8_linear(x: torch.Tensor, qparams: torch.Tensor, out_dtype: torch.dtype, smooth_inv: torch.Tensor | None,
+    def int8_linear(x: torch.Tensor, qparams: torch.Tensor, smooth_inv: torch.Tensor | None,
                     lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool, column_sums: torch.Tensor,
                     weight_zero: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                     lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
                     group_table: torch.Tensor | None) -> torch.Tensor:
-        """The layer of x: float activations, or their int8 codes − 128 (quantized already)."""
-        return run(x, qparams, out_dtype, **tensors_of(locals()))
+        return run(x, qparams, **tensors_of(locals()))
 
     torch.library.custom_op("ditas::int8_linear", mutates_args=())(int8_linear).register_fake(
-        fake_rule(int8_linear, lambda a: a["x"].new_empty(a["x"].shape[0], a["weight"].shape[0],
-                                                          dtype=a["out_dtype"])))
+        fake_rule(int8_linear, lambda a: a["x"].new_empty(a["x"].shape[0], a["weight"].shape[0])))
 
-    def int8_linear_gelu(x: torch.Tensor, qparams: torch.Tensor, out_dtype: torch.dtype,
-                         smooth_inv: torch.Tensor | None,
+    def int8_linear_gelu(x: torch.Tensor, qparams: torch.Tensor, smooth_inv: torch.Tensor | None,
                          lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool,
                          column_sums: torch.Tensor, weight_zero: torch.Tensor, weight_scale: torch.Tensor,
                          bias: torch.Tensor | None, lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
@@ -267,13 +235,13 @@ def register_kernel_op() -> None:
         tensors = tensors_of(locals())
         bounds = torch.full((2, x.shape[0] if bounds_per_row else 1), float("inf"), dtype=torch.float32,
                             device=x.device)
-        out = run(x, qparams, out_dtype, **tensors, gelu=True, bounds=bounds if with_bounds else None,
+        out = run(x, qparams, **tensors, gelu=True, bounds=bounds if with_bounds else None,
                   bounds_scale=bounds_scale)
         return out, bounds
 
     torch.library.custom_op("ditas::int8_linear_gelu", mutates_args=())(int8_linear_gelu).register_fake(
         fake_rule(int8_linear_gelu, lambda a: (
-            a["x"].new_empty(a["x"].shape[0], a["weight"].shape[0], dtype=a["out_dtype"]),
+            a["x"].new_empty(a["x"].shape[0], a["weight"].shape[0]),
             a["x"].new_empty(2, a["x"].shape[0] if a["bounds_per_row"] else 1, dtype=torch.float32))))
 
     _registered = True

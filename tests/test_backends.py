@@ -20,7 +20,6 @@ from quant.config import QuantConfig  # noqa: E402
 from quant.kernels import (  # noqa: E402
     INTERPRETED,
     PACK_SPAN,
-    code_sums,
     int8_gemm,
     pack_split,
     quantize_rows,
@@ -186,36 +185,6 @@ def test_quantize_pass_split_over_k_gives_the_same_codes_sums_and_gemm(splits):
     torch.testing.assert_close(gemm(*split), gemm(*whole), rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("act_granularity,smooth", [("per_tensor", True), ("per_token", False), ("per_token", True)])
-def test_codes_quantized_by_torch_equal_the_quantize_pass_and_give_its_sums(act_granularity, smooth):
-    kernel = TritonQuantLinear(random_quant_linear(96, 40, rank=8, smooth=smooth, act_granularity=act_granularity))
-    x = torch.randn(37, 96) * 3 + 0.5
-    qparams = kernel.qparams(x)
-    codes, rowsum, down = quantize_rows(x, qparams, 8, kernel.smooth_inv, kernel.lora_right, splits=2)
-    assert torch.equal(kernel.activation_codes(x, qparams), codes)
-    sums, codes_down = code_sums(codes, qparams, kernel.lora_right, splits=2)
-    assert torch.equal(sums, rowsum) and torch.equal(codes_down, down)
-
-
-@pytest.mark.parametrize("act_granularity", ["per_tensor", "per_token"])
-def test_layers_quantizing_in_the_graph_compute_what_the_quantize_pass_does(monkeypatch, act_granularity):
-    from models import Mlp
-    from quant import triton_modules
-
-    register_kernel_op()
-    mlp = Mlp(48, 80)
-    mlp.fc1 = TritonQuantLinear(random_quant_linear(48, 80, rank=8, seed=1, act_granularity=act_granularity))
-    mlp.fc2 = TritonQuantLinear(random_quant_linear(80, 48, rank=8, smooth=True, seed=2,
-                                                    act_granularity=act_granularity))
-    model = torch.nn.ModuleDict({"qkv": mlp.fc1, "mlp": mlp})
-    fuse_mlps(model)
-    x = torch.randn(2, 21, 48, generator=torch.Generator().manual_seed(0)) * 2 + 0.3
-    by_pass = model["qkv"](x), model["mlp"](x)
-    monkeypatch.setattr(triton_modules, "quantize_in_graph", lambda: True)  # as under torch.compile
-    by_torch = model["qkv"](x), model["mlp"](x)
-    assert all(torch.equal(a, b) for a, b in zip(by_pass, by_torch))
-
-
 def test_small_calls_split_the_quantize_pass_and_large_ones_do_not():
     from quant.kernels import SPLIT_K_CHUNK, quantize_splits
 
@@ -228,14 +197,12 @@ def test_kernel_op_schema_and_fake_tensor_rule():
     for granularity in ("per_channel", "two_level"):
         kernel = TritonQuantLinear(random_quant_linear(32, 16, rank=4, smooth=True, granularity=granularity))
         x = torch.randn(20, 32)
-        args = (x, kernel.qparams(x), torch.float32, *kernel.kernel_tensors())
+        args = (x, kernel.qparams(x), *kernel.kernel_tensors())
         torch.library.opcheck(torch.ops.ditas.int8_linear.default, args,
                               test_utils=("test_schema", "test_faketensor"))
-        # by name, as the modules call them, and with the codes quantized already (under torch.compile)
-        codes = kernel.activation_codes(x, args[1])
-        for first in ((x, *args[1:3]), (codes, args[1], torch.bfloat16)):
-            torch.library.opcheck(torch.ops.ditas.int8_linear.default, first, kernel.kernel_tensors()._asdict(),
-                                  test_utils=("test_schema", "test_faketensor"))
+        # by name, as the modules call them
+        torch.library.opcheck(torch.ops.ditas.int8_linear.default, args[:2], kernel.kernel_tensors()._asdict(),
+                              test_utils=("test_schema", "test_faketensor"))
         for per_row in (False, True):
             torch.library.opcheck(torch.ops.ditas.int8_linear_gelu.default,
                                   (*args, torch.rand(16) + 0.5, True, per_row),
