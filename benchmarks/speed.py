@@ -54,7 +54,7 @@ from benchmarks.synthetic import (
 )
 from diffusion import create_diffusion
 from quant.backends import prepare_for_inference
-from quant.triton_modules import register_kernel_op
+from quant.triton_modules import TritonQuantMlp, register_kernel_op
 from runtime.checkpoints import spec_from_name
 from runtime.sampling import StepGraphs, compile_blocks, denoiser_step, generate
 
@@ -66,6 +66,7 @@ class Row(NamedTuple):
     compiled: bool
     act_granularity: str = "per_tensor"
     weight_granularity: str = "per_channel"  # two_level: groups of TWO_LEVEL_GROUP
+    fc2_range: str = "fc1_epilogue"  # where fc2's per-token range is taken (TritonQuantMlp)
 
 
 ROWS = {
@@ -80,6 +81,7 @@ ROWS = {
     "w4a8-compile": Row(4, "triton", torch.bfloat16, True),
     "w8a8-token-compile": Row(8, "triton", torch.bfloat16, True, "per_token"),
     "w4a8-token-compile": Row(4, "triton", torch.bfloat16, True, "per_token"),
+    "w4a8-token-rowpass-compile": Row(4, "triton", torch.bfloat16, True, "per_token", fc2_range="quantize_pass"),
     "w4a8-2level-compile": Row(4, "triton", torch.bfloat16, True, "per_tensor", "two_level"),
 }
 
@@ -141,6 +143,9 @@ def build_row(name: str, args, device) -> torch.nn.Module:
         model = synthetic_quantized_dit(args.model, args.image_size, device, row.weight_bits, args.adaln_bit,
                                         row.act_granularity, row.weight_granularity)
         prepare_for_inference(model, row.backend, row.dtype)
+        for module in model.modules():
+            if isinstance(module, TritonQuantMlp):
+                module.fc2_range = row.fc2_range
     if row.compiled:  # as the samplers compile: one compiled block serves all 28
         compile_blocks(model)
     return model

@@ -128,7 +128,8 @@ class TritonQuantLinear(nn.Module):
         """The layer's arguments of the ditas ops, after (x, qparams): its attributes of those names."""
         return KernelTensors(**{name: getattr(self, name) for name in KernelTensors._fields})
 
-    def linear_2d(self, x2d: torch.Tensor, qparams: torch.Tensor) -> torch.Tensor:
+    def linear_2d(self, x2d: torch.Tensor, qparams: torch.Tensor | None) -> torch.Tensor:
+        """The layer of 2-D x with these qparams (None: per-token ranges taken by the quantize pass)."""
         return torch.ops.ditas.int8_linear(x2d, qparams, **self.kernel_tensors()._asdict())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,22 +149,35 @@ def rows_of(x: torch.Tensor, features: int) -> torch.Tensor:
     return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
 
 
-class TritonQuantMlp(nn.Module):
-    """DiT's Mlp (fc1 -> tanh GELU -> fc2) on the kernels with two passes over the hidden
-    activations fewer: fc1's GEMM epilogue applies GELU and reduces fc2's input range, per tensor
-    or per token (of GELU output × fc2's smoothing factors), while it stores the output."""
+FC2_RANGES = ("fc1_epilogue", "quantize_pass")
 
-    def __init__(self, fc1: TritonQuantLinear, fc2: TritonQuantLinear):
+
+class TritonQuantMlp(nn.Module):
+    """DiT's Mlp (fc1 -> tanh GELU -> fc2) on the kernels with fewer passes over the hidden
+    activations: fc1's GEMM epilogue applies GELU and, where fc2's input range is dynamic, takes
+    it (per tensor or per token, of GELU output × fc2's smoothing factors) while it stores the
+    output. `fc2_range="quantize_pass"` leaves per-token ranges to fc2's quantize pass instead (one
+    more read of each row there, and fc1 with GELU alone, which the warp-specialised GEMM takes);
+    per-tensor ranges always come from fc1's epilogue."""
+
+    def __init__(self, fc1: TritonQuantLinear, fc2: TritonQuantLinear, fc2_range: str = "fc1_epilogue"):
         super().__init__()
-        self.fc1, self.fc2 = fc1, fc2
+        if fc2_range not in FC2_RANGES:
+            raise ValueError(f"fc2_range must be one of {FC2_RANGES}, got {fc2_range!r}")
+        self.fc1, self.fc2, self.fc2_range = fc1, fc2, fc2_range
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = rows_of(x, self.fc1.in_features)
         dynamic = self.fc2.act_range is None
+        in_pass = dynamic and self.fc2.per_token and self.fc2_range == "quantize_pass"
         hidden, bounds = torch.ops.ditas.int8_linear_gelu(x2d, self.fc1.qparams(x2d), **self.fc1.kernel_tensors()._asdict(),
-                                                          bounds_scale=self.fc2.smooth_inv, with_bounds=dynamic,
+                                                          bounds_scale=self.fc2.smooth_inv,
+                                                          with_bounds=dynamic and not in_pass,
                                                           bounds_per_row=self.fc2.per_token)
-        qparams = self.fc2.qparams_of_range(bounds[0], -bounds[1]) if dynamic else self.fc2.qparams(hidden)
+        if in_pass:
+            qparams = None
+        else:
+            qparams = self.fc2.qparams_of_range(bounds[0], -bounds[1]) if dynamic else self.fc2.qparams(hidden)
         return self.fc2.linear_2d(hidden, qparams).reshape(*x.shape[:-1], self.fc2.out_features)
 
 
@@ -197,7 +211,10 @@ def register_kernel_op() -> None:
 
     def run(x, qparams, *, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
             lora_left, act_bits, use_tma, group_table, **epilogue):
-        codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right)
+        row_ranges = qparams is None  # per-token ranges, taken by the quantize pass (TritonQuantMlp)
+        if row_ranges:
+            qparams = torch.empty(2, x.shape[0], dtype=torch.float32, device=x.device)
+        codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right, row_ranges=row_ranges)
         return int8_gemm(codes, rowsum, qparams, weight, packed, column_sums, weight_zero, weight_scale, bias, down,
                          lora_left, x.dtype, use_tma, group_table=group_table, **epilogue)
 
@@ -214,11 +231,12 @@ def register_kernel_op() -> None:
 
         return rule
 
-    def int8_linear(x: torch.Tensor, qparams: torch.Tensor, smooth_inv: torch.Tensor | None,
+    def int8_linear(x: torch.Tensor, qparams: torch.Tensor | None, smooth_inv: torch.Tensor | None,
                     lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool, column_sums: torch.Tensor,
                     weight_zero: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                     lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
                     group_table: torch.Tensor | None) -> torch.Tensor:
+        """The layer of 2-D x; qparams None: per-token ranges taken by the quantize pass."""
         return run(x, qparams, **tensors_of(locals()))
 
     torch.library.custom_op("ditas::int8_linear", mutates_args=())(int8_linear).register_fake(

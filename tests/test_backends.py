@@ -185,6 +185,36 @@ def test_quantize_pass_split_over_k_gives_the_same_codes_sums_and_gemm(splits):
     torch.testing.assert_close(gemm(*split), gemm(*whole), rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("smooth,splits", [(False, 1), (True, 1), (True, 3)])
+def test_quantize_pass_takes_per_token_ranges_as_torch_does(smooth, splits):
+    kernel = TritonQuantLinear(random_quant_linear(96, 40, rank=8, smooth=smooth, act_granularity="per_token"))
+    x = torch.randn(37, 96) * 3 + 0.5
+    x[5] = x[5].abs() + 1  # a row without negative values: its range still starts at 0
+    expected = kernel.qparams(x)
+    filled = torch.full_like(expected, float("nan"))
+    got = quantize_rows(x, filled, 8, kernel.smooth_inv, kernel.lora_right, splits=splits, row_ranges=True)
+    reference = quantize_rows(x, expected, 8, kernel.smooth_inv, kernel.lora_right, splits=splits)
+    assert torch.equal(filled, expected)
+    assert all(torch.equal(a, b) for a, b in zip(got, reference))
+
+
+@pytest.mark.parametrize("act_granularity", ["per_token", "per_tensor"])
+def test_fused_mlp_takes_fc2_ranges_in_its_quantize_pass_with_the_same_result(act_granularity):
+    from models import Mlp
+
+    register_kernel_op()
+    mlp = Mlp(48, 80)
+    mlp.fc1 = TritonQuantLinear(random_quant_linear(48, 80, rank=8, seed=1, act_granularity=act_granularity))
+    mlp.fc2 = TritonQuantLinear(random_quant_linear(80, 48, rank=8, smooth=True, seed=2,
+                                                    act_granularity=act_granularity))
+    x = torch.randn(2, 21, 48, generator=torch.Generator().manual_seed(0)) * 2 + 0.3
+    by_epilogue = TritonQuantMlp(mlp.fc1, mlp.fc2)(x)
+    by_pass = TritonQuantMlp(mlp.fc1, mlp.fc2, fc2_range="quantize_pass")(x)  # per tensor: the epilogue still
+    assert torch.equal(by_pass, by_epilogue)
+    with pytest.raises(ValueError, match="fc2_range"):
+        TritonQuantMlp(mlp.fc1, mlp.fc2, fc2_range="elsewhere")
+
+
 def test_small_calls_split_the_quantize_pass_and_large_ones_do_not():
     from quant.kernels import SPLIT_K_CHUNK, quantize_splits
 
@@ -202,6 +232,9 @@ def test_kernel_op_schema_and_fake_tensor_rule():
                               test_utils=("test_schema", "test_faketensor"))
         # by name, as the modules call them
         torch.library.opcheck(torch.ops.ditas.int8_linear.default, args[:2], kernel.kernel_tensors()._asdict(),
+                              test_utils=("test_schema", "test_faketensor"))
+        # no qparams: per-token ranges taken by the quantize pass
+        torch.library.opcheck(torch.ops.ditas.int8_linear.default, (x, None), kernel.kernel_tensors()._asdict(),
                               test_utils=("test_schema", "test_faketensor"))
         for per_row in (False, True):
             torch.library.opcheck(torch.ops.ditas.int8_linear_gelu.default,
