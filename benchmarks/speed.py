@@ -54,7 +54,7 @@ from benchmarks.synthetic import (
 )
 from diffusion import create_diffusion
 from quant.backends import prepare_for_inference
-from quant.triton_modules import TritonQuantMlp, register_kernel_op
+from quant.triton_modules import TritonQuantLinear, TritonQuantMlp, register_kernel_op
 from runtime.checkpoints import spec_from_name
 from runtime.sampling import StepGraphs, compile_blocks, denoiser_step, generate
 
@@ -67,6 +67,7 @@ class Row(NamedTuple):
     act_granularity: str = "per_tensor"
     weight_granularity: str = "per_channel"  # two_level: groups of TWO_LEVEL_GROUP
     fc2_range: str = "fc1_epilogue"  # where fc2's per-token range is taken (TritonQuantMlp)
+    quantize_in_gemm_rows: int = 0  # calls of at most this many rows quantize inside the GEMM (TritonQuantLinear)
 
 
 ROWS = {
@@ -82,6 +83,9 @@ ROWS = {
     "w8a8-token-compile": Row(8, "triton", torch.bfloat16, True, "per_token"),
     "w4a8-token-compile": Row(4, "triton", torch.bfloat16, True, "per_token"),
     "w4a8-token-rowpass-compile": Row(4, "triton", torch.bfloat16, True, "per_token", fc2_range="quantize_pass"),
+    # batch 1 (512 rows with CFG): no quantize pass
+    "w4a8-token-qgemm-compile": Row(4, "triton", torch.bfloat16, True, "per_token", quantize_in_gemm_rows=512),
+    "w4a8-qgemm-compile": Row(4, "triton", torch.bfloat16, True, quantize_in_gemm_rows=512),
     "w4a8-2level-compile": Row(4, "triton", torch.bfloat16, True, "per_tensor", "two_level"),
 }
 
@@ -146,6 +150,8 @@ def build_row(name: str, args, device) -> torch.nn.Module:
         for module in model.modules():
             if isinstance(module, TritonQuantMlp):
                 module.fc2_range = row.fc2_range
+            if isinstance(module, TritonQuantLinear):
+                module.quantize_in_gemm_rows = row.quantize_in_gemm_rows
     if row.compiled:  # as the samplers compile: one compiled block serves all 28
         compile_blocks(model)
     return model

@@ -36,6 +36,7 @@ class KernelTensors(NamedTuple):
     act_bits: int
     use_tma: bool
     group_table: torch.Tensor | None
+    quantize_in_gemm_rows: int
 
 
 def kernel_unsupported_reason(layer: QuantLinear) -> str | None:
@@ -54,9 +55,16 @@ class TritonQuantLinear(nn.Module):
     holds only what the kernels read (codes signed or packed, int32 column sums and zero points,
     float32 scales and bias, bf16 LoRA factors padded to a rank multiple of 16)."""
 
-    def __init__(self, source: QuantLinear, use_tma: bool | None = None):
+    def __init__(self, source: QuantLinear, use_tma: bool | None = None, quantize_in_gemm_rows: int | None = None):
         super().__init__()
-        from .kernels import BYTE_SHIFT, LORA_MULTIPLE, LORA_TORCH_DTYPE, PACKED_SHIFT, pack_split
+        from .kernels import (
+            BYTE_SHIFT,
+            LORA_MULTIPLE,
+            LORA_TORCH_DTYPE,
+            PACKED_SHIFT,
+            QUANTIZE_IN_GEMM_MAX_ROWS,
+            pack_split,
+        )
 
         self.in_features, self.out_features = source.in_features, source.out_features
         self.act_bits, self.weight_bits, self.packed = source.act_bits, source.weight_bits, source.packed
@@ -64,6 +72,8 @@ class TritonQuantLinear(nn.Module):
         # TMA tile loads: 1.1-1.2x faster for packed weights on an H100, slower for int8 codes
         # except at fc2's shape (benchmarks/RESULTS.md). TMA needs 16-byte aligned row strides.
         self.use_tma = (self.packed and self.in_features % 16 == 0) if use_tma is None else use_tma
+        # calls of at most this many rows quantize x inside the GEMM (kernels.QUANTIZE_IN_GEMM_MAX_ROWS)
+        self.quantize_in_gemm_rows = QUANTIZE_IN_GEMM_MAX_ROWS if quantize_in_gemm_rows is None else quantize_in_gemm_rows
         codes = unpack_int4(source.weight_codes) if self.packed else source.weight_codes
         table = None
         if source.weight_group_scale is not None:
@@ -207,13 +217,17 @@ def register_kernel_op() -> None:
     global _registered
     if _registered:
         return
-    from .kernels import int8_gemm, quantize_rows
+    from .kernels import ActivationQuantization, int8_gemm, quantize_rows
 
     def run(x, qparams, *, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
-            lora_left, act_bits, use_tma, group_table, **epilogue):
+            lora_left, act_bits, use_tma, group_table, quantize_in_gemm_rows, **epilogue):
         row_ranges = qparams is None  # per-token ranges, taken by the quantize pass (TritonQuantMlp)
         if row_ranges:
             qparams = torch.empty(2, x.shape[0], dtype=torch.float32, device=x.device)
+        elif x.shape[0] <= quantize_in_gemm_rows:  # no quantize pass: the GEMM quantizes x itself
+            return int8_gemm(x, None, qparams, weight, packed, column_sums, weight_zero, weight_scale, bias, None,
+                             lora_left, x.dtype, use_tma, group_table=group_table,
+                             quantize=ActivationQuantization(act_bits, smooth_inv, lora_right), **epilogue)
         codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right, row_ranges=row_ranges)
         return int8_gemm(codes, rowsum, qparams, weight, packed, column_sums, weight_zero, weight_scale, bias, down,
                          lora_left, x.dtype, use_tma, group_table=group_table, **epilogue)
@@ -235,7 +249,7 @@ def register_kernel_op() -> None:
                     lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool, column_sums: torch.Tensor,
                     weight_zero: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                     lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
-                    group_table: torch.Tensor | None) -> torch.Tensor:
+                    group_table: torch.Tensor | None, quantize_in_gemm_rows: int) -> torch.Tensor:
         """The layer of 2-D x; qparams None: per-token ranges taken by the quantize pass."""
         return run(x, qparams, **tensors_of(locals()))
 
@@ -246,7 +260,8 @@ def register_kernel_op() -> None:
                          lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool,
                          column_sums: torch.Tensor, weight_zero: torch.Tensor, weight_scale: torch.Tensor,
                          bias: torch.Tensor | None, lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
-                         group_table: torch.Tensor | None, bounds_scale: torch.Tensor | None, with_bounds: bool,
+                         group_table: torch.Tensor | None, quantize_in_gemm_rows: int,
+                         bounds_scale: torch.Tensor | None, with_bounds: bool,
                          bounds_per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """GELU(linear(x)), and [min, −max] of its output × bounds_scale, (2, 1) or per row (2, M)
         (+inf when not with_bounds)."""

@@ -83,7 +83,12 @@ def random_layer(in_features, out_features, config, smooth=False, static=False, 
     (4, 8, 32, True, False, dict(granularity="two_level"), "per_tensor"),  # two-level groups, unpacked first
     (8, 8, 4, False, False, dict(granularity="two_level"), "per_token"),  # two-level W8: plain int8 operand
 ])
-def test_kernels_match_the_fake_reference(weight_bits, act_bits, rank, smooth, static, options, act_granularity):
+@pytest.mark.parametrize("quantize_in_gemm", [False, True])
+def test_kernels_match_the_fake_reference(weight_bits, act_bits, rank, smooth, static, options, act_granularity,
+                                          quantize_in_gemm, monkeypatch):
+    from quant import kernels
+
+    monkeypatch.setattr(kernels, "QUANTIZE_IN_GEMM_MAX_ROWS", 10**6 if quantize_in_gemm else 0)
     register_kernel_op()
     options = dict(options)
     granularity = options.pop("granularity", "per_channel")
@@ -100,9 +105,13 @@ def test_kernels_match_the_fake_reference(weight_bits, act_bits, rank, smooth, s
 @pytest.mark.parametrize("static,act_granularity,granularity", [
     (False, "per_tensor", "per_channel"), (True, "per_tensor", "per_channel"), (False, "per_token", "per_channel"),
     (False, "per_tensor", "two_level")])
-def test_fused_mlp_matches_fc1_gelu_fc2_of_the_fake_layers(static, act_granularity, granularity):
+@pytest.mark.parametrize("quantize_in_gemm", [False, True])
+def test_fused_mlp_matches_fc1_gelu_fc2_of_the_fake_layers(static, act_granularity, granularity, quantize_in_gemm,
+                                                           monkeypatch):
     from models import Mlp
+    from quant import kernels
 
+    monkeypatch.setattr(kernels, "QUANTIZE_IN_GEMM_MAX_ROWS", 10**6 if quantize_in_gemm else 0)
     register_kernel_op()
     mlp = Mlp(48, 80)
     mlp.fc1 = random_quant_linear(48, 80, rank=8, static=static, seed=1, act_granularity=act_granularity,
@@ -213,6 +222,22 @@ def test_fused_mlp_takes_fc2_ranges_in_its_quantize_pass_with_the_same_result(ac
     assert torch.equal(by_pass, by_epilogue)
     with pytest.raises(ValueError, match="fc2_range"):
         TritonQuantMlp(mlp.fc1, mlp.fc2, fc2_range="elsewhere")
+
+
+def test_quantizing_in_the_gemm_computes_what_the_quantize_pass_feeds_it():
+    from quant.kernels import ActivationQuantization
+
+    for granularity in ("per_tensor", "per_token"):
+        kernel = TritonQuantLinear(random_quant_linear(96, 40, rank=8, smooth=True, act_granularity=granularity))
+        x = torch.randn(37, 96) * 3 + 0.5
+        qparams = kernel.qparams(x)
+        tensors = (qparams, kernel.weight, kernel.packed, kernel.column_sums, kernel.weight_zero, kernel.weight_scale,
+                   kernel.bias)
+        codes, rowsum, down = quantize_rows(x, qparams, 8, kernel.smooth_inv, kernel.lora_right, splits=1)
+        by_pass = int8_gemm(codes, rowsum, *tensors, down, kernel.lora_left, torch.float32)
+        in_gemm = int8_gemm(x, None, *tensors, None, kernel.lora_left, torch.float32,
+                            quantize=ActivationQuantization(8, kernel.smooth_inv, kernel.lora_right))
+        torch.testing.assert_close(in_gemm, by_pass, rtol=1e-6, atol=1e-5)
 
 
 def test_small_calls_split_the_quantize_pass_and_large_ones_do_not():
