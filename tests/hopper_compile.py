@@ -1,9 +1,11 @@
-"""Compiles the Gluon GEMM (quant/hopper_gemm.py) for sm_90a on any machine, with Triton's own
-ptxas (no GPU). Run as a script by test_hopper_gemm in a process of its own: Triton decides at
-import time whether its jit functions (its own library's included) are interpreted, and the tests
-of the Triton kernels run the interpreter, which the Gluon compiler cannot use.
+"""Compiles the Gluon GEMM (quant/hopper_gemm.py), and variants of the Triton kernels
+(quant/kernels.py), for sm_90a on any machine, with Triton's own ptxas (no GPU). Run as a script
+by test_hopper_gemm in a process of its own: Triton decides at import time whether its jit
+functions (its own library's included) are interpreted, and the tests of the Triton kernels run
+the interpreter, which neither compiler can use (and which does not compile at all).
 
-    python tests/hopper_compile.py '[[{"consumers": 1, "stages": 5}, 32, false, false], ...]'
+    python tests/hopper_compile.py gluon '[[{"consumers": 1, "stages": 5}, 32, false, false], ...]'
+    python tests/hopper_compile.py triton '[["gemm", {"QUANTIZE_A": true}], ["quantize", {"ROW_RANGES": true}]]'
 
 prints, per case, the PTX and the shared memory the kernel takes, as JSON.
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 from triton.experimental.gluon import _runtime as gluon_runtime
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -25,7 +28,9 @@ from triton.runtime.jit import mangle_type
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quant import hopper_gemm  # noqa: E402
+from quant import hopper_gemm, kernels  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
 
 
 def compile_for_hopper(config: hopper_gemm.TileConfig, rank: int, gelu: bool, per_row: bool):
@@ -57,14 +62,53 @@ def compile_for_hopper(config: hopper_gemm.TileConfig, rank: int, gelu: bool, pe
     signature = {name: mangle_type(value) for name, value in values.items()} | dict.fromkeys(constants, "constexpr")
     source = gluon_runtime.GluonASTSource(kernel, signature=signature,
                                           constexprs={(names.index(name),): v for name, v in constants.items()})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+    return triton.compile(source, target=HOPPER, options=dict(num_warps=warps))
 
 
-def main(cases: list) -> None:
-    compiled = [compile_for_hopper(hopper_gemm.TileConfig(**config), rank, gelu, per_row)
-                for config, rank, gelu, per_row in cases]
+def _tensor(dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(8, dtype=dtype)
+
+
+# DiT-XL/2-like arguments of the two Triton kernels, a case's constexprs overriding the defaults
+TRITON_KERNELS = {
+    "gemm": (kernels._int8_gemm_kernel, dict(
+        a_ptr=torch.int8, b_ptr=torch.int8, rowsum_ptr=torch.int32, colsum_ptr=torch.int32, wzero_ptr=torch.int32,
+        wscale_ptr=torch.float32, bias_ptr=torch.float32, qparams_ptr=torch.float32, down_ptr=torch.float32,
+        left_ptr=torch.bfloat16, out_ptr=torch.bfloat16, bounds_ptr=torch.float32, bounds_scale_ptr=torch.float32,
+        smooth_ptr=torch.float32, right_ptr=torch.bfloat16, M=512, N=3456, stride_om=3456, stride_am=1152),
+        dict(K=1152, PACKED_K=1152, PACKED=False, USE_TMA=False, HAS_BIAS=True, RANK=32, GELU=False, BOUNDS=False,
+             BOUNDS_SCALED=False, PER_ROW=False, BOUNDS_PER_ROW=False, SPLITS=1, QUANTIZE_A=False, QMAX=255.0,
+             HAS_SMOOTH=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8)),
+    "quantize": (kernels._quantize_rows_kernel, dict(
+        x_ptr=torch.bfloat16, smooth_ptr=torch.float32, qparams_ptr=torch.float32, right_ptr=torch.bfloat16,
+        codes_ptr=torch.int8, rowsum_ptr=torch.int32, down_ptr=torch.float32, M=4096, stride_xm=4608),
+        dict(K=4608, K_PER_SPLIT=4608, QMAX=255.0, HAS_SMOOTH=True, RANK=32, PER_ROW=True, ROW_RANGES=False,
+             BLOCK_M=32, BLOCK_K=128)),
+}
+
+
+def compile_triton_kernel(name: str, constants: dict, tensor_dtypes: dict):
+    """triton.compile of one variant of quant/kernels.py's `name` kernel for sm_90a (4 warps).
+    tensor_dtypes: pointer arguments whose dtype differs from the defaults (e.g. a float a_ptr)."""
+    autotuned, arguments, defaults = TRITON_KERNELS[name]
+    jit = autotuned.fn
+    names = list(inspect.signature(jit.fn).parameters)
+    arguments = arguments | {key: getattr(torch, value) for key, value in tensor_dtypes.items()}
+    constants = defaults | constants
+    signature = {key: mangle_type(_tensor(value) if isinstance(value, torch.dtype) else value)
+                 for key, value in arguments.items()} | dict.fromkeys(constants, "constexpr")
+    source = ASTSource(jit, signature=signature, constexprs={(names.index(key),): v for key, v in constants.items()})
+    return triton.compile(source, target=HOPPER, options=dict(num_warps=4))
+
+
+def main(kind: str, cases: list) -> None:
+    if kind == "gluon":
+        compiled = [compile_for_hopper(hopper_gemm.TileConfig(**config), rank, gelu, per_row)
+                    for config, rank, gelu, per_row in cases]
+    else:
+        compiled = [compile_triton_kernel(name, constants, dtypes) for name, constants, dtypes in cases]
     print(json.dumps([{"ptx": c.asm["ptx"], "shared": c.metadata.shared} for c in compiled]))
 
 
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]))
+    main(sys.argv[1], json.loads(sys.argv[2]))

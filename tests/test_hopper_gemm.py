@@ -33,10 +33,34 @@ def compiled_for_hopper() -> dict:
     in a process without Triton's CPU interpreter (test_backends turns it on in this one)."""
     cases = [(name, *epilogue) for name in COMPILE_CONFIGS for epilogue in COMPILE_EPILOGUES]
     arguments = [[COMPILE_CONFIGS[name]._asdict(), rank, gelu, per_row] for name, rank, gelu, per_row in cases]
+    return dict(zip(cases, compile_in_own_process("gluon", arguments)))
+
+
+def compile_in_own_process(kind: str, cases: list) -> list[dict]:
+    """tests/hopper_compile.py's output for these cases, run without Triton's CPU interpreter."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(Path(__file__).with_name("hopper_compile.py")), json.dumps(arguments)],
-                          env=env, capture_output=True, text=True, check=True, timeout=600)
-    return dict(zip(cases, json.loads(done.stdout)))
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("hopper_compile.py")), kind,
+                           json.dumps(cases)], env=env, capture_output=True, text=True, check=True, timeout=600)
+    return json.loads(done.stdout)
+
+
+# Variants of the Triton kernels that the CPU interpreter runs but never compiles: the GEMM
+# quantizing its float activations (with LoRA, per-row ranges, GELU + range) and the quantize
+# pass taking per-token ranges itself.
+TRITON_VARIANTS = {
+    "gemm quantizing bf16 activations": ["gemm", {"QUANTIZE_A": True, "HAS_SMOOTH": True}, {"a_ptr": "bfloat16"}],
+    "… per row, GELU + range": ["gemm", {"QUANTIZE_A": True, "PER_ROW": True, "GELU": True, "BOUNDS": True,
+                                          "BOUNDS_SCALED": True, "BOUNDS_PER_ROW": True}, {"a_ptr": "bfloat16"}],
+    "… float32 activations, no LoRA": ["gemm", {"QUANTIZE_A": True, "RANK": 0}, {"a_ptr": "float32"}],
+    "quantize pass taking per-token ranges": ["quantize", {"ROW_RANGES": True}, {}],
+}
+
+
+def test_triton_kernel_variants_compile_for_hopper():
+    compiled = compile_in_own_process("triton", list(TRITON_VARIANTS.values()))
+    for name, result in zip(TRITON_VARIANTS, compiled):
+        assert ".target sm_90a" in result["ptx"], name
+        assert result["shared"] <= 232448, name
 
 
 @pytest.mark.parametrize("config", list(COMPILE_CONFIGS))
