@@ -176,12 +176,13 @@ def _epilogue(acc, off_m, off_n, M, N, rowsum_ptr, colsum_ptr, wzero_ptr, wscale
             v = v * gl.load(bounds_scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
         low = gl.min(gl.where(in_bounds, v, float("inf")), axis=1)
         high = gl.max(gl.where(in_bounds, v, float("-inf")), axis=1)
+        # relaxed: only a later kernel reads the bounds (acq_rel, the default, fences every atomic)
         if BOUNDS_PER_ROW:
-            gl.atomic_min(bounds_ptr + rows, low, mask=row_ok)
-            gl.atomic_min(bounds_ptr + M + rows, -high, mask=row_ok)
+            gl.atomic_min(bounds_ptr + rows, low, mask=row_ok, sem="relaxed")
+            gl.atomic_min(bounds_ptr + M + rows, -high, mask=row_ok, sem="relaxed")
         else:
-            gl.atomic_min(bounds_ptr, gl.min(low, axis=0))
-            gl.atomic_min(bounds_ptr + 1, -gl.max(high, axis=0))
+            gl.atomic_min(bounds_ptr, gl.min(low, axis=0), sem="relaxed")
+            gl.atomic_min(bounds_ptr + 1, -gl.max(high, axis=0), sem="relaxed")
 
 
 @gluon.jit

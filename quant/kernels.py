@@ -334,14 +334,15 @@ def _int8_gemm_kernel(
         v = out.to(tl.float32)
         if BOUNDS_SCALED:
             v = v * tl.load(bounds_scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
-        # bounds = [min, −max] of shape (2, 1) or (2, M), kept by atomic min from +inf
+        # bounds = [min, −max] of shape (2, 1) or (2, M), kept by atomic min from +inf; relaxed: only a
+        # later kernel reads them, and the default acq_rel made every atomic a memory fence
         low, high = tl.where(in_bounds, v, float("inf")), tl.where(in_bounds, v, float("-inf"))
         if BOUNDS_PER_ROW:
-            tl.atomic_min(bounds_ptr + rows, tl.min(low, axis=1), mask=row_ok)
-            tl.atomic_min(bounds_ptr + M + rows, -tl.max(high, axis=1), mask=row_ok)
+            tl.atomic_min(bounds_ptr + rows, tl.min(low, axis=1), mask=row_ok, sem="relaxed")
+            tl.atomic_min(bounds_ptr + M + rows, -tl.max(high, axis=1), mask=row_ok, sem="relaxed")
         else:
-            tl.atomic_min(bounds_ptr, tl.min(low))
-            tl.atomic_min(bounds_ptr + 1, -tl.max(high))
+            tl.atomic_min(bounds_ptr, tl.min(low), sem="relaxed")
+            tl.atomic_min(bounds_ptr + 1, -tl.max(high), sem="relaxed")
 
 
 @triton.jit
