@@ -15,6 +15,8 @@ from benchmarks.synthetic import (
     quantized_layer_pair,
     quantized_mlp_pair,
 )
+from quant.modules import WeightOnlyLinear
+from quant.triton_modules import TritonWeightOnlyLinear
 
 CHECK_TOLERANCES = ((torch.float32, 2e-3), (torch.bfloat16, 8e-3))  # input dtype, relative error
 # A large call: at least kernels.WARP_SPECIALISED_FROM_ROWS (bf16 calls of DiT-XL/2's qkv and fc2
@@ -72,6 +74,12 @@ def check_kernels(device, models: list[str], layers: list[str], emit) -> bool:
                     record({"model": model_name, "layer": role, "shape": [512, k, n], "weight_bits": bits,
                             "options": {"quantize_in_gemm_rows": 512}, "act": granularity, "weights": weights},
                            kernel, fake)
+        if "adaln" in layers:  # the 8-bit weight-only adaLN on kernels.weight_only_linear, 2 × batch rows
+            fake = WeightOnlyLinear.from_linear(torch.nn.Linear(hidden, 6 * hidden, device=device), 8)
+            kernel = TritonWeightOnlyLinear(fake)
+            for rows in (2, 16, 128):
+                record({"model": model_name, "layer": "adaln", "shape": [rows, hidden, 6 * hidden], "weight_bits": 8,
+                        "options": {}, "act": "float", "weights": "per_channel"}, kernel, fake)
         if "mlp" in layers:
             for bits, granularity, fc2_range in ((8, "per_tensor", "fc1_epilogue"), (4, "per_tensor", "fc1_epilogue"),
                                                  (4, "per_token", "fc1_epilogue"), (4, "per_token", "quantize_pass")):

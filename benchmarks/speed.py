@@ -54,7 +54,7 @@ from benchmarks.synthetic import (
 )
 from diffusion import create_diffusion
 from quant.backends import prepare_for_inference
-from quant.triton_modules import TritonQuantLinear, TritonQuantMlp, register_kernel_op
+from quant.triton_modules import TritonQuantLinear, TritonQuantMlp, install_weight_only_kernels, register_kernel_op
 from runtime.checkpoints import spec_from_name
 from runtime.sampling import StepGraphs, compile_blocks, denoiser_step, generate
 
@@ -68,6 +68,7 @@ class Row(NamedTuple):
     weight_granularity: str = "per_channel"  # two_level: groups of TWO_LEVEL_GROUP
     fc2_range: str = "fc1_epilogue"  # where fc2's per-token range is taken (TritonQuantMlp)
     quantize_in_gemm_rows: int = 0  # calls of at most this many rows quantize inside the GEMM (TritonQuantLinear)
+    adaln_kernel: bool = False  # the 8-bit adaLN on kernels.weight_only_linear instead of dequantised per call
 
 
 ROWS = {
@@ -86,6 +87,7 @@ ROWS = {
     # batch 1 (512 rows with CFG): no quantize pass
     "w4a8-token-qgemm-compile": Row(4, "triton", torch.bfloat16, True, "per_token", quantize_in_gemm_rows=512),
     "w4a8-qgemm-compile": Row(4, "triton", torch.bfloat16, True, quantize_in_gemm_rows=512),
+    "w4a8-token-adaln-compile": Row(4, "triton", torch.bfloat16, True, "per_token", adaln_kernel=True),
     "w4a8-2level-compile": Row(4, "triton", torch.bfloat16, True, "per_tensor", "two_level"),
 }
 
@@ -152,6 +154,8 @@ def build_row(name: str, args, device) -> torch.nn.Module:
                 module.fc2_range = row.fc2_range
             if isinstance(module, TritonQuantLinear):
                 module.quantize_in_gemm_rows = row.quantize_in_gemm_rows
+        if row.adaln_kernel:
+            install_weight_only_kernels(model)
     if row.compiled:  # as the samplers compile: one compiled block serves all 28
         compile_blocks(model)
     return model
@@ -336,8 +340,9 @@ def parse_args() -> argparse.Namespace:
                         help="models of the profile and sample parts")
     parser.add_argument("--check-models", nargs="+", default=list(HIDDEN), choices=list(HIDDEN),
                         help="whose layer shapes the check part runs, in this order")
-    parser.add_argument("--check-layers", nargs="+", default=[*layer_shapes(1), "mlp"],
-                        choices=[*layer_shapes(1), "mlp"], help="which layers the check part runs (mlp: fused fc1 -> fc2)")
+    parser.add_argument("--check-layers", nargs="+", default=[*layer_shapes(1), "mlp", "adaln"],
+                        choices=[*layer_shapes(1), "mlp", "adaln"],
+                        help="which layers the check part runs (mlp: fused fc1 -> fc2; adaln: the 8-bit weight-only kernel)")
     parser.add_argument("--gemm-variants", nargs="+", default=list(GEMM_VARIANTS), choices=list(GEMM_VARIANTS),
                         help="int8 GEMM variants of the gemm part")
     parser.add_argument("--model", default="DiT-XL/2")

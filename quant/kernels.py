@@ -106,6 +106,13 @@ GEMM_CONFIGS = _configs(
 )
 UNPACK_BLOCK_N = 64
 
+WEIGHT_ONLY_CONFIGS = _configs(
+    [dict(BLOCK_N=32, BLOCK_K=128, warps=4, stages=4), dict(BLOCK_N=64, BLOCK_K=128, warps=4, stages=4),
+     dict(BLOCK_N=64, BLOCK_K=256, warps=4, stages=3), dict(BLOCK_N=128, BLOCK_K=128, warps=8, stages=3)],
+    dict(BLOCK_N=16, BLOCK_K=32),
+)
+WEIGHT_ONLY_MAX_BLOCK_M = 128  # rows per program of the weight-only kernel (adaLN: 2 × batch rows)
+
 
 @triton.jit
 def _row_qparams(qparams_ptr, rows, row_ok, M, PER_ROW: tl.constexpr):
@@ -345,6 +352,31 @@ def _int8_gemm_kernel(
             tl.atomic_min(bounds_ptr + 1, -tl.max(high), sem="relaxed")
 
 
+@triton.autotune(configs=WEIGHT_ONLY_CONFIGS, key=["M", "N", "K", "BLOCK_M"])
+@triton.jit
+def _weight_only_kernel(x_ptr, codes_ptr, zero_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out = x · (s·(q − z))ᵀ + b for few rows (adaLN's per-sample conditioning): the uint8 codes are
+    read once, (q − z) is exact in bf16 for the tensor cores, and s scales the float32 sums."""
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < M, cols < N
+    zero = tl.load(zero_ptr + cols, mask=col_ok, other=0).to(tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_ok = col_ok[:, None] & k_ok[None, :]
+        q = tl.load(codes_ptr + cols[:, None] * K + ks[None, :], mask=w_ok, other=0).to(tl.float32)
+        w = tl.where(w_ok, q - zero[:, None], 0.0).to(LORA_DTYPE)  # integers |v| ≤ 255: exact in bf16
+        acc = tl.dot(x.to(LORA_DTYPE), tl.trans(w), acc)
+    y = acc * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
 @triton.jit
 def _unpack_kernel(packed_ptr, out_ptr, N, K: tl.constexpr, PACKED_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """Split-packed codes -> signed int8 (c − 8), (N, K) row-major: one span of BLOCK_N rows per program."""
@@ -473,6 +505,19 @@ def quantize_rows(x: torch.Tensor, qparams: torch.Tensor, act_bits: int, smooth_
         PER_ROW=per_row(qparams), ROW_RANGES=row_ranges,
     )
     return codes, rowsum, down if rank else None
+
+
+def weight_only_linear(x: torch.Tensor, codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor,
+                       bias: torch.Tensor) -> torch.Tensor:
+    """x (M, K), stride 1 along K, times the 8-bit weight-only layer's Ŵ = scale·(codes − zero)
+    (codes uint8 (N, K), zero uint8 (N,), scale and bias float32 (N,)), plus bias, in x's dtype."""
+    m, k = x.shape
+    n = codes.shape[0]
+    block_m = min(WEIGHT_ONLY_MAX_BLOCK_M, max(16, triton.next_power_of_2(m)))
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
+    _weight_only_kernel[grid](x, codes, zero, scale, bias, out, m, n, K=k, BLOCK_M=block_m)
+    return out
 
 
 def unpack_signed(packed: torch.Tensor, k: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .modules import QuantLinear
+from .modules import QuantLinear, WeightOnlyLinear
 from .primitives import activation_qparams, unpack_int4
 from .targets import set_module
 
@@ -50,7 +50,19 @@ def kernel_unsupported_reason(layer: QuantLinear) -> str | None:
     return None
 
 
-class TritonQuantLinear(nn.Module):
+class KeepsKernelDtypes(nn.Module):
+    """A kernel module whose buffers keep their dtypes when the model is cast (model.to(bfloat16)
+    must not round the float32 scales); moving between devices still applies."""
+
+    def _apply(self, fn, recurse=True):
+        def same_dtype(t: torch.Tensor) -> torch.Tensor:
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(moved.device)
+
+        return super()._apply(same_dtype, recurse)
+
+
+class TritonQuantLinear(KeepsKernelDtypes):
     """The same function as a QuantLinear, computed by the int8 kernels. Built from a QuantLinear;
     holds only what the kernels read (codes signed or packed, int32 column sums and zero points,
     float32 scales and bias, bf16 LoRA factors padded to a rank multiple of 16)."""
@@ -106,15 +118,6 @@ class TritonQuantLinear(nn.Module):
         self.register_buffer("lora_left", left)
         self.register_buffer("lora_right", right)
 
-    def _apply(self, fn, recurse=True):
-        # Keep the kernels' dtypes when the model is cast (model.to(bfloat16) must not round the
-        # float32 scales); moving between devices still applies.
-        def same_dtype(t: torch.Tensor) -> torch.Tensor:
-            moved = fn(t)
-            return moved if moved.dtype == t.dtype else t.to(moved.device)
-
-        return super()._apply(same_dtype, recurse)
-
     @property
     def per_token(self) -> bool:
         return self.act_granularity == "per_token"
@@ -151,6 +154,34 @@ class TritonQuantLinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, W{self.weight_bits}A{self.act_bits} int8 GEMM, "
                 f"packed={self.packed}, tma={self.use_tma}, act={self.act_granularity}, lora_rank(padded)={rank}, "
                 f"smooth_on_the_fly={self.smooth_inv is not None}")
+
+
+class TritonWeightOnlyLinear(KeepsKernelDtypes):
+    """A WeightOnlyLinear (the 8-bit adaLN) computed by kernels.weight_only_linear: its codes
+    read once per call instead of dequantised to a bf16 copy of the weight first."""
+
+    def __init__(self, source: WeightOnlyLinear):
+        super().__init__()
+        self.in_features, self.out_features = source.in_features, source.out_features
+        self.register_buffer("weight_codes", source.weight_codes.contiguous())
+        self.register_buffer("weight_zero", source.weight_zero.reshape(-1).contiguous())
+        self.register_buffer("weight_scale", source.weight_scale.reshape(-1).float().contiguous())
+        self.register_buffer("bias", source.bias.float().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.ditas.weight_only_linear(rows_of(x, self.in_features), self.weight_codes, self.weight_zero,
+                                                 self.weight_scale, self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def install_weight_only_kernels(model: nn.Module) -> int:
+    """Swap every WeightOnlyLinear for a TritonWeightOnlyLinear (in place); how many. Not part of
+    install_kernels yet: benchmarks/speed.py's *-adaln rows measure it first."""
+    register_kernel_op()
+    names = [name for name, module in model.named_modules() if isinstance(module, WeightOnlyLinear)]
+    for name in names:
+        set_module(model, name, TritonWeightOnlyLinear(model.get_submodule(name)))
+    return len(names)
 
 
 def rows_of(x: torch.Tensor, features: int) -> torch.Tensor:
@@ -212,12 +243,12 @@ _registered = False
 
 
 def register_kernel_op() -> None:
-    """torch.ops.ditas.int8_linear and int8_linear_gelu: the kernels as custom ops, opaque to
-    torch.compile (which still fuses the range reductions and everything around them)."""
+    """torch.ops.ditas.int8_linear, int8_linear_gelu and weight_only_linear: the kernels as custom
+    ops, opaque to torch.compile (which still fuses the range reductions and everything around them)."""
     global _registered
     if _registered:
         return
-    from .kernels import ActivationQuantization, int8_gemm, quantize_rows
+    from .kernels import ActivationQuantization, int8_gemm, quantize_rows, weight_only_linear
 
     def run(x, qparams, *, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
             lora_left, act_bits, use_tma, group_table, quantize_in_gemm_rows, **epilogue):
@@ -276,6 +307,14 @@ def register_kernel_op() -> None:
         fake_rule(int8_linear_gelu, lambda a: (
             a["x"].new_empty(a["x"].shape[0], a["weight"].shape[0]),
             a["x"].new_empty(2, a["x"].shape[0] if a["bounds_per_row"] else 1, dtype=torch.float32))))
+
+    def weight_only(x: torch.Tensor, codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor,
+                    bias: torch.Tensor) -> torch.Tensor:
+        """kernels.weight_only_linear."""
+        return weight_only_linear(x, codes, zero, scale, bias)
+
+    torch.library.custom_op("ditas::weight_only_linear", mutates_args=())(weight_only).register_fake(
+        lambda x, codes, zero, scale, bias: x.new_empty(x.shape[0], codes.shape[0]))
 
     _registered = True
 

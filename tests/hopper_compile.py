@@ -84,6 +84,10 @@ TRITON_KERNELS = {
         codes_ptr=torch.int8, rowsum_ptr=torch.int32, down_ptr=torch.float32, M=4096, stride_xm=4608),
         dict(K=4608, K_PER_SPLIT=4608, QMAX=255.0, HAS_SMOOTH=True, RANK=32, PER_ROW=True, ROW_RANGES=False,
              BLOCK_M=32, BLOCK_K=128)),
+    "weight_only": (kernels._weight_only_kernel, dict(
+        x_ptr=torch.bfloat16, codes_ptr=torch.uint8, zero_ptr=torch.uint8, scale_ptr=torch.float32,
+        bias_ptr=torch.float32, out_ptr=torch.bfloat16, M=16, N=6912),
+        dict(K=1152, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128)),
 }
 
 

@@ -267,6 +267,30 @@ def test_kernel_op_schema_and_fake_tensor_rule():
                                   test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("rows", [3, 20])
+def test_weight_only_kernel_computes_the_8_bit_adaln_layer(rows):
+    from quant.modules import WeightOnlyLinear
+    from quant.triton_modules import TritonWeightOnlyLinear, install_weight_only_kernels
+
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(48, 72)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(72, 48, generator=generator))
+        linear.bias.copy_(torch.randn(72, generator=generator))
+    model = torch.nn.Sequential(torch.nn.SiLU(), WeightOnlyLinear.from_linear(linear, 8))
+    x = torch.randn(rows, 48, generator=generator)
+    expected = model(x)
+    assert install_weight_only_kernels(model) == 1 and isinstance(model[1], TritonWeightOnlyLinear)
+    model.to(torch.bfloat16)  # the scales stay float32
+    assert model[1].weight_scale.dtype == torch.float32 and model[1].weight_codes.dtype == torch.uint8
+    got = model(x)
+    assert got.shape == expected.shape
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+    torch.library.opcheck(torch.ops.ditas.weight_only_linear.default,
+                          (x, model[1].weight_codes, model[1].weight_zero, model[1].weight_scale, model[1].bias),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_kernel_layer_keeps_float32_scales_when_the_model_is_cast():
     kernel = TritonQuantLinear(random_quant_linear(32, 16))
     scale = kernel.weight_scale.clone()
