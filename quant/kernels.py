@@ -155,15 +155,11 @@ def _quantize_rows_kernel(
         col_ok = cols < K
         mask = row_ok[:, None] & col_ok[None, :]
         x = _smoothed_tile(x_ptr, smooth_ptr, rows, cols, mask, col_ok, stride_xm, HAS_SMOOTH)
-        rounded = (x / scale + ROUND_MAGIC) - ROUND_MAGIC
-        q = tl.minimum(tl.maximum(rounded + zero, 0.0), QMAX)
-        shifted = tl.where(mask, q - ACT_SHIFT, 0.0).to(tl.int32)
+        q, shifted = _quantized_tile(x, scale, zero, mask, QMAX)
         tl.store(codes_ptr + rows[:, None] * K + cols[None, :], shifted.to(tl.int8), mask=mask)
         rowsum += tl.sum(shifted, axis=1)
         if RANK > 0:
-            centered = tl.where(mask, q - zero, 0.0).to(LORA_DTYPE)  # integers |v| ≤ 255: exact in bf16
-            right = tl.load(right_ptr + ranks[None, :] * K + cols[:, None], mask=col_ok[:, None], other=0.0)
-            down += tl.dot(centered, right)
+            down = _lora_down_step(down, q, zero, mask, right_ptr, ranks, cols, col_ok, K)
     tl.store(rowsum_ptr + split * M + rows, rowsum, mask=row_ok)
     if RANK > 0:
         tl.store(down_ptr + (split * M + rows[:, None]) * RANK + ranks[None, :], down, mask=row_ok[:, None])
@@ -176,6 +172,21 @@ def _smoothed_tile(x_ptr, smooth_ptr, rows, cols, mask, col_ok, stride_xm, HAS_S
     if HAS_SMOOTH:
         x = x * tl.load(smooth_ptr + cols, mask=col_ok, other=0.0)[None, :]
     return x
+
+
+@triton.jit
+def _quantized_tile(x, scale, zero, mask, QMAX: tl.constexpr):
+    """(q, q − 128 as int32, 0 outside `mask`): x's activation codes, rounded half to even."""
+    q = tl.minimum(tl.maximum((x / scale + ROUND_MAGIC) - ROUND_MAGIC + zero, 0.0), QMAX)
+    return q, tl.where(mask, q - ACT_SHIFT, 0.0).to(tl.int32)
+
+
+@triton.jit
+def _lora_down_step(down, q, zero, mask, right_ptr, ranks, cols, col_ok, K: tl.constexpr):
+    """down + (q − z)·Rᵀ over the columns `cols` (the LoRA's down-projection of the quantized x)."""
+    centered = tl.where(mask, q - zero, 0.0).to(LORA_DTYPE)  # integers |v| ≤ 255: exact in bf16
+    right = tl.load(right_ptr + ranks[None, :] * K + cols[:, None], mask=col_ok[:, None], other=0.0)
+    return tl.dot(centered, right, down)
 
 
 @triton.jit
@@ -293,14 +304,11 @@ def _int8_gemm_kernel(
                 if QUANTIZE_A:
                     in_tile = row_ok[:, None] & k_ok[None, :]
                     x = _smoothed_tile(a_ptr, smooth_ptr, rows, ks, in_tile, k_ok, stride_am, HAS_SMOOTH)
-                    q = tl.minimum(tl.maximum((x / scale_in + ROUND_MAGIC) - ROUND_MAGIC + zero_in, 0.0), QMAX)
-                    shifted = tl.where(in_tile, q - ACT_SHIFT, 0.0).to(tl.int32)
+                    q, shifted = _quantized_tile(x, scale_in, zero_in, in_tile, QMAX)
                     rowsum_in += tl.sum(shifted, axis=1)
                     if RANK > 0:
-                        ranks_in = tl.arange(0, RANK)
-                        down_in += tl.dot(tl.where(in_tile, q - zero_in, 0.0).to(LORA_DTYPE),
-                                          tl.load(right_ptr + ranks_in[None, :] * K + ks[:, None],
-                                                  mask=k_ok[:, None], other=0.0))
+                        down_in = _lora_down_step(down_in, q, zero_in, in_tile, right_ptr, tl.arange(0, RANK), ks,
+                                                  k_ok, K)
                     a = shifted.to(tl.int8)
                 else:
                     a = _activation_tile(a_ptr, rows, row_ok, k0, K, BLOCK_K)
