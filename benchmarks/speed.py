@@ -220,6 +220,8 @@ def graph_vs_eager(model, graphs: StepGraphs, noise: DeviceNoise, labels: torch.
 KERNEL_KINDS = (
     ("int8 GEMM + epilogue", ("_int8_gemm_kernel", "_int8_gemm_ws_kernel")),
     ("quantize pass", ("_quantize_rows_kernel",)),
+    ("W4 unpack", ("_unpack_kernel", "_unpack_two_level_kernel")),
+    ("adaLN weight-only kernel", ("_weight_only_kernel",)),
     ("attention", ("flash", "fmha", "attention", "sdpa")),  # before GEMMs: cuDNN's names hold "sm90" too
     ("float GEMM (cuBLAS)", ("gemm", "nvjet", "xmma", "cutlass", "sm90")),
 )
