@@ -65,10 +65,13 @@ UNPACK_FROM_ROWS = 256
 # shapes at 4,096 and 32,768 rows, timed as the samplers run them (CUDA graphs;
 # benchmarks/RESULTS.md). An output range in the epilogue (fc1's GELU + fc2's range) goes there
 # only per tensor and from WARP_SPECIALISED_RANGE_FROM_ROWS rows: it was slower per row, and
-# per tensor at 4,096 rows (314 against 433 TOPS). Not there either: float32 output (its staging
-# tiles do not fit beside the slots) and packed weights unpacked in the main loop.
+# per tensor at 4,096 rows (314 against 433 TOPS). Not there either: layers narrower than
+# WARP_SPECIALISED_MIN_SIDE in N or K (the demo's 256-wide ones: not measured there, and the Triton
+# GEMM is what the demo's FD was checked with), float32 output (its staging tiles do not fit
+# beside the slots) and packed weights unpacked in the main loop.
 WARP_SPECIALISED_FROM_ROWS = 4096
 WARP_SPECIALISED_RANGE_FROM_ROWS = 32768
+WARP_SPECIALISED_MIN_SIDE = 1152  # DiT-XL/2's narrowest layer (proj)
 # Calls of at most this many rows skip the quantize pass: the Triton GEMM quantizes the float
 # activations tile by tile in its main loop (every column tile re-quantizes its rows, which costs
 # little where a call is bound by latency, not arithmetic) and one kernel launch per layer goes.
@@ -472,7 +475,8 @@ def warp_specialised_suits(m: int, n: int, k: int, rank: int, packed: bool, gelu
     range_suits = bounds is None or (not per_row(bounds) and m >= WARP_SPECIALISED_RANGE_FROM_ROWS)
     return (device.type == "cuda" and not packed and range_suits
             and out_dtype in (torch.bfloat16, torch.float16) and m >= WARP_SPECIALISED_FROM_ROWS
-            and rank in (0, 16, 32, 64) and n % 8 == 0 and k % 16 == 0 and _is_hopper(device))
+            and min(n, k) >= WARP_SPECIALISED_MIN_SIDE and rank in (0, 16, 32, 64) and n % 8 == 0 and k % 16 == 0
+            and _is_hopper(device))
 
 
 class ActivationQuantization(NamedTuple):

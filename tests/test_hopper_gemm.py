@@ -116,5 +116,6 @@ def test_large_calls_on_hopper_go_to_the_gluon_gemm_where_it_measured_faster(mon
     assert not suits(32768, 4608, 1152, bounds=torch.zeros(2, 32768))  # … per token: slower there
     assert not suits(4096, 4608, 1152, bounds=torch.zeros(2, 1))  # … per tensor at batch 8: slower there
     assert not suits(512, 3456, 1152)  # small calls
+    assert not suits(512_000, 768, 256)  # the demo's narrow layers: not measured there
     assert not suits(32768, 3456, 1152, out_dtype=torch.float32)  # its staging tile would not fit
     assert not suits(32768, 3456, 1152, device=torch.device("cpu"))
