@@ -129,12 +129,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
-        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self.proj(self.attend(self.qkv(x)))
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(N, T, 3·D) qkv projections -> (N, T, D) attention output, before `proj`."""
+        n, t, _ = qkv.shape
+        qkv = qkv.reshape(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (N, heads, T, head_dim)
         x = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, head_dim)
-        x = x.transpose(1, 2).reshape(n, t, d)  # (N, T, D)
-        return self.proj(x)
+        return x.transpose(1, 2).reshape(n, t, self.num_heads * self.head_dim)  # (N, T, D)
 
 
 class Mlp(nn.Module):

@@ -54,7 +54,13 @@ from benchmarks.synthetic import (
 )
 from diffusion import create_diffusion
 from quant.backends import prepare_for_inference
-from quant.triton_modules import TritonQuantLinear, TritonQuantMlp, install_weight_only_kernels, register_kernel_op
+from quant.triton_modules import (
+    TritonQuantLinear,
+    TritonQuantMlp,
+    fuse_block_norms,
+    install_weight_only_kernels,
+    register_kernel_op,
+)
 from runtime.checkpoints import spec_from_name
 from runtime.sampling import StepGraphs, compile_blocks, denoiser_step, generate
 
@@ -69,6 +75,7 @@ class Row(NamedTuple):
     fc2_range: str = "fc1_epilogue"  # where fc2's per-token range is taken (TritonQuantMlp)
     quantize_in_gemm_rows: int = 0  # calls of at most this many rows quantize inside the GEMM (TritonQuantLinear)
     adaln_kernel: bool = False  # the 8-bit adaLN on kernels.weight_only_linear instead of dequantised per call
+    fuse_norms: bool = False  # qkv's and fc1's norm + modulation in their quantize pass (NormFusedDiTBlock)
 
 
 ROWS = {
@@ -88,6 +95,7 @@ ROWS = {
     "w4a8-token-qgemm-compile": Row(4, "triton", torch.bfloat16, True, "per_token", quantize_in_gemm_rows=512),
     "w4a8-qgemm-compile": Row(4, "triton", torch.bfloat16, True, quantize_in_gemm_rows=512),
     "w4a8-token-adaln-compile": Row(4, "triton", torch.bfloat16, True, "per_token", adaln_kernel=True),
+    "w4a8-token-normfused-compile": Row(4, "triton", torch.bfloat16, True, "per_token", fuse_norms=True),
     "w4a8-2level-compile": Row(4, "triton", torch.bfloat16, True, "per_tensor", "two_level"),
 }
 
@@ -156,6 +164,8 @@ def build_row(name: str, args, device) -> torch.nn.Module:
                 module.quantize_in_gemm_rows = row.quantize_in_gemm_rows
         if row.adaln_kernel:
             install_weight_only_kernels(model)
+        if row.fuse_norms:
+            fuse_block_norms(model)
     if row.compiled:  # as the samplers compile: one compiled block serves all 28
         compile_blocks(model)
     return model
@@ -342,9 +352,10 @@ def parse_args() -> argparse.Namespace:
                         help="models of the profile and sample parts")
     parser.add_argument("--check-models", nargs="+", default=list(HIDDEN), choices=list(HIDDEN),
                         help="whose layer shapes the check part runs, in this order")
-    parser.add_argument("--check-layers", nargs="+", default=[*layer_shapes(1), "mlp", "adaln"],
-                        choices=[*layer_shapes(1), "mlp", "adaln"],
-                        help="which layers the check part runs (mlp: fused fc1 -> fc2; adaln: the 8-bit weight-only kernel)")
+    parser.add_argument("--check-layers", nargs="+", default=[*layer_shapes(1), "mlp", "adaln", "block"],
+                        choices=[*layer_shapes(1), "mlp", "adaln", "block"],
+                        help="which layers the check part runs (mlp: fused fc1 -> fc2; adaln: the 8-bit weight-only "
+                             "kernel; block: a DiT block with qkv's and fc1's norms in the quantize pass)")
     parser.add_argument("--gemm-variants", nargs="+", default=list(GEMM_VARIANTS), choices=list(GEMM_VARIANTS),
                         help="int8 GEMM variants of the gemm part")
     parser.add_argument("--model", default="DiT-XL/2")

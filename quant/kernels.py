@@ -216,6 +216,85 @@ def _row_range_qparams(x_ptr, smooth_ptr, qparams_ptr, rows, row_ok, split, M, s
     return scale[:, None], zero[:, None]
 
 
+@triton.autotune(configs=QUANTIZE_CONFIGS, key=["M", "K", "RANK"])
+@triton.jit
+def _norm_quantize_rows_kernel(
+    x_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr,
+    M, stride_xm, stride_mod, TOKENS, EPS_NORM,
+    K: tl.constexpr, QMAX: tl.constexpr, RANK: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The quantize pass of LayerNorm(x)·(1 + scale) + shift (DiT's norm + adaLN modulation; no
+    affine; shift and scale (N, K) per sample, row r of x in sample r // TOKENS) with per-token
+    ranges, from x itself: the modulated activation is never stored. Four passes over each row
+    block (mean, variance, range, codes), the last three from L2; the modulated values are
+    rounded to bf16 first with ROUND_BF16, as the model would store them. Writes codes − 128,
+    row sums, the LoRA down-projection (one split) and each row's [scale; zero] to qparams (2, M)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    samples = rows // TOKENS
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        total += tl.sum(_smoothed_tile(x_ptr, x_ptr, rows, cols, row_ok[:, None] & (cols < K)[None, :], cols < K,
+                                       stride_xm, False), axis=1)
+    mean = total / K
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = row_ok[:, None] & (cols < K)[None, :]
+        centered = tl.where(mask, _smoothed_tile(x_ptr, x_ptr, rows, cols, mask, cols < K, stride_xm, False)
+                            - mean[:, None], 0.0)
+        squares += tl.sum(centered * centered, axis=1)
+    rstd = 1.0 / tl.sqrt(squares / K + EPS_NORM)
+    lo = tl.zeros([BLOCK_M], dtype=tl.float32)
+    hi = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = row_ok[:, None] & (cols < K)[None, :]
+        y = _modulated_tile(x_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd, stride_xm, stride_mod,
+                            K, ROUND_BF16)
+        lo = tl.minimum(lo, tl.min(y, axis=1))
+        hi = tl.maximum(hi, tl.max(y, axis=1))
+    scale = tl.maximum((hi - lo) / QMAX, SCALE_FLOOR)
+    zero = tl.minimum(tl.maximum(((-lo / scale) + ROUND_MAGIC) - ROUND_MAGIC, 0.0), QMAX)
+    tl.store(qparams_ptr + rows, scale, mask=row_ok)
+    tl.store(qparams_ptr + M + rows, zero, mask=row_ok)
+    scale, zero = scale[:, None], zero[:, None]
+    rowsum = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if RANK > 0:
+        down = tl.zeros([BLOCK_M, RANK], dtype=tl.float32)
+        ranks = tl.arange(0, RANK)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        mask = row_ok[:, None] & col_ok[None, :]
+        y = _modulated_tile(x_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd, stride_xm, stride_mod,
+                            K, ROUND_BF16)
+        q, shifted = _quantized_tile(y, scale, zero, mask, QMAX)
+        tl.store(codes_ptr + rows[:, None] * K + cols[None, :], shifted.to(tl.int8), mask=mask)
+        rowsum += tl.sum(shifted, axis=1)
+        if RANK > 0:
+            down = _lora_down_step(down, q, zero, mask, right_ptr, ranks, cols, col_ok, K)
+    tl.store(rowsum_ptr + rows, rowsum, mask=row_ok)
+    if RANK > 0:
+        tl.store(down_ptr + rows[:, None] * RANK + ranks[None, :], down, mask=row_ok[:, None])
+
+
+@triton.jit
+def _modulated_tile(x_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd, stride_xm, stride_mod,
+                    K: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """((x − mean)·rstd)·(1 + scale[sample]) + shift[sample] for a tile, 0 outside `mask`."""
+    x = _smoothed_tile(x_ptr, x_ptr, rows, cols, mask, cols < K, stride_xm, False)
+    offsets = samples[:, None] * stride_mod + cols[None, :]
+    scale = tl.load(scale_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(shift_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    y = ((x - mean[:, None]) * rstd[:, None]) * (1.0 + scale) + shift
+    if ROUND_BF16:
+        y = y.to(tl.bfloat16).to(tl.float32)
+    return tl.where(mask, y, 0.0)
+
+
 @triton.jit
 def _activation_tile(a_ptr, rows, row_ok, k0, K: tl.constexpr, WIDTH: tl.constexpr):
     ks = k0 + tl.arange(0, WIDTH)
@@ -530,6 +609,27 @@ def weight_only_linear(x: torch.Tensor, codes: torch.Tensor, zero: torch.Tensor,
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
     _weight_only_kernel[grid](x, codes, zero, scale, bias, out, m, n, K=k, BLOCK_M=block_m)
     return out
+
+
+def norm_quantize_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tokens: int, eps: float,
+                       act_bits: int, right: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """quantize_rows of LayerNorm(x)·(1 + scale) + shift with per-token ranges, from x (M, K) and
+    the per-sample shift and scale (N, K) (rows of sample i: i·tokens …): (codes − 128,
+    row sums (1, M), (q − z)·Rᵀ (1, M, rank) or None, qparams (2, M))."""
+    m, k = x.shape
+    rank = 0 if right is None else right.shape[0]
+    codes = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    rowsum = torch.empty(1, m, dtype=torch.int32, device=x.device)
+    down = torch.empty(1, m, max(rank, 1), dtype=torch.float32, device=x.device)
+    qparams = torch.empty(2, m, dtype=torch.float32, device=x.device)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
+    _norm_quantize_rows_kernel[grid](
+        x, shift, scale, qparams, right if right is not None else qparams, codes, rowsum, down,
+        m, x.stride(0), shift.stride(0), tokens, eps,
+        K=k, QMAX=float(2**act_bits - 1), RANK=rank, ROUND_BF16=x.dtype == torch.bfloat16,
+    )
+    return codes, rowsum, down if rank else None, qparams
 
 
 def unpack_signed(packed: torch.Tensor, k: int) -> torch.Tensor:

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models import DiTBlock
+
 from .modules import QuantLinear, WeightOnlyLinear
 from .primitives import activation_qparams, unpack_int4
 from .targets import set_module
@@ -149,6 +151,17 @@ class TritonQuantLinear(KeepsKernelDtypes):
         x2d = rows_of(x, self.in_features)
         return self.linear_2d(x2d, self.qparams(x2d)).reshape(*x.shape[:-1], self.out_features)
 
+    def normed(self, x: torch.Tensor, norm: NormModulation) -> torch.Tensor:
+        """The layer of LayerNorm(x)·(1 + scale) + shift for the residual stream x (N, T, D), with
+        the norm, the modulation and the per-token quantization in one pass over x."""
+        return torch.ops.ditas.int8_linear(rows_of(x, self.in_features), None, **self.kernel_tensors()._asdict(),
+                                           **norm.op_arguments(x)).reshape(*x.shape[:-1], self.out_features)
+
+    @property
+    def takes_norm(self) -> bool:
+        """Whether `normed` computes this layer as it is: dynamic per-token ranges of an unsmoothed input."""
+        return self.per_token and self.act_range is None and self.smooth_inv is None
+
     def extra_repr(self) -> str:
         rank = 0 if self.lora_left is None else self.lora_left.shape[1]
         return (f"in={self.in_features}, out={self.out_features}, W{self.weight_bits}A{self.act_bits} int8 GEMM, "
@@ -184,12 +197,25 @@ def install_weight_only_kernels(model: nn.Module) -> int:
     return len(names)
 
 
+class NormModulation(NamedTuple):
+    """DiT's LayerNorm (no affine) + adaLN modulation of a layer's input: per-sample (N, D) shift and scale."""
+
+    shift: torch.Tensor
+    scale: torch.Tensor
+    eps: float
+
+    def op_arguments(self, x: torch.Tensor) -> dict:
+        """The ditas ops' norm arguments for the residual stream x (N, T, D)."""
+        return dict(norm_shift=self.shift, norm_scale=self.scale, norm_tokens=x.shape[1], norm_eps=self.eps)
+
+
 def rows_of(x: torch.Tensor, features: int) -> torch.Tensor:
     """x as (rows, features) with stride 1 along the features, as the kernels read it."""
     x2d = x.reshape(-1, features)
     return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
 
 
+NORM_ARGUMENTS = ("norm_shift", "norm_scale", "norm_tokens", "norm_eps")  # of the ops, after the layer's
 FC2_RANGES = ("fc1_epilogue", "quantize_pass")
 
 
@@ -207,11 +233,13 @@ class TritonQuantMlp(nn.Module):
             raise ValueError(f"fc2_range must be one of {FC2_RANGES}, got {fc2_range!r}")
         self.fc1, self.fc2, self.fc2_range = fc1, fc2, fc2_range
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: NormModulation | None = None) -> torch.Tensor:
+        """The Mlp of x, or with `norm` of LayerNorm(x)·(1 + scale) + shift (TritonQuantLinear.normed)."""
         x2d = rows_of(x, self.fc1.in_features)
         dynamic = self.fc2.act_range is None
         in_pass = dynamic and self.fc2.per_token and self.fc2_range == "quantize_pass"
-        hidden, bounds = torch.ops.ditas.int8_linear_gelu(x2d, self.fc1.qparams(x2d), **self.fc1.kernel_tensors()._asdict(),
+        first = dict(qparams=None, **norm.op_arguments(x)) if norm else dict(qparams=self.fc1.qparams(x2d))
+        hidden, bounds = torch.ops.ditas.int8_linear_gelu(x2d, **first, **self.fc1.kernel_tensors()._asdict(),
                                                           bounds_scale=self.fc2.smooth_inv,
                                                           with_bounds=dynamic and not in_pass,
                                                           bounds_per_row=self.fc2.per_token)
@@ -220,6 +248,40 @@ class TritonQuantMlp(nn.Module):
         else:
             qparams = self.fc2.qparams_of_range(bounds[0], -bounds[1]) if dynamic else self.fc2.qparams(hidden)
         return self.fc2.linear_2d(hidden, qparams).reshape(*x.shape[:-1], self.fc2.out_features)
+
+
+class NormFusedDiTBlock(nn.Module):
+    """A DiT block whose qkv and fc1 take their LayerNorm + modulation in the quantize pass
+    (TritonQuantLinear.normed): the modulated activations are never stored. Same submodules (and
+    state-dict keys) as the DiTBlock it is built from."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        for name in ("norm1", "attn", "norm2", "mlp", "adaLN_modulation"):
+            setattr(self, name, getattr(block, name))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        m = DiTBlock.modulation(self, c)  # the same six chunks
+        qkv = self.attn.qkv.normed(x, NormModulation(m.shift_msa, m.scale_msa, self.norm1.eps))
+        x = x + m.gate_msa.unsqueeze(1) * self.attn.proj(self.attn.attend(qkv))
+        return x + m.gate_mlp.unsqueeze(1) * self.mlp(x, NormModulation(m.shift_mlp, m.scale_mlp, self.norm2.eps))
+
+
+def norm_fusable_block(module: nn.Module) -> bool:
+    """Whether `module` is a DiT block whose qkv and (fused) MLP can take their norm (NormFusedDiTBlock)."""
+    attn, mlp = getattr(module, "attn", None), getattr(module, "mlp", None)
+    return (hasattr(module, "adaLN_modulation") and isinstance(getattr(attn, "qkv", None), TritonQuantLinear)
+            and isinstance(mlp, TritonQuantMlp) and attn.qkv.takes_norm and mlp.fc1.takes_norm)
+
+
+def fuse_block_norms(model: nn.Module) -> int:
+    """Swap every DiT block whose norms the quantize pass can take for a NormFusedDiTBlock (in
+    place; after install_kernels); how many. Not part of install_kernels yet: benchmarks/speed.py's
+    *-normfused rows measure it first."""
+    names = [name for name, module in model.named_modules() if norm_fusable_block(module)]
+    for name in names:
+        set_module(model, name, NormFusedDiTBlock(model.get_submodule(name)))
+    return len(names)
 
 
 def fusable_mlp(module: nn.Module) -> bool:
@@ -248,11 +310,17 @@ def register_kernel_op() -> None:
     global _registered
     if _registered:
         return
-    from .kernels import ActivationQuantization, int8_gemm, quantize_rows, weight_only_linear
+    from .kernels import ActivationQuantization, int8_gemm, norm_quantize_rows, quantize_rows, weight_only_linear
 
     def run(x, qparams, *, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
-            lora_left, act_bits, use_tma, group_table, quantize_in_gemm_rows, **epilogue):
+            lora_left, act_bits, use_tma, group_table, quantize_in_gemm_rows, norm_shift=None, norm_scale=None,
+            norm_tokens=0, norm_eps=0.0, **epilogue):
         row_ranges = qparams is None  # per-token ranges, taken by the quantize pass (TritonQuantMlp)
+        if norm_shift is not None:  # x: the residual stream; LayerNorm + modulation + quantize in one pass
+            codes, rowsum, down, qparams = norm_quantize_rows(x, norm_shift, norm_scale, norm_tokens, norm_eps,
+                                                              act_bits, lora_right)
+            return int8_gemm(codes, rowsum, qparams, weight, packed, column_sums, weight_zero, weight_scale, bias,
+                             down, lora_left, x.dtype, use_tma, group_table=group_table, **epilogue)
         if row_ranges:
             qparams = torch.empty(2, x.shape[0], dtype=torch.float32, device=x.device)
         elif x.shape[0] <= quantize_in_gemm_rows:  # no quantize pass: the GEMM quantizes x itself
@@ -264,8 +332,8 @@ def register_kernel_op() -> None:
                          lora_left, x.dtype, use_tma, group_table=group_table, **epilogue)
 
     def tensors_of(arguments: dict) -> dict:
-        """An op's KernelTensors arguments, by name."""
-        return {name: arguments[name] for name in KernelTensors._fields}
+        """An op's KernelTensors arguments and its optional norm + modulation, by name."""
+        return {name: arguments[name] for name in (*KernelTensors._fields, *NORM_ARGUMENTS)}
 
     def fake_rule(op, shapes):
         """A fake-tensor rule reading the op's arguments by name, however they were passed."""
@@ -280,8 +348,12 @@ def register_kernel_op() -> None:
                     lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool, column_sums: torch.Tensor,
                     weight_zero: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                     lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
-                    group_table: torch.Tensor | None, quantize_in_gemm_rows: int) -> torch.Tensor:
-        """The layer of 2-D x; qparams None: per-token ranges taken by the quantize pass."""
+                    group_table: torch.Tensor | None, quantize_in_gemm_rows: int,
+                    norm_shift: torch.Tensor | None = None, norm_scale: torch.Tensor | None = None,
+                    norm_tokens: int = 0, norm_eps: float = 0.0) -> torch.Tensor:
+        """The layer of 2-D x; qparams None: per-token ranges taken by the quantize pass; with
+        norm_shift, the layer of LayerNorm(x)·(1 + norm_scale) + norm_shift (per-token ranges,
+        qparams unused; TritonQuantLinear.normed)."""
         return run(x, qparams, **tensors_of(locals()))
 
     torch.library.custom_op("ditas::int8_linear", mutates_args=())(int8_linear).register_fake(
@@ -293,7 +365,9 @@ def register_kernel_op() -> None:
                          bias: torch.Tensor | None, lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
                          group_table: torch.Tensor | None, quantize_in_gemm_rows: int,
                          bounds_scale: torch.Tensor | None, with_bounds: bool,
-                         bounds_per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                         bounds_per_row: bool, norm_shift: torch.Tensor | None = None,
+                         norm_scale: torch.Tensor | None = None, norm_tokens: int = 0,
+                         norm_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """GELU(linear(x)), and [min, −max] of its output × bounds_scale, (2, 1) or per row (2, M)
         (+inf when not with_bounds)."""
         tensors = tensors_of(locals())

@@ -240,6 +240,41 @@ def test_quantizing_in_the_gemm_computes_what_the_quantize_pass_feeds_it():
         torch.testing.assert_close(in_gemm, by_pass, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("act_granularity", ["per_token", "per_tensor"])
+def test_blocks_taking_their_norms_in_the_quantize_pass_compute_the_same(act_granularity):
+    from models import DiTBlock
+    from quant.kernels import norm_quantize_rows
+    from quant.triton_modules import NormFusedDiTBlock, fuse_block_norms
+
+    register_kernel_op()
+    torch.manual_seed(0)
+    block = DiTBlock(64, 4)
+    for module, name, (k, n), smooth, seed in ((block.attn, "qkv", (64, 192), False, 1), (block.attn, "proj", (64, 64), True, 2),
+                                               (block.mlp, "fc1", (64, 256), False, 3), (block.mlp, "fc2", (256, 64), True, 4)):
+        setattr(module, name, TritonQuantLinear(random_quant_linear(k, n, rank=8, smooth=smooth, seed=seed,
+                                                                    act_granularity=act_granularity)))
+    model = torch.nn.ModuleDict({"block": block})
+    fuse_mlps(model)
+    x, c = torch.randn(3, 13, 64) * 2 + 0.3, torch.randn(3, 64)
+    expected = model["block"](x, c)
+    fused = fuse_block_norms(model)
+    if act_granularity == "per_tensor":  # a whole-tensor range needs the activation first
+        assert fused == 0
+        return
+    assert fused == 1 and isinstance(model["block"], NormFusedDiTBlock)
+    got = model["block"](x, c)
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-4
+    # the pass itself: codes of LayerNorm(x)·(1 + scale) + shift with its per-token ranges
+    shift, scale = torch.randn(3, 64) * 0.3, torch.randn(3, 64) * 0.3
+    kernel = block.mlp.fc1
+    codes, rowsum, down, qparams = norm_quantize_rows(x.reshape(-1, 64), shift, scale, 13, 1e-6, 8, kernel.lora_right)
+    modulated = (torch.nn.functional.layer_norm(x, (64,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]).reshape(-1, 64)
+    torch.testing.assert_close(qparams, kernel.qparams(modulated), rtol=1e-5, atol=1e-6)
+    reference = quantize_rows(modulated, qparams, 8, None, kernel.lora_right, splits=1)
+    assert (codes.int() - reference[0].int()).abs().max() <= 1 and (codes != reference[0]).float().mean() < 1e-3
+    torch.testing.assert_close(down, reference[2], rtol=1e-3, atol=1e-2)
+
+
 def test_small_calls_split_the_quantize_pass_and_large_ones_do_not():
     from quant.kernels import SPLIT_K_CHUNK, quantize_splits
 

@@ -46,13 +46,15 @@ def compile_in_own_process(kind: str, cases: list) -> list[dict]:
 
 # Variants of the Triton kernels that the CPU interpreter runs but never compiles: the GEMM
 # quantizing its float activations (with LoRA, per-row ranges, GELU + range), the quantize pass
-# taking per-token ranges itself, and the weight-only kernel of the 8-bit adaLN.
+# taking per-token ranges itself, the one taking LayerNorm + modulation too, and the weight-only
+# kernel of the 8-bit adaLN.
 TRITON_VARIANTS = {
     "gemm quantizing bf16 activations": ["gemm", {"QUANTIZE_A": True, "HAS_SMOOTH": True}, {"a_ptr": "bfloat16"}],
     "… per row, GELU + range": ["gemm", {"QUANTIZE_A": True, "PER_ROW": True, "GELU": True, "BOUNDS": True,
                                           "BOUNDS_SCALED": True, "BOUNDS_PER_ROW": True}, {"a_ptr": "bfloat16"}],
     "… float32 activations, no LoRA": ["gemm", {"QUANTIZE_A": True, "RANK": 0}, {"a_ptr": "float32"}],
     "quantize pass taking per-token ranges": ["quantize", {"ROW_RANGES": True}, {}],
+    "LayerNorm + modulation + quantize pass": ["norm_quantize", {}, {}],
     "8-bit weight-only layer (adaLN), 16 rows": ["weight_only", {}, {}],
     "… 128 rows": ["weight_only", {"BLOCK_M": 128}, {}],
 }
