@@ -193,6 +193,13 @@ def _lora_down_step(down, q, zero, mask, right_ptr, ranks, cols, col_ok, K: tl.c
 
 
 @triton.jit
+def _range_qparams(lo, hi, QMAX: tl.constexpr):
+    """(scale, zero point) of per-row ranges [lo, hi] that include 0: activation_qparams's arithmetic."""
+    scale = tl.maximum((hi - lo) / QMAX, SCALE_FLOOR)
+    return scale, tl.minimum(tl.maximum(((-lo / scale) + ROUND_MAGIC) - ROUND_MAGIC, 0.0), QMAX)
+
+
+@triton.jit
 def _row_range_qparams(x_ptr, smooth_ptr, qparams_ptr, rows, row_ok, split, M, stride_xm, K: tl.constexpr,
                        QMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Per-token ranges taken by the quantize pass itself: each row's [min, max] (with 0, as
@@ -208,8 +215,7 @@ def _row_range_qparams(x_ptr, smooth_ptr, qparams_ptr, rows, row_ok, split, M, s
                            HAS_SMOOTH)
         lo = tl.minimum(lo, tl.min(x, axis=1))
         hi = tl.maximum(hi, tl.max(x, axis=1))
-    scale = tl.maximum((hi - lo) / QMAX, SCALE_FLOOR)
-    zero = tl.minimum(tl.maximum(((-lo / scale) + ROUND_MAGIC) - ROUND_MAGIC, 0.0), QMAX)
+    scale, zero = _range_qparams(lo, hi, QMAX)
     first = row_ok & (split == 0)
     tl.store(qparams_ptr + rows, scale, mask=first)
     tl.store(qparams_ptr + M + rows, zero, mask=first)
@@ -256,8 +262,7 @@ def _norm_quantize_rows_kernel(
                             K, ROUND_BF16)
         lo = tl.minimum(lo, tl.min(y, axis=1))
         hi = tl.maximum(hi, tl.max(y, axis=1))
-    scale = tl.maximum((hi - lo) / QMAX, SCALE_FLOOR)
-    zero = tl.minimum(tl.maximum(((-lo / scale) + ROUND_MAGIC) - ROUND_MAGIC, 0.0), QMAX)
+    scale, zero = _range_qparams(lo, hi, QMAX)
     tl.store(qparams_ptr + rows, scale, mask=row_ok)
     tl.store(qparams_ptr + M + rows, zero, mask=row_ok)
     scale, zero = scale[:, None], zero[:, None]

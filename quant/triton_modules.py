@@ -315,21 +315,20 @@ def register_kernel_op() -> None:
     def run(x, qparams, *, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
             lora_left, act_bits, use_tma, group_table, quantize_in_gemm_rows, norm_shift=None, norm_scale=None,
             norm_tokens=0, norm_eps=0.0, **epilogue):
-        row_ranges = qparams is None  # per-token ranges, taken by the quantize pass (TritonQuantMlp)
+        quantize = None
         if norm_shift is not None:  # x: the residual stream; LayerNorm + modulation + quantize in one pass
             codes, rowsum, down, qparams = norm_quantize_rows(x, norm_shift, norm_scale, norm_tokens, norm_eps,
                                                               act_bits, lora_right)
-            return int8_gemm(codes, rowsum, qparams, weight, packed, column_sums, weight_zero, weight_scale, bias,
-                             down, lora_left, x.dtype, use_tma, group_table=group_table, **epilogue)
-        if row_ranges:
-            qparams = torch.empty(2, x.shape[0], dtype=torch.float32, device=x.device)
-        elif x.shape[0] <= quantize_in_gemm_rows:  # no quantize pass: the GEMM quantizes x itself
-            return int8_gemm(x, None, qparams, weight, packed, column_sums, weight_zero, weight_scale, bias, None,
-                             lora_left, x.dtype, use_tma, group_table=group_table,
-                             quantize=ActivationQuantization(act_bits, smooth_inv, lora_right), **epilogue)
-        codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right, row_ranges=row_ranges)
+        elif qparams is not None and x.shape[0] <= quantize_in_gemm_rows:  # no quantize pass: the GEMM does it
+            codes, rowsum, down = x, None, None
+            quantize = ActivationQuantization(act_bits, smooth_inv, lora_right)
+        else:
+            row_ranges = qparams is None  # per-token ranges, taken by the quantize pass (TritonQuantMlp)
+            if row_ranges:
+                qparams = torch.empty(2, x.shape[0], dtype=torch.float32, device=x.device)
+            codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right, row_ranges=row_ranges)
         return int8_gemm(codes, rowsum, qparams, weight, packed, column_sums, weight_zero, weight_scale, bias, down,
-                         lora_left, x.dtype, use_tma, group_table=group_table, **epilogue)
+                         lora_left, x.dtype, use_tma, group_table=group_table, quantize=quantize, **epilogue)
 
     def tensors_of(arguments: dict) -> dict:
         """An op's KernelTensors arguments and its optional norm + modulation, by name."""
