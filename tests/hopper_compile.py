@@ -49,7 +49,7 @@ def compile_for_hopper(config: hopper_gemm.TileConfig, rank: int, gelu: bool, pe
                                                  gl.NVMMASharedLayout.get_default_for([config.block_m, config.block_n],
                                                                                       gl.bfloat16)),
     }
-    f32, i32, bf16 = torch.empty(8), torch.empty(8, dtype=torch.int32), torch.empty(8, dtype=torch.bfloat16)
+    f32, i32, bf16 = torch.float32, torch.int32, torch.bfloat16
     values = descriptors | dict(rowsum_ptr=i32, colsum_ptr=i32, wzero_ptr=i32, wscale_ptr=f32, bias_ptr=f32,
                                 qparams_ptr=f32, down_ptr=f32, left_ptr=bf16, bounds_ptr=f32,
                                 bounds_scale_ptr=f32, M=m, N=n)
@@ -58,18 +58,22 @@ def compile_for_hopper(config: hopper_gemm.TileConfig, rank: int, gelu: bool, pe
                      BOUNDS_PER_ROW=gelu and per_row, SPLITS=1, STAGES=config.stages, GROUP_M=config.group_m,
                      CONSUMERS=config.consumers, INSTR_N=hopper_gemm.wgmma_instr_n(config.block_n),
                      LEFT_RANK=max(rank, 16), CONSUMER_REGISTERS=config.consumer_registers, num_warps=warps)
-    names = list(inspect.signature(kernel.fn).parameters)
-    signature = {name: mangle_type(value) for name, value in values.items()} | dict.fromkeys(constants, "constexpr")
-    source = gluon_runtime.GluonASTSource(kernel, signature=signature,
-                                          constexprs={(names.index(name),): v for name, v in constants.items()})
+    source = gluon_runtime.GluonASTSource(kernel, **_signature(kernel.fn, values, constants))
     return triton.compile(source, target=HOPPER, options=dict(num_warps=warps))
 
 
-def _tensor(dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(8, dtype=dtype)
+def _signature(python_fn, values: dict, constants: dict) -> dict:
+    """An AST source's `signature` and `constexprs` for a kernel's arguments: values (a dtype
+    stands for a pointer of that dtype; host tensors do, as only dtypes enter the signature) and
+    constants (its constexprs, num_warps included)."""
+    names = list(inspect.signature(python_fn).parameters)
+    types = {name: mangle_type(torch.empty(8, dtype=value) if isinstance(value, torch.dtype) else value)
+             for name, value in values.items()}
+    return dict(signature=types | dict.fromkeys(constants, "constexpr"),
+                constexprs={(names.index(name),): value for name, value in constants.items()})
 
 
-# DiT-XL/2-like arguments of the two Triton kernels, a case's constexprs overriding the defaults
+# DiT-XL/2-like arguments of quant/kernels.py's kernels, a case's constexprs overriding the defaults
 TRITON_KERNELS = {
     "gemm": (kernels._int8_gemm_kernel, dict(
         a_ptr=torch.int8, b_ptr=torch.int8, rowsum_ptr=torch.int32, colsum_ptr=torch.int32, wzero_ptr=torch.int32,
@@ -101,12 +105,8 @@ def compile_triton_kernel(name: str, constants: dict, tensor_dtypes: dict):
     tensor_dtypes: pointer arguments whose dtype differs from the defaults (e.g. a float a_ptr)."""
     autotuned, arguments, defaults = TRITON_KERNELS[name]
     jit = autotuned.fn
-    names = list(inspect.signature(jit.fn).parameters)
     arguments = arguments | {key: getattr(torch, value) for key, value in tensor_dtypes.items()}
-    constants = defaults | constants
-    signature = {key: mangle_type(_tensor(value) if isinstance(value, torch.dtype) else value)
-                 for key, value in arguments.items()} | dict.fromkeys(constants, "constexpr")
-    source = ASTSource(jit, signature=signature, constexprs={(names.index(key),): v for key, v in constants.items()})
+    source = ASTSource(jit, **_signature(jit.fn, arguments, defaults | constants))
     return triton.compile(source, target=HOPPER, options=dict(num_warps=4))
 
 
