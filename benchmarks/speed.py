@@ -96,6 +96,9 @@ ROWS = {
     "w4a8-qgemm-compile": Row(4, "triton", torch.bfloat16, True, quantize_in_gemm_rows=512),
     "w4a8-token-adaln-compile": Row(4, "triton", torch.bfloat16, True, "per_token", adaln_kernel=True),
     "w4a8-token-normfused-compile": Row(4, "triton", torch.bfloat16, True, "per_token", fuse_norms=True),
+    # the four variants above together (normfused takes qkv's and fc1's quantization before qgemm could)
+    "w4a8-token-combined-compile": Row(4, "triton", torch.bfloat16, True, "per_token", fc2_range="quantize_pass",
+                                       quantize_in_gemm_rows=512, adaln_kernel=True, fuse_norms=True),
     "w4a8-2level-compile": Row(4, "triton", torch.bfloat16, True, "per_tensor", "two_level"),
 }
 
