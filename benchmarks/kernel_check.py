@@ -52,8 +52,7 @@ def check_kernels(device, models: list[str], layers: list[str], emit) -> bool:
 
     # Each weight format with each way of loading tiles, and per-token ranges; packed formats
     # also below UNPACK_FROM_ROWS rows, where the GEMM unpacks them in its main loop; 512 rows
-    # (batch 1 with CFG), where the quantize pass splits K over programs, and (default options)
-    # where the GEMM quantizes the activations itself instead.
+    # (batch 1 with CFG), where the quantize pass splits K over programs.
     layer_variants = ({(bits, tuple(options.items()), "per_tensor", "per_channel")
                        for bits, options, _ in GEMM_VARIANTS.values()}
                       | {(3, (), "per_tensor", "per_channel"), (8, (), "per_token", "per_channel"),
@@ -69,11 +68,6 @@ def check_kernels(device, models: list[str], layers: list[str], emit) -> bool:
                 for rows in (LARGE_ROWS, 512, UNPACK_FROM_ROWS - 24) if kernel.packed else (LARGE_ROWS, 512):
                     record({"model": model_name, "layer": role, "shape": [rows, k, n], "weight_bits": bits,
                             "options": dict(options), "act": granularity, "weights": weights}, kernel, fake)
-                if not options and weights == "per_channel":  # batch 1 without the quantize pass
-                    kernel.quantize_in_gemm_rows = 512
-                    record({"model": model_name, "layer": role, "shape": [512, k, n], "weight_bits": bits,
-                            "options": {"quantize_in_gemm_rows": 512}, "act": granularity, "weights": weights},
-                           kernel, fake)
         if "adaln" in layers:  # the 8-bit weight-only adaLN on kernels.weight_only_linear, 2 × batch rows
             fake = WeightOnlyLinear.from_linear(torch.nn.Linear(hidden, 6 * hidden, device=device), 8)
             kernel = TritonWeightOnlyLinear(fake)

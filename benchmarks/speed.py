@@ -53,14 +53,8 @@ from benchmarks.synthetic import (
     synthetic_quantized_dit,
 )
 from diffusion import create_diffusion
-from quant.backends import prepare_for_inference
-from quant.triton_modules import (
-    TritonQuantLinear,
-    TritonQuantMlp,
-    fuse_block_norms,
-    install_weight_only_kernels,
-    register_kernel_op,
-)
+from quant.backends import cast_float_parts
+from quant.triton_modules import KernelOptions, install_kernels, register_kernel_op
 from runtime.checkpoints import spec_from_name
 from runtime.sampling import StepGraphs, compile_blocks, denoiser_step, generate
 
@@ -72,10 +66,7 @@ class Row(NamedTuple):
     compiled: bool
     act_granularity: str = "per_tensor"
     weight_granularity: str = "per_channel"  # two_level: groups of TWO_LEVEL_GROUP
-    fc2_range: str = "fc1_epilogue"  # where fc2's per-token range is taken (TritonQuantMlp)
-    quantize_in_gemm_rows: int = 0  # calls of at most this many rows quantize inside the GEMM (TritonQuantLinear)
-    adaln_kernel: bool = False  # the 8-bit adaLN on kernels.weight_only_linear instead of dequantised per call
-    fuse_norms: bool = False  # qkv's and fc1's norm + modulation in their quantize pass (NormFusedDiTBlock)
+    kernels: KernelOptions = KernelOptions()  # the triton backend's layout (default: the samplers')
 
 
 ROWS = {
@@ -90,15 +81,11 @@ ROWS = {
     "w4a8-compile": Row(4, "triton", torch.bfloat16, True),
     "w8a8-token-compile": Row(8, "triton", torch.bfloat16, True, "per_token"),
     "w4a8-token-compile": Row(4, "triton", torch.bfloat16, True, "per_token"),
-    "w4a8-token-rowpass-compile": Row(4, "triton", torch.bfloat16, True, "per_token", fc2_range="quantize_pass"),
-    # batch 1 (512 rows with CFG): no quantize pass
-    "w4a8-token-qgemm-compile": Row(4, "triton", torch.bfloat16, True, "per_token", quantize_in_gemm_rows=512),
-    "w4a8-qgemm-compile": Row(4, "triton", torch.bfloat16, True, quantize_in_gemm_rows=512),
-    "w4a8-token-adaln-compile": Row(4, "triton", torch.bfloat16, True, "per_token", adaln_kernel=True),
-    "w4a8-token-normfused-compile": Row(4, "triton", torch.bfloat16, True, "per_token", fuse_norms=True),
-    # the four variants above together (normfused takes qkv's and fc1's quantization before qgemm could)
-    "w4a8-token-combined-compile": Row(4, "triton", torch.bfloat16, True, "per_token", fc2_range="quantize_pass",
-                                       quantize_in_gemm_rows=512, adaln_kernel=True, fuse_norms=True),
+    # the layout before the adaLN's weight-only kernel and the norm-fused blocks (the previous default)
+    "w4a8-token-unfused-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
+                                      kernels=KernelOptions(weight_only_adaln=False, fuse_norms=False)),
+    "w4a8-token-rowpass-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
+                                      kernels=KernelOptions(fc2_range="quantize_pass")),
     "w4a8-2level-compile": Row(4, "triton", torch.bfloat16, True, "per_tensor", "two_level"),
 }
 
@@ -159,16 +146,9 @@ def build_row(name: str, args, device) -> torch.nn.Module:
     else:
         model = synthetic_quantized_dit(args.model, args.image_size, device, row.weight_bits, args.adaln_bit,
                                         row.act_granularity, row.weight_granularity)
-        prepare_for_inference(model, row.backend, row.dtype)
-        for module in model.modules():
-            if isinstance(module, TritonQuantMlp):
-                module.fc2_range = row.fc2_range
-            if isinstance(module, TritonQuantLinear):
-                module.quantize_in_gemm_rows = row.quantize_in_gemm_rows
-        if row.adaln_kernel:
-            install_weight_only_kernels(model)
-        if row.fuse_norms:
-            fuse_block_norms(model)
+        cast_float_parts(model, row.dtype)  # as prepare_for_inference, with the row's kernel layout
+        if row.backend == "triton":
+            install_kernels(model, print, row.kernels)
     if row.compiled:  # as the samplers compile: one compiled block serves all 28
         compile_blocks(model)
     return model

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -72,12 +71,6 @@ UNPACK_FROM_ROWS = 256
 WARP_SPECIALISED_FROM_ROWS = 4096
 WARP_SPECIALISED_RANGE_FROM_ROWS = 32768
 WARP_SPECIALISED_MIN_SIDE = 1152  # DiT-XL/2's narrowest layer (proj)
-# Calls of at most this many rows skip the quantize pass: the Triton GEMM quantizes the float
-# activations tile by tile in its main loop (every column tile re-quantizes its rows, which costs
-# little where a call is bound by latency, not arithmetic) and one kernel launch per layer goes.
-# 0 (off) until measured on a GPU; the default of TritonQuantLinear.quantize_in_gemm_rows, which
-# benchmarks/speed.py's *-qgemm rows set per model.
-QUANTIZE_IN_GEMM_MAX_ROWS = 0
 # The quantize pass splits K into chunks of this many columns over programs when its rows alone
 # give fewer than QUANTIZE_PROGRAMS_PER_SM programs per multiprocessor.
 SPLIT_K_CHUNK = 32 if INTERPRETED else 128
@@ -108,6 +101,15 @@ GEMM_CONFIGS = _configs(
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2),
 )
 UNPACK_BLOCK_N = 64
+
+# LayerNorm + modulation + quantize: wider tiles too, for fewer serial steps over a row where few
+# rows (batch 1: 512) give few programs
+NORM_QUANTIZE_CONFIGS = _configs(
+    [dict(BLOCK_M=16, BLOCK_K=128, warps=4), dict(BLOCK_M=16, BLOCK_K=512, warps=8),
+     dict(BLOCK_M=32, BLOCK_K=128, warps=4), dict(BLOCK_M=32, BLOCK_K=256, warps=8),
+     dict(BLOCK_M=64, BLOCK_K=128, warps=4)],
+    dict(BLOCK_M=16, BLOCK_K=32),
+)
 
 WEIGHT_ONLY_CONFIGS = _configs(
     [dict(BLOCK_N=32, BLOCK_K=128, warps=4, stages=4), dict(BLOCK_N=64, BLOCK_K=128, warps=4, stages=4),
@@ -222,7 +224,7 @@ def _row_range_qparams(x_ptr, smooth_ptr, qparams_ptr, rows, row_ok, split, M, s
     return scale[:, None], zero[:, None]
 
 
-@triton.autotune(configs=QUANTIZE_CONFIGS, key=["M", "K", "RANK"])
+@triton.autotune(configs=NORM_QUANTIZE_CONFIGS, key=["M", "K", "RANK"])
 @triton.jit
 def _norm_quantize_rows_kernel(
     x_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr,
@@ -232,26 +234,27 @@ def _norm_quantize_rows_kernel(
 ):
     """The quantize pass of LayerNorm(x)·(1 + scale) + shift (DiT's norm + adaLN modulation; no
     affine; shift and scale (N, K) per sample, row r of x in sample r // TOKENS) with per-token
-    ranges, from x itself: the modulated activation is never stored. Four passes over each row
-    block (mean, variance, range, codes), the last three from L2; the modulated values are
+    ranges, from x itself: the modulated activation is never stored. Three passes over each row
+    block (mean and variance, range, codes), the last two from L2; the modulated values are
     rounded to bf16 first with ROUND_BF16, as the model would store them. Writes codes − 128,
     row sums, the LoRA down-projection (one split) and each row's [scale; zero] to qparams (2, M)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     samples = rows // TOKENS
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        total += tl.sum(_smoothed_tile(x_ptr, x_ptr, rows, cols, row_ok[:, None] & (cols < K)[None, :], cols < K,
-                                       stride_xm, False), axis=1)
-    mean = total / K
+    # mean and sum of squared deviations in one pass: each tile's own, merged into the running
+    # ones (Chan et al.'s pairwise update), as exact as two passes
+    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
     squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (cols < K)[None, :]
-        centered = tl.where(mask, _smoothed_tile(x_ptr, x_ptr, rows, cols, mask, cols < K, stride_xm, False)
-                            - mean[:, None], 0.0)
-        squares += tl.sum(centered * centered, axis=1)
+        x = _smoothed_tile(x_ptr, x_ptr, rows, cols, mask, cols < K, stride_xm, False)
+        width = tl.minimum(K - k0, BLOCK_K).to(tl.float32)
+        tile_mean = tl.sum(x, axis=1) / width
+        centered = tl.where(mask, x - tile_mean[:, None], 0.0)
+        delta = tile_mean - mean
+        mean += delta * (width / (k0 + width))
+        squares += tl.sum(centered * centered, axis=1) + delta * delta * (k0 * width / (k0 + width))
     rstd = 1.0 / tl.sqrt(squares / K + EPS_NORM)
     lo = tl.zeros([BLOCK_M], dtype=tl.float32)
     hi = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -326,20 +329,16 @@ def _gelu_tanh(y):
 
 @triton.autotune(configs=GEMM_CONFIGS,
                  key=["M", "N", "K", "PACKED", "USE_TMA", "RANK", "GELU", "BOUNDS", "PER_ROW", "BOUNDS_PER_ROW",
-                      "SPLITS", "QUANTIZE_A", "HAS_SMOOTH"])
+                      "SPLITS"])
 @triton.jit
 def _int8_gemm_kernel(
     a_ptr, b_ptr, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr,
-    out_ptr, bounds_ptr, bounds_scale_ptr, smooth_ptr, right_ptr, M, N, stride_om, stride_am,
+    out_ptr, bounds_ptr, bounds_scale_ptr, M, N, stride_om,
     K: tl.constexpr, PACKED_K: tl.constexpr, PACKED: tl.constexpr, USE_TMA: tl.constexpr,
     HAS_BIAS: tl.constexpr, RANK: tl.constexpr, GELU: tl.constexpr, BOUNDS: tl.constexpr,
     BOUNDS_SCALED: tl.constexpr, PER_ROW: tl.constexpr, BOUNDS_PER_ROW: tl.constexpr, SPLITS: tl.constexpr,
-    QUANTIZE_A: tl.constexpr, QMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # QUANTIZE_A (int8 weights, pointer loads only): a holds the float activations, quantized
-    # here tile by tile as quantize_rows does; their row sums and LoRA down-projection are summed
-    # in the main loop instead of read from the quantize pass (rowsum_ptr and down_ptr unused).
     # grouped tile order: GROUP_M row tiles share each column tile while it is in L2
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -376,53 +375,31 @@ def _int8_gemm_kernel(
         if USE_TMA:
             a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [K, 1], [BLOCK_M, BLOCK_K])
             b_desc = tl.make_tensor_descriptor(b_ptr, [N, K], [K, 1], [BLOCK_N, BLOCK_K])
-        if QUANTIZE_A:
-            scale_in, zero_in = _row_qparams(qparams_ptr, rows, row_ok, M, PER_ROW)
-            rowsum_in = tl.zeros([BLOCK_M], dtype=tl.int32)
-            if RANK > 0:
-                down_in = tl.zeros([BLOCK_M, RANK], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             if USE_TMA:
                 a = a_desc.load([pid_m * BLOCK_M, k0])
                 w = b_desc.load([pid_n * BLOCK_N, k0])
             else:
                 ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < K
-                if QUANTIZE_A:
-                    in_tile = row_ok[:, None] & k_ok[None, :]
-                    x = _smoothed_tile(a_ptr, smooth_ptr, rows, ks, in_tile, k_ok, stride_am, HAS_SMOOTH)
-                    q, shifted = _quantized_tile(x, scale_in, zero_in, in_tile, QMAX)
-                    rowsum_in += tl.sum(shifted, axis=1)
-                    if RANK > 0:
-                        down_in = _lora_down_step(down_in, q, zero_in, in_tile, right_ptr, tl.arange(0, RANK), ks,
-                                                  k_ok, K)
-                    a = shifted.to(tl.int8)
-                else:
-                    a = _activation_tile(a_ptr, rows, row_ok, k0, K, BLOCK_K)
-                w = tl.load(b_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0)
+                a = _activation_tile(a_ptr, rows, row_ok, k0, K, BLOCK_K)
+                w = tl.load(b_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0)
             acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
 
     scale_x, zero_x = _row_qparams(qparams_ptr, rows, row_ok, M, PER_ROW)
     zero_x = zero_x.to(tl.int32) - ACT_SHIFT
-    if QUANTIZE_A:
-        rowsum = rowsum_in
-    else:
-        rowsum = tl.zeros([BLOCK_M], dtype=tl.int32)
-        for split in tl.static_range(SPLITS):  # the quantize pass's partial sums, in a fixed order
-            rowsum += tl.load(rowsum_ptr + split * M + rows, mask=row_ok, other=0)
+    rowsum = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for split in tl.static_range(SPLITS):  # the quantize pass's partial sums, in a fixed order
+        rowsum += tl.load(rowsum_ptr + split * M + rows, mask=row_ok, other=0)
     colsum = tl.load(colsum_ptr + cols, mask=col_ok, other=0)
     zero_w = tl.load(wzero_ptr + cols, mask=col_ok, other=0)
     exact = acc - zero_x * colsum[None, :] - zero_w[None, :] * rowsum[:, None] + K * zero_x * zero_w[None, :]
     y = exact.to(tl.float32) * scale_x * tl.load(wscale_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if RANK > 0:
         ranks = tl.arange(0, RANK)
-        if QUANTIZE_A:
-            down = down_in
-        else:
-            down = tl.zeros([BLOCK_M, RANK], dtype=tl.float32)
-            for split in tl.static_range(SPLITS):
-                down += tl.load(down_ptr + (split * M + rows[:, None]) * RANK + ranks[None, :],
-                                mask=row_ok[:, None], other=0.0)
+        down = tl.zeros([BLOCK_M, RANK], dtype=tl.float32)
+        for split in tl.static_range(SPLITS):
+            down += tl.load(down_ptr + (split * M + rows[:, None]) * RANK + ranks[None, :],
+                            mask=row_ok[:, None], other=0.0)
         y += tl.dot((down * scale_x).to(LORA_DTYPE), tl.trans(
             tl.load(left_ptr + cols[:, None] * RANK + ranks[None, :], mask=col_ok[:, None], other=0.0)))
     if HAS_BIAS:
@@ -563,14 +540,6 @@ def warp_specialised_suits(m: int, n: int, k: int, rank: int, packed: bool, gelu
             and _is_hopper(device))
 
 
-class ActivationQuantization(NamedTuple):
-    """What int8_gemm needs to quantize float activations itself (its `quantize` argument)."""
-
-    act_bits: int
-    smooth_inv: torch.Tensor | None  # fc2's on-the-fly smoothing factors
-    right: torch.Tensor | None  # the LoRA's R (rank padded as lora_left's)
-
-
 def per_row(qparams: torch.Tensor) -> bool:
     """Whether (2, R) qparams (or bounds) hold one range per row (R > 1) rather than one per tensor."""
     return qparams.numel() > 2
@@ -662,8 +631,7 @@ def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, 
               down: torch.Tensor | None, left: torch.Tensor | None, out_dtype: torch.dtype,
               use_tma: bool = False, gelu: bool = False, bounds: torch.Tensor | None = None,
               bounds_scale: torch.Tensor | None = None, unpack_from_rows: int = UNPACK_FROM_ROWS,
-              group_table: torch.Tensor | None = None, warp_specialised: bool | None = None,
-              quantize: ActivationQuantization | None = None) -> torch.Tensor:
+              group_table: torch.Tensor | None = None, warp_specialised: bool | None = None) -> torch.Tensor:
     """The GEMM with its epilogue: out (M, N) = s_x s_w (Σ q'c' − corrections) + s_x·down·Lᵀ + b,
     then GELU (tanh) with `gelu`.
     `weight` is int8 (N, K) signed codes, or (packed) uint8 codes in the split layout (pack_split);
@@ -676,18 +644,14 @@ def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, 
     the next layer's activation range without another pass over `out`.
     `group_table` (N, groups, 2) uint8 [k, z]: packed two-level group codes, unpacked to int8
     (c − z)·k before the GEMM at any M (`zero_w` is then 0 and `scale_w` the row scale).
-    `warp_specialised`: run quant/hopper_gemm.py's kernel (None: where warp_specialised_suits).
-    `quantize`: `codes` holds the float activations (stride 1 along K), quantized by the GEMM itself
-    with qparams (rowsum and down unused: None); packed weights are then unpacked first."""
+    `warp_specialised`: run quant/hopper_gemm.py's kernel (None: where warp_specialised_suits)."""
     m, k = codes.shape
     if group_table is not None:  # two-level groups: always unpacked first (zero point 0 after it)
         weight, packed, use_tma = unpack_two_level(weight, group_table, k), False, False
-    elif packed and (m >= unpack_from_rows or quantize is not None):
+    elif packed and m >= unpack_from_rows:
         weight, packed, use_tma = unpack_signed(weight, k), False, False
     n = weight.shape[0]
     rank = 0 if left is None else left.shape[1]
-    if quantize is not None:
-        use_tma, warp_specialised = False, False  # both take int8 activation tiles
     if warp_specialised is None:
         warp_specialised = warp_specialised_suits(m, n, k, rank, packed, gelu, bounds, out_dtype, codes.device)
     if warp_specialised:
@@ -700,18 +664,13 @@ def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, 
     out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     placeholder = scale_w  # any float32 tensor, for pointers a kernel variant never reads
-    smooth = None if quantize is None else quantize.smooth_inv
-    right = None if quantize is None else quantize.right
     _int8_gemm_kernel[grid](
-        codes, weight, colsum if rowsum is None else rowsum, colsum, zero_w, scale_w,
+        codes, weight, rowsum, colsum, zero_w, scale_w,
         placeholder if bias is None else bias, qparams, placeholder if down is None else down,
         placeholder if left is None else left, out, placeholder if bounds is None else bounds,
-        placeholder if bounds_scale is None else bounds_scale, placeholder if smooth is None else smooth,
-        placeholder if right is None else right, m, n, out.stride(0), codes.stride(0),
+        placeholder if bounds_scale is None else bounds_scale, m, n, out.stride(0),
         K=k, PACKED_K=weight.shape[1], PACKED=packed, USE_TMA=use_tma, HAS_BIAS=bias is not None, RANK=rank,
         GELU=gelu, BOUNDS=bounds is not None, BOUNDS_SCALED=bounds_scale is not None, PER_ROW=per_row(qparams),
-        BOUNDS_PER_ROW=bounds is not None and per_row(bounds), SPLITS=1 if rowsum is None else rowsum.shape[0],
-        QUANTIZE_A=quantize is not None, QMAX=float(2 ** (8 if quantize is None else quantize.act_bits) - 1),
-        HAS_SMOOTH=smooth is not None,
+        BOUNDS_PER_ROW=bounds is not None and per_row(bounds), SPLITS=rowsum.shape[0],
     )
     return out

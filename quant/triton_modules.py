@@ -1,6 +1,8 @@
 """The `triton` backend's modules: a QuantLinear computed by the int8 kernels (quant/kernels.py),
-DiT's Mlp with GELU and fc2's range fused into fc1's epilogue, the kernels as torch custom ops
-(opaque to torch.compile), and the swap of a model's quantized layers for them."""
+DiT's Mlp with GELU and fc2's range fused into fc1's epilogue, DiT blocks whose qkv and fc1 take
+their LayerNorm + modulation in the quantize pass, the 8-bit adaLN on a weight-only kernel, the
+kernels as torch custom ops (opaque to torch.compile), and the swap of a model's layers for them
+(install_kernels, laid out by KernelOptions)."""
 
 from __future__ import annotations
 
@@ -38,7 +40,6 @@ class KernelTensors(NamedTuple):
     act_bits: int
     use_tma: bool
     group_table: torch.Tensor | None
-    quantize_in_gemm_rows: int
 
 
 def kernel_unsupported_reason(layer: QuantLinear) -> str | None:
@@ -69,14 +70,13 @@ class TritonQuantLinear(KeepsKernelDtypes):
     holds only what the kernels read (codes signed or packed, int32 column sums and zero points,
     float32 scales and bias, bf16 LoRA factors padded to a rank multiple of 16)."""
 
-    def __init__(self, source: QuantLinear, use_tma: bool | None = None, quantize_in_gemm_rows: int | None = None):
+    def __init__(self, source: QuantLinear, use_tma: bool | None = None):
         super().__init__()
         from .kernels import (
             BYTE_SHIFT,
             LORA_MULTIPLE,
             LORA_TORCH_DTYPE,
             PACKED_SHIFT,
-            QUANTIZE_IN_GEMM_MAX_ROWS,
             pack_split,
         )
 
@@ -86,8 +86,6 @@ class TritonQuantLinear(KeepsKernelDtypes):
         # TMA tile loads: 1.1-1.2x faster for packed weights on an H100, slower for int8 codes
         # except at fc2's shape (benchmarks/RESULTS.md). TMA needs 16-byte aligned row strides.
         self.use_tma = (self.packed and self.in_features % 16 == 0) if use_tma is None else use_tma
-        # calls of at most this many rows quantize x inside the GEMM (kernels.QUANTIZE_IN_GEMM_MAX_ROWS)
-        self.quantize_in_gemm_rows = QUANTIZE_IN_GEMM_MAX_ROWS if quantize_in_gemm_rows is None else quantize_in_gemm_rows
         codes = unpack_int4(source.weight_codes) if self.packed else source.weight_codes
         table = None
         if source.weight_group_scale is not None:
@@ -169,6 +167,15 @@ class TritonQuantLinear(KeepsKernelDtypes):
                 f"smooth_on_the_fly={self.smooth_inv is not None}")
 
 
+class KernelOptions(NamedTuple):
+    """How install_kernels lays a model onto the kernels. The defaults measured fastest on an H100
+    at batch 1, 8 and 64 (benchmarks/RESULTS.md); benchmarks/speed.py's rows vary them."""
+
+    weight_only_adaln: bool = True  # 8-bit adaLN layers on kernels.weight_only_linear, not dequantised per call
+    fuse_norms: bool = True  # per-token qkv and fc1 take LayerNorm + modulation in their quantize pass
+    fc2_range: str = "fc1_epilogue"  # where fc2's per-token range is taken (TritonQuantMlp)
+
+
 class TritonWeightOnlyLinear(KeepsKernelDtypes):
     """A WeightOnlyLinear (the 8-bit adaLN) computed by kernels.weight_only_linear: its codes
     read once per call instead of dequantised to a bf16 copy of the weight first."""
@@ -188,8 +195,7 @@ class TritonWeightOnlyLinear(KeepsKernelDtypes):
 
 
 def install_weight_only_kernels(model: nn.Module) -> int:
-    """Swap every WeightOnlyLinear for a TritonWeightOnlyLinear (in place); how many. Not part of
-    install_kernels yet: benchmarks/speed.py's *-adaln rows measure it first."""
+    """Swap every WeightOnlyLinear for a TritonWeightOnlyLinear (in place); how many."""
     register_kernel_op()
     names = [name for name, module in model.named_modules() if isinstance(module, WeightOnlyLinear)]
     for name in names:
@@ -276,8 +282,7 @@ def norm_fusable_block(module: nn.Module) -> bool:
 
 def fuse_block_norms(model: nn.Module) -> int:
     """Swap every DiT block whose norms the quantize pass can take for a NormFusedDiTBlock (in
-    place; after install_kernels); how many. Not part of install_kernels yet: benchmarks/speed.py's
-    *-normfused rows measure it first."""
+    place; after fuse_mlps); how many."""
     names = [name for name, module in model.named_modules() if norm_fusable_block(module)]
     for name in names:
         set_module(model, name, NormFusedDiTBlock(model.get_submodule(name)))
@@ -292,12 +297,12 @@ def fusable_mlp(module: nn.Module) -> bool:
             and isinstance(act, nn.GELU) and act.approximate == "tanh")
 
 
-def fuse_mlps(model: nn.Module) -> int:
+def fuse_mlps(model: nn.Module, fc2_range: str = "fc1_epilogue") -> int:
     """Swap every Mlp whose two layers run on the kernels for a TritonQuantMlp (in place); how many."""
     names = [name for name, module in model.named_modules() if fusable_mlp(module)]
     for name in names:
         mlp = model.get_submodule(name)
-        set_module(model, name, TritonQuantMlp(mlp.fc1, mlp.fc2))
+        set_module(model, name, TritonQuantMlp(mlp.fc1, mlp.fc2, fc2_range))
     return len(names)
 
 
@@ -310,25 +315,21 @@ def register_kernel_op() -> None:
     global _registered
     if _registered:
         return
-    from .kernels import ActivationQuantization, int8_gemm, norm_quantize_rows, quantize_rows, weight_only_linear
+    from .kernels import int8_gemm, norm_quantize_rows, quantize_rows, weight_only_linear
 
     def run(x, qparams, *, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
-            lora_left, act_bits, use_tma, group_table, quantize_in_gemm_rows, norm_shift=None, norm_scale=None,
-            norm_tokens=0, norm_eps=0.0, **epilogue):
-        quantize = None
+            lora_left, act_bits, use_tma, group_table, norm_shift=None, norm_scale=None, norm_tokens=0,
+            norm_eps=0.0, **epilogue):
         if norm_shift is not None:  # x: the residual stream; LayerNorm + modulation + quantize in one pass
             codes, rowsum, down, qparams = norm_quantize_rows(x, norm_shift, norm_scale, norm_tokens, norm_eps,
                                                               act_bits, lora_right)
-        elif qparams is not None and x.shape[0] <= quantize_in_gemm_rows:  # no quantize pass: the GEMM does it
-            codes, rowsum, down = x, None, None
-            quantize = ActivationQuantization(act_bits, smooth_inv, lora_right)
         else:
             row_ranges = qparams is None  # per-token ranges, taken by the quantize pass (TritonQuantMlp)
             if row_ranges:
                 qparams = torch.empty(2, x.shape[0], dtype=torch.float32, device=x.device)
             codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right, row_ranges=row_ranges)
         return int8_gemm(codes, rowsum, qparams, weight, packed, column_sums, weight_zero, weight_scale, bias, down,
-                         lora_left, x.dtype, use_tma, group_table=group_table, quantize=quantize, **epilogue)
+                         lora_left, x.dtype, use_tma, group_table=group_table, **epilogue)
 
     def tensors_of(arguments: dict) -> dict:
         """An op's KernelTensors arguments and its optional norm + modulation, by name."""
@@ -347,8 +348,7 @@ def register_kernel_op() -> None:
                     lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool, column_sums: torch.Tensor,
                     weight_zero: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                     lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
-                    group_table: torch.Tensor | None, quantize_in_gemm_rows: int,
-                    norm_shift: torch.Tensor | None = None, norm_scale: torch.Tensor | None = None,
+                    group_table: torch.Tensor | None, norm_shift: torch.Tensor | None = None, norm_scale: torch.Tensor | None = None,
                     norm_tokens: int = 0, norm_eps: float = 0.0) -> torch.Tensor:
         """The layer of 2-D x; qparams None: per-token ranges taken by the quantize pass; with
         norm_shift, the layer of LayerNorm(x)·(1 + norm_scale) + norm_shift (per-token ranges,
@@ -362,8 +362,7 @@ def register_kernel_op() -> None:
                          lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool,
                          column_sums: torch.Tensor, weight_zero: torch.Tensor, weight_scale: torch.Tensor,
                          bias: torch.Tensor | None, lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
-                         group_table: torch.Tensor | None, quantize_in_gemm_rows: int,
-                         bounds_scale: torch.Tensor | None, with_bounds: bool,
+                         group_table: torch.Tensor | None, bounds_scale: torch.Tensor | None, with_bounds: bool,
                          bounds_per_row: bool, norm_shift: torch.Tensor | None = None,
                          norm_scale: torch.Tensor | None = None, norm_tokens: int = 0,
                          norm_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -392,9 +391,14 @@ def register_kernel_op() -> None:
     _registered = True
 
 
-def install_kernels(model: nn.Module, log: Callable[[str], None]) -> None:
-    """Swap every quantized layer the kernels cover for a TritonQuantLinear and fuse the Mlps (in
-    place); the others keep the fake numerics, said in one log line. CUDA models only."""
+DEFAULT_KERNEL_OPTIONS = KernelOptions()
+
+
+def install_kernels(model: nn.Module, log: Callable[[str], None],
+                    options: KernelOptions = DEFAULT_KERNEL_OPTIONS) -> None:
+    """Swap every quantized layer the kernels cover for a TritonQuantLinear, fuse the Mlps and, as
+    `options` say, the blocks' norms, and put the weight-only layers on their kernel (in place);
+    the others keep the fake numerics, said in one log line. CUDA models only."""
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
     device = next(model.parameters()).device
     if device.type != "cuda":
@@ -409,7 +413,11 @@ def install_kernels(model: nn.Module, log: Callable[[str], None]) -> None:
             fallbacks[reason] = fallbacks.get(reason, 0) + 1
             continue
         set_module(model, name, TritonQuantLinear(layer))
-    fuse_mlps(model)
+    fuse_mlps(model, options.fc2_range)
+    if options.fuse_norms:
+        fuse_block_norms(model)
+    if options.weight_only_adaln:
+        install_weight_only_kernels(model)
     if fallbacks:
         log(f"backend triton: {sum(fallbacks.values())} of {len(layers)} quantized layers use the fake backend "
             f"(not covered by the kernels: {', '.join(f'{n} with {r}' for r, n in fallbacks.items())})")

@@ -5,7 +5,7 @@ functions (its own library's included) are interpreted, and the tests of the Tri
 the interpreter, which neither compiler can use (and which does not compile at all).
 
     python tests/hopper_compile.py gluon '[[{"consumers": 1, "stages": 5}, 32, false, false], ...]'
-    python tests/hopper_compile.py triton '[["gemm", {"QUANTIZE_A": true}], ["quantize", {"ROW_RANGES": true}]]'
+    python tests/hopper_compile.py triton '[["gemm", {"GELU": true}], ["quantize", {"ROW_RANGES": true}]]'
 
 prints, per case, the PTX and the shared memory the kernel takes, as JSON.
 """
@@ -79,10 +79,10 @@ TRITON_KERNELS = {
         a_ptr=torch.int8, b_ptr=torch.int8, rowsum_ptr=torch.int32, colsum_ptr=torch.int32, wzero_ptr=torch.int32,
         wscale_ptr=torch.float32, bias_ptr=torch.float32, qparams_ptr=torch.float32, down_ptr=torch.float32,
         left_ptr=torch.bfloat16, out_ptr=torch.bfloat16, bounds_ptr=torch.float32, bounds_scale_ptr=torch.float32,
-        smooth_ptr=torch.float32, right_ptr=torch.bfloat16, M=512, N=3456, stride_om=3456, stride_am=1152),
+        M=512, N=3456, stride_om=3456),
         dict(K=1152, PACKED_K=1152, PACKED=False, USE_TMA=False, HAS_BIAS=True, RANK=32, GELU=False, BOUNDS=False,
-             BOUNDS_SCALED=False, PER_ROW=False, BOUNDS_PER_ROW=False, SPLITS=1, QUANTIZE_A=False, QMAX=255.0,
-             HAS_SMOOTH=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8)),
+             BOUNDS_SCALED=False, PER_ROW=False, BOUNDS_PER_ROW=False, SPLITS=1, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128,
+             GROUP_M=8)),
     "quantize": (kernels._quantize_rows_kernel, dict(
         x_ptr=torch.bfloat16, smooth_ptr=torch.float32, qparams_ptr=torch.float32, right_ptr=torch.bfloat16,
         codes_ptr=torch.int8, rowsum_ptr=torch.int32, down_ptr=torch.float32, M=4096, stride_xm=4608),

@@ -44,17 +44,15 @@ def compile_in_own_process(kind: str, cases: list) -> list[dict]:
     return json.loads(done.stdout)
 
 
-# Variants of the Triton kernels that the CPU interpreter runs but never compiles: the GEMM
-# quantizing its float activations (with LoRA, per-row ranges, GELU + range), the quantize pass
-# taking per-token ranges itself, the one taking LayerNorm + modulation too, and the weight-only
-# kernel of the 8-bit adaLN.
+# Variants of the Triton kernels that the CPU interpreter runs but never compiles: the GEMM with
+# per-row ranges, GELU and an output range per row, the quantize pass taking per-token ranges
+# itself, the one taking LayerNorm + modulation too, and the weight-only kernel of the 8-bit adaLN.
 TRITON_VARIANTS = {
-    "gemm quantizing bf16 activations": ["gemm", {"QUANTIZE_A": True, "HAS_SMOOTH": True}, {"a_ptr": "bfloat16"}],
-    "… per row, GELU + range": ["gemm", {"QUANTIZE_A": True, "PER_ROW": True, "GELU": True, "BOUNDS": True,
-                                          "BOUNDS_SCALED": True, "BOUNDS_PER_ROW": True}, {"a_ptr": "bfloat16"}],
-    "… float32 activations, no LoRA": ["gemm", {"QUANTIZE_A": True, "RANK": 0}, {"a_ptr": "float32"}],
+    "gemm per row, GELU + range": ["gemm", {"PER_ROW": True, "GELU": True, "BOUNDS": True, "BOUNDS_SCALED": True,
+                                             "BOUNDS_PER_ROW": True, "SPLITS": 3}, {}],
     "quantize pass taking per-token ranges": ["quantize", {"ROW_RANGES": True}, {}],
     "LayerNorm + modulation + quantize pass": ["norm_quantize", {}, {}],
+    "… 512-wide tiles": ["norm_quantize", {"BLOCK_M": 16, "BLOCK_K": 512}, {}],
     "8-bit weight-only layer (adaLN), 16 rows": ["weight_only", {}, {}],
     "… 128 rows": ["weight_only", {"BLOCK_M": 128}, {}],
 }
