@@ -133,7 +133,7 @@ def check_fused_mlp(hidden: int, bits: int, dtype, tolerance: float, device, act
     of the unfused kernel chain: two quantized layers in a row amplify small differences (an
     fc1 output that differs in the last bit can move an fc2 code by one step)."""
     fake_mlp, fused = quantized_mlp_pair(hidden, bits, device, act_granularity)
-    fused.fc2_range = fc2_range
+    fused.range_in_pass_from_rows = 0 if fc2_range == "quantize_pass" else LARGE_ROWS + 1
     fc1, fc2 = fused.fc1, fused.fc2
     x = outlier_input(LARGE_ROWS, hidden, device, dtype, seed=bits)
     row = {"layer": "mlp (fused)", "shape": [LARGE_ROWS, hidden, hidden], "weight_bits": bits, "act": act_granularity,

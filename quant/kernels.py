@@ -84,8 +84,12 @@ def _configs(options: list[dict], interpreted: dict) -> list[triton.Config]:
                           num_warps=o.get("warps", 4), num_stages=o.get("stages", 3)) for o in chosen]
 
 
+# Row passes (quantize, LayerNorm + modulation + quantize): their loops wait on each tile's load,
+# so besides wide row blocks, small ones (many programs per multiprocessor hide that latency; the
+# LoRA's tl.dot pads M < 16 on the tensor cores) and wide tiles (fewer serial steps).
 QUANTIZE_CONFIGS = _configs(
-    [dict(BLOCK_M=16, BLOCK_K=128, warps=4), dict(BLOCK_M=32, BLOCK_K=128, warps=4),
+    [dict(BLOCK_M=4, BLOCK_K=256, warps=4), dict(BLOCK_M=8, BLOCK_K=128, warps=4),
+     dict(BLOCK_M=16, BLOCK_K=128, warps=4), dict(BLOCK_M=32, BLOCK_K=128, warps=4),
      dict(BLOCK_M=64, BLOCK_K=128, warps=4)],
     dict(BLOCK_M=16, BLOCK_K=32),
 )
@@ -102,12 +106,10 @@ GEMM_CONFIGS = _configs(
 )
 UNPACK_BLOCK_N = 64
 
-# LayerNorm + modulation + quantize: wider tiles too, for fewer serial steps over a row where few
-# rows (batch 1: 512) give few programs
 NORM_QUANTIZE_CONFIGS = _configs(
-    [dict(BLOCK_M=16, BLOCK_K=128, warps=4), dict(BLOCK_M=16, BLOCK_K=512, warps=8),
-     dict(BLOCK_M=32, BLOCK_K=128, warps=4), dict(BLOCK_M=32, BLOCK_K=256, warps=8),
-     dict(BLOCK_M=64, BLOCK_K=128, warps=4)],
+    [dict(BLOCK_M=2, BLOCK_K=256, warps=2), dict(BLOCK_M=4, BLOCK_K=256, warps=4),
+     dict(BLOCK_M=8, BLOCK_K=128, warps=4), dict(BLOCK_M=16, BLOCK_K=128, warps=4),
+     dict(BLOCK_M=16, BLOCK_K=512, warps=8), dict(BLOCK_M=32, BLOCK_K=128, warps=4)],
     dict(BLOCK_M=16, BLOCK_K=32),
 )
 

@@ -173,7 +173,11 @@ class KernelOptions(NamedTuple):
 
     weight_only_adaln: bool = True  # 8-bit adaLN layers on kernels.weight_only_linear, not dequantised per call
     fuse_norms: bool = True  # per-token qkv and fc1 take LayerNorm + modulation in their quantize pass
-    fc2_range: str = "fc1_epilogue"  # where fc2's per-token range is taken (TritonQuantMlp)
+    # calls of at least this many rows take fc2's per-token ranges in its quantize pass (TritonQuantMlp)
+    fc2_range_in_pass_from_rows: int = 32768
+
+
+DEFAULT_KERNEL_OPTIONS = KernelOptions()
 
 
 class TritonWeightOnlyLinear(KeepsKernelDtypes):
@@ -222,28 +226,26 @@ def rows_of(x: torch.Tensor, features: int) -> torch.Tensor:
 
 
 NORM_ARGUMENTS = ("norm_shift", "norm_scale", "norm_tokens", "norm_eps")  # of the ops, after the layer's
-FC2_RANGES = ("fc1_epilogue", "quantize_pass")
 
 
 class TritonQuantMlp(nn.Module):
     """DiT's Mlp (fc1 -> tanh GELU -> fc2) on the kernels with fewer passes over the hidden
     activations: fc1's GEMM epilogue applies GELU and, where fc2's input range is dynamic, takes
     it (per tensor or per token, of GELU output × fc2's smoothing factors) while it stores the
-    output. `fc2_range="quantize_pass"` leaves per-token ranges to fc2's quantize pass instead (one
-    more read of each row there, and fc1 with GELU alone, which the warp-specialised GEMM takes);
-    per-tensor ranges always come from fc1's epilogue."""
+    output. Calls of at least `range_in_pass_from_rows` rows leave per-token ranges to fc2's
+    quantize pass instead: one more read of each row there, and fc1 with GELU alone, which the
+    warp-specialised GEMM runs faster (at batch 64; at batch 1 and 8 the read cost more than it
+    saved). Per-tensor ranges always come from fc1's epilogue."""
 
-    def __init__(self, fc1: TritonQuantLinear, fc2: TritonQuantLinear, fc2_range: str = "fc1_epilogue"):
+    def __init__(self, fc1: TritonQuantLinear, fc2: TritonQuantLinear, range_in_pass_from_rows: int):
         super().__init__()
-        if fc2_range not in FC2_RANGES:
-            raise ValueError(f"fc2_range must be one of {FC2_RANGES}, got {fc2_range!r}")
-        self.fc1, self.fc2, self.fc2_range = fc1, fc2, fc2_range
+        self.fc1, self.fc2, self.range_in_pass_from_rows = fc1, fc2, range_in_pass_from_rows
 
     def forward(self, x: torch.Tensor, norm: NormModulation | None = None) -> torch.Tensor:
         """The Mlp of x, or with `norm` of LayerNorm(x)·(1 + scale) + shift (TritonQuantLinear.normed)."""
         x2d = rows_of(x, self.fc1.in_features)
         dynamic = self.fc2.act_range is None
-        in_pass = dynamic and self.fc2.per_token and self.fc2_range == "quantize_pass"
+        in_pass = dynamic and self.fc2.per_token and x2d.shape[0] >= self.range_in_pass_from_rows
         first = dict(qparams=None, **norm.op_arguments(x)) if norm else dict(qparams=self.fc1.qparams(x2d))
         hidden, bounds = torch.ops.ditas.int8_linear_gelu(x2d, **first, **self.fc1.kernel_tensors()._asdict(),
                                                           bounds_scale=self.fc2.smooth_inv,
@@ -297,12 +299,13 @@ def fusable_mlp(module: nn.Module) -> bool:
             and isinstance(act, nn.GELU) and act.approximate == "tanh")
 
 
-def fuse_mlps(model: nn.Module, fc2_range: str = "fc1_epilogue") -> int:
+def fuse_mlps(model: nn.Module,
+              fc2_range_in_pass_from_rows: int = DEFAULT_KERNEL_OPTIONS.fc2_range_in_pass_from_rows) -> int:
     """Swap every Mlp whose two layers run on the kernels for a TritonQuantMlp (in place); how many."""
     names = [name for name, module in model.named_modules() if fusable_mlp(module)]
     for name in names:
         mlp = model.get_submodule(name)
-        set_module(model, name, TritonQuantMlp(mlp.fc1, mlp.fc2, fc2_range))
+        set_module(model, name, TritonQuantMlp(mlp.fc1, mlp.fc2, fc2_range_in_pass_from_rows))
     return len(names)
 
 
@@ -391,9 +394,6 @@ def register_kernel_op() -> None:
     _registered = True
 
 
-DEFAULT_KERNEL_OPTIONS = KernelOptions()
-
-
 def install_kernels(model: nn.Module, log: Callable[[str], None],
                     options: KernelOptions = DEFAULT_KERNEL_OPTIONS) -> None:
     """Swap every quantized layer the kernels cover for a TritonQuantLinear, fuse the Mlps and, as
@@ -413,7 +413,7 @@ def install_kernels(model: nn.Module, log: Callable[[str], None],
             fallbacks[reason] = fallbacks.get(reason, 0) + 1
             continue
         set_module(model, name, TritonQuantLinear(layer))
-    fuse_mlps(model, options.fc2_range)
+    fuse_mlps(model, options.fc2_range_in_pass_from_rows)
     if options.fuse_norms:
         fuse_block_norms(model)
     if options.weight_only_adaln:

@@ -5,7 +5,7 @@ functions (its own library's included) are interpreted, and the tests of the Tri
 the interpreter, which neither compiler can use (and which does not compile at all).
 
     python tests/hopper_compile.py gluon '[[{"consumers": 1, "stages": 5}, 32, false, false], ...]'
-    python tests/hopper_compile.py triton '[["gemm", {"GELU": true}], ["quantize", {"ROW_RANGES": true}]]'
+    python tests/hopper_compile.py triton '[["gemm", {"GELU": true}, {}], ["quantize", {"ROW_RANGES": true}, {}]]'
 
 prints, per case, the PTX and the shared memory the kernel takes, as JSON.
 """

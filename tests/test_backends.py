@@ -208,11 +208,9 @@ def test_fused_mlp_takes_fc2_ranges_in_its_quantize_pass_with_the_same_result(ac
     mlp.fc2 = TritonQuantLinear(random_quant_linear(80, 48, rank=8, smooth=True, seed=2,
                                                     act_granularity=act_granularity))
     x = torch.randn(2, 21, 48, generator=torch.Generator().manual_seed(0)) * 2 + 0.3
-    by_epilogue = TritonQuantMlp(mlp.fc1, mlp.fc2)(x)
-    by_pass = TritonQuantMlp(mlp.fc1, mlp.fc2, fc2_range="quantize_pass")(x)  # per tensor: the epilogue still
+    by_epilogue = TritonQuantMlp(mlp.fc1, mlp.fc2, range_in_pass_from_rows=43)(x)  # 42 rows
+    by_pass = TritonQuantMlp(mlp.fc1, mlp.fc2, range_in_pass_from_rows=42)(x)  # per tensor: the epilogue still
     assert torch.equal(by_pass, by_epilogue)
-    with pytest.raises(ValueError, match="fc2_range"):
-        TritonQuantMlp(mlp.fc1, mlp.fc2, fc2_range="elsewhere")
 
 
 @pytest.mark.parametrize("act_granularity", ["per_token", "per_tensor"])
