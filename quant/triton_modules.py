@@ -172,7 +172,9 @@ class KernelOptions(NamedTuple):
     at batch 1, 8 and 64 (benchmarks/RESULTS.md); benchmarks/speed.py's rows vary them."""
 
     weight_only_adaln: bool = True  # 8-bit adaLN layers on kernels.weight_only_linear, not dequantised per call
-    fuse_norms: bool = True  # per-token qkv and fc1 take LayerNorm + modulation in their quantize pass
+    # calls of fewer rows take per-token qkv's and fc1's LayerNorm + modulation in their quantize pass
+    # (NormFusedDiTBlock; 0: never)
+    fuse_norms_below_rows: int = 32768
     # calls of at least this many rows take fc2's per-token ranges in its quantize pass (TritonQuantMlp)
     fc2_range_in_pass_from_rows: int = 32768
 
@@ -258,18 +260,23 @@ class TritonQuantMlp(nn.Module):
         return self.fc2.linear_2d(hidden, qparams).reshape(*x.shape[:-1], self.fc2.out_features)
 
 
-class NormFusedDiTBlock(nn.Module):
+class NormFusedDiTBlock(DiTBlock):
     """A DiT block whose qkv and fc1 take their LayerNorm + modulation in the quantize pass
-    (TritonQuantLinear.normed): the modulated activations are never stored. Same submodules (and
-    state-dict keys) as the DiTBlock it is built from."""
+    (TritonQuantLinear.normed) in calls of fewer than `fused_below_rows` rows: the modulated
+    activations are never stored. Larger calls run the plain block, where torch.compile fuses the
+    norm with the range reductions (measured faster at batch 64, slower at batch 1 and 8). Same
+    submodules (and state-dict keys) as the DiTBlock it is built from."""
 
-    def __init__(self, block: nn.Module):
-        super().__init__()
+    def __init__(self, block: nn.Module, fused_below_rows: int):
+        nn.Module.__init__(self)  # not DiTBlock's: the block's own submodules, not new ones
         for name in ("norm1", "attn", "norm2", "mlp", "adaLN_modulation"):
             setattr(self, name, getattr(block, name))
+        self.fused_below_rows = fused_below_rows
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        m = DiTBlock.modulation(self, c)  # the same six chunks
+        if x.shape[0] * x.shape[1] >= self.fused_below_rows:
+            return super().forward(x, c)
+        m = self.modulation(c)
         qkv = self.attn.qkv.normed(x, NormModulation(m.shift_msa, m.scale_msa, self.norm1.eps))
         x = x + m.gate_msa.unsqueeze(1) * self.attn.proj(self.attn.attend(qkv))
         return x + m.gate_mlp.unsqueeze(1) * self.mlp(x, NormModulation(m.shift_mlp, m.scale_mlp, self.norm2.eps))
@@ -282,12 +289,13 @@ def norm_fusable_block(module: nn.Module) -> bool:
             and isinstance(mlp, TritonQuantMlp) and attn.qkv.takes_norm and mlp.fc1.takes_norm)
 
 
-def fuse_block_norms(model: nn.Module) -> int:
-    """Swap every DiT block whose norms the quantize pass can take for a NormFusedDiTBlock (in
-    place; after fuse_mlps); how many."""
+def fuse_block_norms(model: nn.Module,
+                     below_rows: int = DEFAULT_KERNEL_OPTIONS.fuse_norms_below_rows) -> int:
+    """Swap every DiT block whose norms the quantize pass can take for a NormFusedDiTBlock fused
+    in calls of fewer than `below_rows` rows (in place; after fuse_mlps); how many."""
     names = [name for name, module in model.named_modules() if norm_fusable_block(module)]
     for name in names:
-        set_module(model, name, NormFusedDiTBlock(model.get_submodule(name)))
+        set_module(model, name, NormFusedDiTBlock(model.get_submodule(name), below_rows))
     return len(names)
 
 
@@ -414,8 +422,8 @@ def install_kernels(model: nn.Module, log: Callable[[str], None],
             continue
         set_module(model, name, TritonQuantLinear(layer))
     fuse_mlps(model, options.fc2_range_in_pass_from_rows)
-    if options.fuse_norms:
-        fuse_block_norms(model)
+    if options.fuse_norms_below_rows:
+        fuse_block_norms(model, options.fuse_norms_below_rows)
     if options.weight_only_adaln:
         install_weight_only_kernels(model)
     if fallbacks:

@@ -237,6 +237,8 @@ def test_blocks_taking_their_norms_in_the_quantize_pass_compute_the_same(act_gra
     assert fused == 1 and isinstance(model["block"], NormFusedDiTBlock)
     got = model["block"](x, c)
     assert ((got - expected).norm() / expected.norm()).item() < 1e-4
+    model["block"].fused_below_rows = 39  # x's rows: from there the plain block
+    assert torch.equal(model["block"](x, c), expected)
     # the pass itself: codes of LayerNorm(x)·(1 + scale) + shift with its per-token ranges
     shift, scale = torch.randn(3, 64) * 0.3, torch.randn(3, 64) * 0.3
     kernel = block.mlp.fc1
