@@ -63,8 +63,9 @@ UNPACK_FROM_ROWS = 256
 # GEMM (quant/hopper_gemm.py), which measured faster than the GEMM here at all four DiT-XL/2
 # shapes at 4,096 and 32,768 rows, timed as the samplers run them (CUDA graphs;
 # benchmarks/RESULTS.md). An output range in the epilogue (fc1's GELU + fc2's range) goes there
-# only per tensor and from WARP_SPECIALISED_RANGE_FROM_ROWS rows: it was slower per row, and
-# per tensor at 4,096 rows (314 against 433 TOPS). Not there either: layers narrower than
+# only from WARP_SPECIALISED_RANGE_FROM_ROWS rows: per tensor it was slower at 4,096 rows (314
+# against 433 TOPS); at 32,768 rows, with relaxed range atomics, it is faster per tensor (638
+# against 577) and per row (683 against 556, qkv's shape). Not there either: layers narrower than
 # WARP_SPECIALISED_MIN_SIDE in N or K (the demo's 256-wide ones: not measured there, and the Triton
 # GEMM is what the demo's FD was checked with), float32 output (its staging tiles do not fit
 # beside the slots) and packed weights unpacked in the main loop.
@@ -535,7 +536,7 @@ def _is_hopper(device: torch.device) -> bool:
 def warp_specialised_suits(m: int, n: int, k: int, rank: int, packed: bool, gelu: bool, bounds, out_dtype,
                            device: torch.device) -> bool:
     """Whether a call goes to quant/hopper_gemm.py's kernel (WARP_SPECIALISED_FROM_ROWS says why)."""
-    range_suits = bounds is None or (not per_row(bounds) and m >= WARP_SPECIALISED_RANGE_FROM_ROWS)
+    range_suits = bounds is None or m >= WARP_SPECIALISED_RANGE_FROM_ROWS
     return (device.type == "cuda" and not packed and range_suits
             and out_dtype in (torch.bfloat16, torch.float16) and m >= WARP_SPECIALISED_FROM_ROWS
             and min(n, k) >= WARP_SPECIALISED_MIN_SIDE and rank in (0, 16, 32, 64) and n % 8 == 0 and k % 16 == 0
