@@ -75,10 +75,9 @@ def check_kernels(device, models: list[str], layers: list[str], emit) -> bool:
                 record({"model": model_name, "layer": "adaln", "shape": [rows, hidden, 6 * hidden], "weight_bits": 8,
                         "options": {}, "act": "float", "weights": "per_channel"}, kernel, fake)
         if "mlp" in layers:
-            for bits, granularity, fc2_range in ((8, "per_tensor", "fc1_epilogue"), (4, "per_tensor", "fc1_epilogue"),
-                                                 (4, "per_token", "fc1_epilogue"), (4, "per_token", "quantize_pass")):
+            for bits, granularity in ((8, "per_tensor"), (4, "per_tensor"), (4, "per_token")):
                 for dtype, tolerance in CHECK_TOLERANCES:
-                    row = check_fused_mlp(hidden, bits, dtype, tolerance, device, granularity, fc2_range)
+                    row = check_fused_mlp(hidden, bits, dtype, tolerance, device, granularity)
                     ok &= row["passed"]
                     emit({"part": "check", "model": model_name, **row})
         if "block" in layers:  # qkv's and fc1's norm + modulation taken by the quantize pass
@@ -124,20 +123,16 @@ def check_norm_fused_block(hidden: int, dtype, tolerance: float, device, heads: 
 
 
 @torch.no_grad()
-def check_fused_mlp(hidden: int, bits: int, dtype, tolerance: float, device, act_granularity: str,
-                    fc2_range: str = "fc1_epilogue") -> dict:
-    """fc1 -> GELU -> fc2 with GELU and fc2's range in fc1's epilogue (or, with `fc2_range`
-    "quantize_pass", per-token ranges taken by fc2's quantize pass), in three parts: fc1 + GELU
+def check_fused_mlp(hidden: int, bits: int, dtype, tolerance: float, device, act_granularity: str) -> dict:
+    """fc1 -> GELU -> fc2 with GELU and fc2's range in fc1's epilogue, in three parts: fc1 + GELU
     against fake (the single-layer tolerance), the range against torch's reduction of the same
     stored output (exact), and the whole MLP against fake, which may not exceed 1.25× the error
     of the unfused kernel chain: two quantized layers in a row amplify small differences (an
     fc1 output that differs in the last bit can move an fc2 code by one step)."""
     fake_mlp, fused = quantized_mlp_pair(hidden, bits, device, act_granularity)
-    fused.range_in_pass_from_rows = 0 if fc2_range == "quantize_pass" else LARGE_ROWS + 1
     fc1, fc2 = fused.fc1, fused.fc2
     x = outlier_input(LARGE_ROWS, hidden, device, dtype, seed=bits)
     row = {"layer": "mlp (fused)", "shape": [LARGE_ROWS, hidden, hidden], "weight_bits": bits, "act": act_granularity,
-           "fc2_range": fc2_range,
            "input": str(dtype).removeprefix("torch."), "tolerance": tolerance}
     try:
         stored, bounds = torch.ops.ditas.int8_linear_gelu(x, fc1.qparams(x), **fc1.kernel_tensors()._asdict(),

@@ -84,11 +84,6 @@ ROWS = {
     # the layout before the adaLN's weight-only kernel and the norm-fused blocks (the previous default)
     "w4a8-token-unfused-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
                                       kernels=KernelOptions(weight_only_adaln=False, fuse_norms_below_rows=0)),
-    # fc2's per-token ranges at every batch in its quantize pass, or at none (fc1's epilogue)
-    "w4a8-token-rowpass-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
-                                      kernels=KernelOptions(fc2_range_in_pass_from_rows=0)),
-    "w4a8-token-fc1range-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
-                                       kernels=KernelOptions(fc2_range_in_pass_from_rows=2**62)),
     "w4a8-2level-compile": Row(4, "triton", torch.bfloat16, True, "per_tensor", "two_level"),
 }
 

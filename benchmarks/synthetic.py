@@ -14,7 +14,7 @@ from quant.layers import quantize_layer
 from quant.modules import QuantLinear
 from quant.pipeline import install
 from quant.targets import get_module, quant_targets
-from quant.triton_modules import DEFAULT_KERNEL_OPTIONS, TritonQuantLinear, TritonQuantMlp
+from quant.triton_modules import TritonQuantLinear, TritonQuantMlp
 
 TWO_LEVEL_GROUP = 64
 HIDDEN = {"DiT-XL/2": 1152, "demo": 256}
@@ -87,8 +87,7 @@ def quantized_mlp_pair(hidden: int, weight_bits: int, device,
                                    act_granularity=act_granularity)[0]
     mlp.fc2 = quantized_layer_pair(4 * hidden, hidden, weight_bits, True, device, seed=2,
                                    act_granularity=act_granularity)[0]
-    return mlp, TritonQuantMlp(TritonQuantLinear(mlp.fc1), TritonQuantLinear(mlp.fc2),
-                               DEFAULT_KERNEL_OPTIONS.fc2_range_in_pass_from_rows)
+    return mlp, TritonQuantMlp(TritonQuantLinear(mlp.fc1), TritonQuantLinear(mlp.fc2))
 
 
 def synthetic_quantized_dit(name: str, image_size: int, device, weight_bits: int, adaln_bits: int | None,

@@ -136,24 +136,20 @@ def _row_qparams(qparams_ptr, rows, row_ok, M, PER_ROW: tl.constexpr):
 
 
 @triton.autotune(configs=QUANTIZE_CONFIGS,
-                 key=["M", "K", "K_PER_SPLIT", "RANK", "HAS_SMOOTH", "PER_ROW", "ROW_RANGES"])
+                 key=["M", "K", "K_PER_SPLIT", "RANK", "HAS_SMOOTH", "PER_ROW"])
 @triton.jit
 def _quantize_rows_kernel(
     x_ptr, smooth_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr,
     M, stride_xm,
     K: tl.constexpr, K_PER_SPLIT: tl.constexpr, QMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr,
-    PER_ROW: tl.constexpr, ROW_RANGES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # program (i, j): rows i·BLOCK_M … and columns j·K_PER_SPLIT …; its row sums and LoRA
     # down-projection are partial sums, written to slice j of rowsum (splits, M) and down (splits, M, rank)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
     row_ok = rows < M
-    if ROW_RANGES:
-        scale, zero = _row_range_qparams(x_ptr, smooth_ptr, qparams_ptr, rows, row_ok, split, M, stride_xm, K, QMAX,
-                                         HAS_SMOOTH, BLOCK_M, BLOCK_K)
-    else:
-        scale, zero = _row_qparams(qparams_ptr, rows, row_ok, M, PER_ROW)
+    scale, zero = _row_qparams(qparams_ptr, rows, row_ok, M, PER_ROW)
     rowsum = tl.zeros([BLOCK_M], dtype=tl.int32)
     if RANK > 0:
         down = tl.zeros([BLOCK_M, RANK], dtype=tl.float32)
@@ -202,29 +198,6 @@ def _range_qparams(lo, hi, QMAX: tl.constexpr):
     """(scale, zero point) of per-row ranges [lo, hi] that include 0: activation_qparams's arithmetic."""
     scale = tl.maximum((hi - lo) / QMAX, SCALE_FLOOR)
     return scale, tl.minimum(tl.maximum(((-lo / scale) + ROUND_MAGIC) - ROUND_MAGIC, 0.0), QMAX)
-
-
-@triton.jit
-def _row_range_qparams(x_ptr, smooth_ptr, qparams_ptr, rows, row_ok, split, M, stride_xm, K: tl.constexpr,
-                       QMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per-token ranges taken by the quantize pass itself: each row's [min, max] (with 0, as
-    activation_qparams widens it) over all of K, one more read of the rows, then its (scale, zero)
-    by activation_qparams's arithmetic as [BLOCK_M, 1] columns, written to qparams (2, M) for
-    the GEMM epilogue by the programs of the first K chunk."""
-    lo = tl.zeros([BLOCK_M], dtype=tl.float32)
-    hi = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # masked elements read as 0, inside every range already
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        x = _smoothed_tile(x_ptr, smooth_ptr, rows, cols, row_ok[:, None] & col_ok[None, :], col_ok, stride_xm,
-                           HAS_SMOOTH)
-        lo = tl.minimum(lo, tl.min(x, axis=1))
-        hi = tl.maximum(hi, tl.max(x, axis=1))
-    scale, zero = _range_qparams(lo, hi, QMAX)
-    first = row_ok & (split == 0)
-    tl.store(qparams_ptr + rows, scale, mask=first)
-    tl.store(qparams_ptr + M + rows, zero, mask=first)
-    return scale[:, None], zero[:, None]
 
 
 @triton.autotune(configs=NORM_QUANTIZE_CONFIGS, key=["M", "K", "RANK"])
@@ -549,14 +522,12 @@ def per_row(qparams: torch.Tensor) -> bool:
 
 
 def quantize_rows(x: torch.Tensor, qparams: torch.Tensor, act_bits: int, smooth_inv: torch.Tensor | None,
-                  right: torch.Tensor | None, splits: int | None = None, row_ranges: bool = False
+                  right: torch.Tensor | None, splits: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(int8 codes − 128 (M, K), int32 partial row sums (splits, M), fp32 partial (q − z)·Rᵀ
     (splits, M, rank) or None) of a 2-D x with stride 1 along K: each of the `splits` (default:
     quantize_splits) programs of a row block covers one K chunk, and the partial sums add up to
-    the whole rows'. qparams: float32 (2, 1) or (2, M) [scales; zero points], on x's device;
-    with `row_ranges` a (2, M) tensor that the pass fills with each row's own range (per-token
-    ranges of x·smooth_inv, as TritonQuantLinear.qparams would compute them)."""
+    the whole rows'. qparams: float32 (2, 1) or (2, M) [scales; zero points], on x's device."""
     m, k = x.shape
     rank = 0 if right is None else right.shape[0]
     splits = quantize_splits(m, k, x.device) if splits is None else splits
@@ -570,7 +541,7 @@ def quantize_rows(x: torch.Tensor, qparams: torch.Tensor, act_bits: int, smooth_
         x, smooth_inv if smooth_inv is not None else qparams, qparams, right if right is not None else qparams,
         codes, rowsum, down, m, x.stride(0),
         K=k, K_PER_SPLIT=k_per_split, QMAX=float(2**act_bits - 1), HAS_SMOOTH=smooth_inv is not None, RANK=rank,
-        PER_ROW=per_row(qparams), ROW_RANGES=row_ranges,
+        PER_ROW=per_row(qparams),
     )
     return codes, rowsum, down if rank else None
 

@@ -141,8 +141,8 @@ class TritonQuantLinear(KeepsKernelDtypes):
         """The layer's arguments of the ditas ops, after (x, qparams): its attributes of those names."""
         return KernelTensors(**{name: getattr(self, name) for name in KernelTensors._fields})
 
-    def linear_2d(self, x2d: torch.Tensor, qparams: torch.Tensor | None) -> torch.Tensor:
-        """The layer of 2-D x with these qparams (None: per-token ranges taken by the quantize pass)."""
+    def linear_2d(self, x2d: torch.Tensor, qparams: torch.Tensor) -> torch.Tensor:
+        """The layer of 2-D x with these qparams."""
         return torch.ops.ditas.int8_linear(x2d, qparams, **self.kernel_tensors()._asdict())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,8 +175,6 @@ class KernelOptions(NamedTuple):
     # calls of fewer rows take per-token qkv's and fc1's LayerNorm + modulation in their quantize pass
     # (NormFusedDiTBlock; 0: never)
     fuse_norms_below_rows: int = 32768
-    # calls of at least this many rows take fc2's per-token ranges in its quantize pass (TritonQuantMlp)
-    fc2_range_in_pass_from_rows: int = 32768
 
 
 DEFAULT_KERNEL_OPTIONS = KernelOptions()
@@ -234,29 +232,21 @@ class TritonQuantMlp(nn.Module):
     """DiT's Mlp (fc1 -> tanh GELU -> fc2) on the kernels with fewer passes over the hidden
     activations: fc1's GEMM epilogue applies GELU and, where fc2's input range is dynamic, takes
     it (per tensor or per token, of GELU output × fc2's smoothing factors) while it stores the
-    output. Calls of at least `range_in_pass_from_rows` rows leave per-token ranges to fc2's
-    quantize pass instead: one more read of each row there, and fc1 with GELU alone, which the
-    warp-specialised GEMM runs faster (at batch 64; at batch 1 and 8 the read cost more than it
-    saved). Per-tensor ranges always come from fc1's epilogue."""
+    output."""
 
-    def __init__(self, fc1: TritonQuantLinear, fc2: TritonQuantLinear, range_in_pass_from_rows: int):
+    def __init__(self, fc1: TritonQuantLinear, fc2: TritonQuantLinear):
         super().__init__()
-        self.fc1, self.fc2, self.range_in_pass_from_rows = fc1, fc2, range_in_pass_from_rows
+        self.fc1, self.fc2 = fc1, fc2
 
     def forward(self, x: torch.Tensor, norm: NormModulation | None = None) -> torch.Tensor:
         """The Mlp of x, or with `norm` of LayerNorm(x)·(1 + scale) + shift (TritonQuantLinear.normed)."""
         x2d = rows_of(x, self.fc1.in_features)
         dynamic = self.fc2.act_range is None
-        in_pass = dynamic and self.fc2.per_token and x2d.shape[0] >= self.range_in_pass_from_rows
         first = dict(qparams=None, **norm.op_arguments(x)) if norm else dict(qparams=self.fc1.qparams(x2d))
         hidden, bounds = torch.ops.ditas.int8_linear_gelu(x2d, **first, **self.fc1.kernel_tensors()._asdict(),
-                                                          bounds_scale=self.fc2.smooth_inv,
-                                                          with_bounds=dynamic and not in_pass,
+                                                          bounds_scale=self.fc2.smooth_inv, with_bounds=dynamic,
                                                           bounds_per_row=self.fc2.per_token)
-        if in_pass:
-            qparams = None
-        else:
-            qparams = self.fc2.qparams_of_range(bounds[0], -bounds[1]) if dynamic else self.fc2.qparams(hidden)
+        qparams = self.fc2.qparams_of_range(bounds[0], -bounds[1]) if dynamic else self.fc2.qparams(hidden)
         return self.fc2.linear_2d(hidden, qparams).reshape(*x.shape[:-1], self.fc2.out_features)
 
 
@@ -307,13 +297,12 @@ def fusable_mlp(module: nn.Module) -> bool:
             and isinstance(act, nn.GELU) and act.approximate == "tanh")
 
 
-def fuse_mlps(model: nn.Module,
-              fc2_range_in_pass_from_rows: int = DEFAULT_KERNEL_OPTIONS.fc2_range_in_pass_from_rows) -> int:
+def fuse_mlps(model: nn.Module) -> int:
     """Swap every Mlp whose two layers run on the kernels for a TritonQuantMlp (in place); how many."""
     names = [name for name, module in model.named_modules() if fusable_mlp(module)]
     for name in names:
         mlp = model.get_submodule(name)
-        set_module(model, name, TritonQuantMlp(mlp.fc1, mlp.fc2, fc2_range_in_pass_from_rows))
+        set_module(model, name, TritonQuantMlp(mlp.fc1, mlp.fc2))
     return len(names)
 
 
@@ -335,10 +324,7 @@ def register_kernel_op() -> None:
             codes, rowsum, down, qparams = norm_quantize_rows(x, norm_shift, norm_scale, norm_tokens, norm_eps,
                                                               act_bits, lora_right)
         else:
-            row_ranges = qparams is None  # per-token ranges, taken by the quantize pass (TritonQuantMlp)
-            if row_ranges:
-                qparams = torch.empty(2, x.shape[0], dtype=torch.float32, device=x.device)
-            codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right, row_ranges=row_ranges)
+            codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right)
         return int8_gemm(codes, rowsum, qparams, weight, packed, column_sums, weight_zero, weight_scale, bias, down,
                          lora_left, x.dtype, use_tma, group_table=group_table, **epilogue)
 
@@ -359,17 +345,17 @@ def register_kernel_op() -> None:
                     lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool, column_sums: torch.Tensor,
                     weight_zero: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                     lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
-                    group_table: torch.Tensor | None, norm_shift: torch.Tensor | None = None, norm_scale: torch.Tensor | None = None,
-                    norm_tokens: int = 0, norm_eps: float = 0.0) -> torch.Tensor:
-        """The layer of 2-D x; qparams None: per-token ranges taken by the quantize pass; with
-        norm_shift, the layer of LayerNorm(x)·(1 + norm_scale) + norm_shift (per-token ranges,
-        qparams unused; TritonQuantLinear.normed)."""
+                    group_table: torch.Tensor | None, norm_shift: torch.Tensor | None = None,
+                    norm_scale: torch.Tensor | None = None, norm_tokens: int = 0,
+                    norm_eps: float = 0.0) -> torch.Tensor:
+        """The layer of 2-D x; with norm_shift, the layer of LayerNorm(x)·(1 + norm_scale) +
+        norm_shift with per-token ranges taken by the pass (qparams None; TritonQuantLinear.normed)."""
         return run(x, qparams, **tensors_of(locals()))
 
     torch.library.custom_op("ditas::int8_linear", mutates_args=())(int8_linear).register_fake(
         fake_rule(int8_linear, lambda a: a["x"].new_empty(a["x"].shape[0], a["weight"].shape[0])))
 
-    def int8_linear_gelu(x: torch.Tensor, qparams: torch.Tensor, smooth_inv: torch.Tensor | None,
+    def int8_linear_gelu(x: torch.Tensor, qparams: torch.Tensor | None, smooth_inv: torch.Tensor | None,
                          lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool,
                          column_sums: torch.Tensor, weight_zero: torch.Tensor, weight_scale: torch.Tensor,
                          bias: torch.Tensor | None, lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
@@ -421,7 +407,7 @@ def install_kernels(model: nn.Module, log: Callable[[str], None],
             fallbacks[reason] = fallbacks.get(reason, 0) + 1
             continue
         set_module(model, name, TritonQuantLinear(layer))
-    fuse_mlps(model, options.fc2_range_in_pass_from_rows)
+    fuse_mlps(model)
     if options.fuse_norms_below_rows:
         fuse_block_norms(model, options.fuse_norms_below_rows)
     if options.weight_only_adaln:

@@ -5,7 +5,7 @@ functions (its own library's included) are interpreted, and the tests of the Tri
 the interpreter, which neither compiler can use (and which does not compile at all).
 
     python tests/hopper_compile.py gluon '[[{"consumers": 1, "stages": 5}, 32, false, false], ...]'
-    python tests/hopper_compile.py triton '[["gemm", {"GELU": true}, {}], ["quantize", {"ROW_RANGES": true}, {}]]'
+    python tests/hopper_compile.py triton '[["gemm", {"GELU": true}, {}], ["quantize", {"BLOCK_M": 4}, {}]]'
 
 prints, per case, the PTX and the shared memory the kernel takes, as JSON.
 """
@@ -86,7 +86,7 @@ TRITON_KERNELS = {
     "quantize": (kernels._quantize_rows_kernel, dict(
         x_ptr=torch.bfloat16, smooth_ptr=torch.float32, qparams_ptr=torch.float32, right_ptr=torch.bfloat16,
         codes_ptr=torch.int8, rowsum_ptr=torch.int32, down_ptr=torch.float32, M=4096, stride_xm=4608),
-        dict(K=4608, K_PER_SPLIT=4608, QMAX=255.0, HAS_SMOOTH=True, RANK=32, PER_ROW=True, ROW_RANGES=False,
+        dict(K=4608, K_PER_SPLIT=4608, QMAX=255.0, HAS_SMOOTH=True, RANK=32, PER_ROW=True,
              BLOCK_M=32, BLOCK_K=128)),
     "norm_quantize": (kernels._norm_quantize_rows_kernel, dict(
         x_ptr=torch.bfloat16, shift_ptr=torch.bfloat16, scale_ptr=torch.bfloat16, qparams_ptr=torch.float32,

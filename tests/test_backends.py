@@ -185,34 +185,6 @@ def test_quantize_pass_split_over_k_gives_the_same_codes_sums_and_gemm(splits):
     torch.testing.assert_close(gemm(*split), gemm(*whole), rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("smooth,splits", [(False, 1), (True, 1), (True, 3)])
-def test_quantize_pass_takes_per_token_ranges_as_torch_does(smooth, splits):
-    kernel = TritonQuantLinear(random_quant_linear(96, 40, rank=8, smooth=smooth, act_granularity="per_token"))
-    x = torch.randn(37, 96) * 3 + 0.5
-    x[5] = x[5].abs() + 1  # a row without negative values: its range still starts at 0
-    expected = kernel.qparams(x)
-    filled = torch.full_like(expected, float("nan"))
-    got = quantize_rows(x, filled, 8, kernel.smooth_inv, kernel.lora_right, splits=splits, row_ranges=True)
-    reference = quantize_rows(x, expected, 8, kernel.smooth_inv, kernel.lora_right, splits=splits)
-    assert torch.equal(filled, expected)
-    assert all(torch.equal(a, b) for a, b in zip(got, reference))
-
-
-@pytest.mark.parametrize("act_granularity", ["per_token", "per_tensor"])
-def test_fused_mlp_takes_fc2_ranges_in_its_quantize_pass_with_the_same_result(act_granularity):
-    from models import Mlp
-
-    register_kernel_op()
-    mlp = Mlp(48, 80)
-    mlp.fc1 = TritonQuantLinear(random_quant_linear(48, 80, rank=8, seed=1, act_granularity=act_granularity))
-    mlp.fc2 = TritonQuantLinear(random_quant_linear(80, 48, rank=8, smooth=True, seed=2,
-                                                    act_granularity=act_granularity))
-    x = torch.randn(2, 21, 48, generator=torch.Generator().manual_seed(0)) * 2 + 0.3
-    by_epilogue = TritonQuantMlp(mlp.fc1, mlp.fc2, range_in_pass_from_rows=43)(x)  # 42 rows
-    by_pass = TritonQuantMlp(mlp.fc1, mlp.fc2, range_in_pass_from_rows=42)(x)  # per tensor: the epilogue still
-    assert torch.equal(by_pass, by_epilogue)
-
-
 @pytest.mark.parametrize("act_granularity", ["per_token", "per_tensor"])
 def test_blocks_taking_their_norms_in_the_quantize_pass_compute_the_same(act_granularity):
     from models import DiTBlock
@@ -287,12 +259,17 @@ def test_kernel_op_schema_and_fake_tensor_rule():
         # by name, as the modules call them
         torch.library.opcheck(torch.ops.ditas.int8_linear.default, args[:2], kernel.kernel_tensors()._asdict(),
                               test_utils=("test_schema", "test_faketensor"))
-        # no qparams: per-token ranges taken by the quantize pass
-        torch.library.opcheck(torch.ops.ditas.int8_linear.default, (x, None), kernel.kernel_tensors()._asdict(),
-                              test_utils=("test_schema", "test_faketensor"))
+        # no qparams: LayerNorm + modulation + per-token ranges taken by the pass (5 samples of 4 tokens)
+        norm = dict(norm_shift=torch.randn(5, 32), norm_scale=torch.randn(5, 32), norm_tokens=4, norm_eps=1e-6)
+        torch.library.opcheck(torch.ops.ditas.int8_linear.default, (x, None),
+                              kernel.kernel_tensors()._asdict() | norm, test_utils=("test_schema", "test_faketensor"))
         for per_row in (False, True):
             torch.library.opcheck(torch.ops.ditas.int8_linear_gelu.default,
                                   (*args, torch.rand(16) + 0.5, True, per_row),
+                                  test_utils=("test_schema", "test_faketensor"))
+            torch.library.opcheck(torch.ops.ditas.int8_linear_gelu.default, (x, None),
+                                  kernel.kernel_tensors()._asdict() | norm | dict(
+                                      bounds_scale=None, with_bounds=True, bounds_per_row=per_row),
                                   test_utils=("test_schema", "test_faketensor"))
 
 

@@ -45,12 +45,11 @@ def compile_in_own_process(kind: str, cases: list) -> list[dict]:
 
 
 # Variants of the Triton kernels that the CPU interpreter runs but never compiles: the GEMM with
-# per-row ranges, GELU and an output range per row, the quantize pass taking per-token ranges
-# itself, the one taking LayerNorm + modulation too, and the weight-only kernel of the 8-bit adaLN.
+# per-row ranges, GELU and an output range per row, the quantize pass with small row blocks, the
+# one taking LayerNorm + modulation too, and the weight-only kernel of the 8-bit adaLN.
 TRITON_VARIANTS = {
     "gemm per row, GELU + range": ["gemm", {"PER_ROW": True, "GELU": True, "BOUNDS": True, "BOUNDS_SCALED": True,
                                              "BOUNDS_PER_ROW": True, "SPLITS": 3}, {}],
-    "quantize pass taking per-token ranges": ["quantize", {"ROW_RANGES": True}, {}],
     "LayerNorm + modulation + quantize pass": ["norm_quantize", {}, {}],
     "… 512-wide tiles": ["norm_quantize", {"BLOCK_M": 16, "BLOCK_K": 512}, {}],
     "… 2 rows a program": ["norm_quantize", {"BLOCK_M": 2, "BLOCK_K": 256}, {}],
