@@ -328,9 +328,11 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["check", "gemm", "sample"],
                         choices=["check", "gemm", "profile", "sample"])
-    parser.add_argument("--rows", nargs="+", default=["bf16-compile", "w8a8-compile", "w4a8-compile"],
+    parser.add_argument("--rows", nargs="+",
+                        default=["bf16-compile", "w8a8-token-compile", "w4a8-token-compile", "w4a8-compile"],
                         choices=list(ROWS),
-                        help="models of the profile and sample parts")
+                        help="models of the profile and sample parts (default: bf16, the default recipe's per-token "
+                             "W8A8 and W4A8, and W4A8 with the paper's per-tensor ranges)")
     parser.add_argument("--check-models", nargs="+", default=list(HIDDEN), choices=list(HIDDEN),
                         help="whose layer shapes the check part runs, in this order")
     parser.add_argument("--check-layers", nargs="+", default=[*layer_shapes(1), "mlp", "adaln", "block"],
