@@ -1,4 +1,5 @@
-"""Triton kernels of the integer inference path: a quantize pass and an int8 GEMM.
+"""Triton kernels of the integer inference path: a quantize pass (also one that takes DiT's
+LayerNorm + modulation itself), an int8 GEMM, the W4 unpack and the 8-bit adaLN's weight-only GEMM.
 
 A DiTAS layer computes  y = Q_a(x ⊙ smooth_inv) · (Ŵ + L·R)ᵀ + b  with
     x̂ = s_x · (q − z_x)            (activation codes q in [0, 2^a − 1], a ≤ 8; one (s_x, z_x)
