@@ -295,7 +295,22 @@ def main(args: argparse.Namespace) -> None:
                                  "steps": args.num_sampling_steps, **result, "wall_s": time.perf_counter() - start})
             del model
             torch.cuda.empty_cache()
+        # which tiles the autotuners chose, per call shape: small calls' timings move with them
+        log.add({"part": "autotuned", "configs": autotuned_configs()})
     print_tables(log.rows)
+
+
+def autotuned_configs() -> dict[str, dict[str, str]]:
+    """Each autotuned kernel of quant/kernels.py: its tuning key (the call's shape and flags) -> the
+    config it chose in this process."""
+    import triton
+
+    from quant import kernels
+
+    tuned = {name: getattr(kernels, name) for name in dir(kernels)
+             if isinstance(getattr(kernels, name), triton.runtime.Autotuner)}
+    return {name: {str(key): str(config) for key, config in tuner.cache.items()}
+            for name, tuner in sorted(tuned.items()) if tuner.cache}
 
 
 def print_tables(rows: list[dict]) -> None:
