@@ -53,12 +53,6 @@ def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.mean(dim=list(range(1, tensor.ndim)))
 
 
-def _extract(values: np.ndarray, t: torch.Tensor, broadcast_shape: torch.Size) -> torch.Tensor:
-    """values[t] as float32 on t's device, shaped to broadcast against `broadcast_shape`."""
-    out = torch.from_numpy(values).to(device=t.device)[t].float()
-    return out.view(-1, *([1] * (len(broadcast_shape) - 1))).expand(broadcast_shape)
-
-
 class GaussianDiffusion:
     """A discrete-time Gaussian diffusion process of `len(betas)` steps.
 
@@ -111,11 +105,31 @@ class GaussianDiffusion:
         )
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        self.log_betas = np.log(betas)
+        # ModelVarType.FIXED_LARGE: beta_t, but the posterior variance at t = 0 for a better decoder likelihood
+        self.fixed_large_variance = np.append(self.posterior_variance[1:2], betas[1:])
+        self.fixed_large_log_variance = np.log(self.fixed_large_variance)
+        self.timestep_map_array = np.asarray(self.timestep_map, dtype=np.int64)
+        self._device_arrays: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def _on_device(self, name: str, device: torch.device) -> torch.Tensor:
+        """The per-step array `name` as a tensor on `device`, copied there once: a copy at every
+        sampling step would make the host wait for the GPU's queued work each time."""
+        key = (name, device)
+        if key not in self._device_arrays:
+            self._device_arrays[key] = torch.from_numpy(getattr(self, name)).to(device)
+        return self._device_arrays[key]
+
+    def _extract(self, name: str, t: torch.Tensor, broadcast_shape: torch.Size) -> torch.Tensor:
+        """The per-step array `name` at t, as float32 on t's device, shaped to broadcast against
+        `broadcast_shape`."""
+        out = self._on_device(name, t.device)[t].float()
+        return out.view(-1, *([1] * (len(broadcast_shape) - 1))).expand(broadcast_shape)
 
     # ------------------------------------------------------------------ the model call
 
     def _call_model(self, model, x: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None):
-        original_t = torch.tensor(self.timestep_map, device=t.device, dtype=t.dtype)[t]
+        original_t = self._on_device("timestep_map_array", t.device)[t].to(t.dtype)
         return model(x, original_t, **(model_kwargs or {}))
 
     # ------------------------------------------------------------------ forward process
@@ -127,18 +141,18 @@ class GaussianDiffusion:
         if noise.shape != x_start.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} differs from x_start {tuple(x_start.shape)}")
         return (
-            _extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-            + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
+            self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+            + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.shape) * noise
         )
 
     def q_posterior_mean_variance(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0)."""
         mean = (
-            _extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
-            + _extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
+            self._extract("posterior_mean_coef1", t, x_t.shape) * x_start
+            + self._extract("posterior_mean_coef2", t, x_t.shape) * x_t
         )
-        variance = _extract(self.posterior_variance, t, x_t.shape)
-        log_variance = _extract(self.posterior_log_variance_clipped, t, x_t.shape)
+        variance = self._extract("posterior_variance", t, x_t.shape)
+        log_variance = self._extract("posterior_log_variance_clipped", t, x_t.shape)
         return mean, variance, log_variance
 
     # ------------------------------------------------------------------ reverse process
@@ -155,19 +169,17 @@ class GaussianDiffusion:
             if self.model_var_type == ModelVarType.LEARNED:
                 log_variance = var_values
             else:
-                min_log = _extract(self.posterior_log_variance_clipped, t, x.shape)
-                max_log = _extract(np.log(self.betas), t, x.shape)
+                min_log = self._extract("posterior_log_variance_clipped", t, x.shape)
+                max_log = self._extract("log_betas", t, x.shape)
                 frac = (var_values + 1) / 2  # [-1, 1] -> [min, max]
                 log_variance = frac * max_log + (1 - frac) * min_log
             return model_output, torch.exp(log_variance), log_variance
 
         if self.model_var_type == ModelVarType.FIXED_LARGE:
-            # beta_t, but the posterior variance at t = 0 for a better decoder likelihood.
-            variance = np.append(self.posterior_variance[1], self.betas[1:])
-            log_variance = np.log(variance)
+            variance, log_variance = "fixed_large_variance", "fixed_large_log_variance"
         else:
-            variance, log_variance = self.posterior_variance, self.posterior_log_variance_clipped
-        return model_output, _extract(variance, t, x.shape), _extract(log_variance, t, x.shape)
+            variance, log_variance = "posterior_variance", "posterior_log_variance_clipped"
+        return model_output, self._extract(variance, t, x.shape), self._extract(log_variance, t, x.shape)
 
     def p_mean_variance(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None) -> dict:
         """p(x_{t-1} | x_t) from one model call: its mean, variance, log variance, and the x_0
@@ -196,13 +208,13 @@ class GaussianDiffusion:
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
         return (
-            _extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-            - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
+            self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t
+            - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape) * eps
         )
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart) / _extract(
-            self.sqrt_recipm1_alphas_cumprod, t, x_t.shape
+        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t - pred_xstart) / self._extract(
+            "sqrt_recipm1_alphas_cumprod", t, x_t.shape
         )
 
     def condition_mean(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
@@ -212,7 +224,7 @@ class GaussianDiffusion:
 
     def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
         """Shift the score by ∇log p(y|x) (Song et al. guidance), for DDIM."""
-        alpha_bar = _extract(self.alphas_cumprod, t, x.shape)
+        alpha_bar = self._extract("alphas_cumprod", t, x.shape)
         eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
         eps = eps - (1 - alpha_bar).sqrt() * self._call_model(cond_fn, x, t, model_kwargs)
         out = dict(p_mean_var)
@@ -248,8 +260,8 @@ class GaussianDiffusion:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
         # Re-derive eps from x_0 so x_0-predicting models work too.
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = _extract(self.alphas_cumprod, t, x.shape)
-        alpha_bar_prev = _extract(self.alphas_cumprod_prev, t, x.shape)
+        alpha_bar = self._extract("alphas_cumprod", t, x.shape)
+        alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x.shape)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         noise = (noise_fn or torch.randn_like)(x)
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps

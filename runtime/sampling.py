@@ -32,7 +32,10 @@ class SampleNoise:
 
     def draw(self) -> torch.Tensor:
         """(n, *shape) standard normal noise, one row per sample."""
-        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators]).to(self.device)
+        noise = torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+        if torch.device(self.device).type == "cuda":  # from pinned memory, queued: no wait for the GPU at every step
+            return noise.pin_memory().to(self.device, non_blocking=True)
+        return noise.to(self.device)
 
     def noise_fn(self, x: torch.Tensor) -> torch.Tensor:
         """Per-step noise for a batch that holds the samples once, or twice (CFG halves)."""

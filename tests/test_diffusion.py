@@ -82,6 +82,17 @@ def test_sampling_is_deterministic_for_a_seed(tiny_pixel_model):
     assert not torch.allclose(run(0), run(1))
 
 
+def test_the_per_step_arrays_go_to_the_device_once(tiny_pixel_model, monkeypatch):
+    """A host-to-device copy at every step would make the host wait for the GPU at every step."""
+    d = create_diffusion("10")
+    y = torch.tensor([1, 2])
+    d.p_sample_loop(tiny_pixel_model, (2, 1, 8, 8), model_kwargs=dict(y=y), device="cpu")
+    copies = []
+    monkeypatch.setattr(torch, "from_numpy", lambda array: copies.append(array) or torch.as_tensor(array))
+    d.p_sample_loop(tiny_pixel_model, (2, 1, 8, 8), model_kwargs=dict(y=y), device="cpu")
+    assert copies == []
+
+
 def test_noise_fn_supplies_the_step_noise():
     d = create_diffusion("5")
     calls = []
