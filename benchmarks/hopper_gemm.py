@@ -6,8 +6,9 @@ For each tile configuration and each of DiT-XL/2's four quantized layer shapes (
 (CFG) × 256 tokens): the relative difference of its output from `kernels.int8_gemm` on the same
 inputs (the integer part is exact in both; the bf16 LoRA product may round differently), then
 TFLOP/s (2·M·N·K per second, `triton.testing.do_bench`) of both kernels and of cuBLAS bf16 on the
-same shape, in the same process; the two int8 GEMMs also replayed from a CUDA graph (`graphed_ms`). fc1 also with GELU and fc2's range in the epilogue; one shape
-also with per-token ranges and with a quantize pass split in three. Every row is appended, as
+same shape, in the same process; the two int8 GEMMs also replayed from a CUDA graph (`graphed_ms`).
+fc1 also with GELU alone and with GELU and fc2's range in the epilogue; one shape also with
+per-token ranges and with a quantize pass split in three. Every row is appended, as
 measured, to --output (benchmarks/results/gemm.jsonl) with the call id, card, date and commit.
 Run one configuration per process (a kernel that deadlocks then costs one process, not the run).
 """

@@ -136,8 +136,7 @@ def _row_qparams(qparams_ptr, rows, row_ok, M, PER_ROW: tl.constexpr):
     return scale, zero
 
 
-@triton.autotune(configs=QUANTIZE_CONFIGS,
-                 key=["M", "K", "K_PER_SPLIT", "RANK", "HAS_SMOOTH", "PER_ROW"])
+@triton.autotune(configs=QUANTIZE_CONFIGS, key=["M", "K", "K_PER_SPLIT", "RANK", "HAS_SMOOTH", "PER_ROW"])
 @triton.jit
 def _quantize_rows_kernel(
     x_ptr, smooth_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr,
@@ -357,9 +356,10 @@ def _int8_gemm_kernel(
                 a = a_desc.load([pid_m * BLOCK_M, k0])
                 w = b_desc.load([pid_n * BLOCK_N, k0])
             else:
-                ks = k0 + tl.arange(0, BLOCK_K)
                 a = _activation_tile(a_ptr, rows, row_ok, k0, K, BLOCK_K)
-                w = tl.load(b_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0)
+                ks = k0 + tl.arange(0, BLOCK_K)
+                w = tl.load(b_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :],
+                            other=0)
             acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
 
     scale_x, zero_x = _row_qparams(qparams_ptr, rows, row_ok, M, PER_ROW)
@@ -375,8 +375,8 @@ def _int8_gemm_kernel(
         ranks = tl.arange(0, RANK)
         down = tl.zeros([BLOCK_M, RANK], dtype=tl.float32)
         for split in tl.static_range(SPLITS):
-            down += tl.load(down_ptr + (split * M + rows[:, None]) * RANK + ranks[None, :],
-                            mask=row_ok[:, None], other=0.0)
+            down += tl.load(down_ptr + (split * M + rows[:, None]) * RANK + ranks[None, :], mask=row_ok[:, None],
+                            other=0.0)
         y += tl.dot((down * scale_x).to(LORA_DTYPE), tl.trans(
             tl.load(left_ptr + cols[:, None] * RANK + ranks[None, :], mask=col_ok[:, None], other=0.0)))
     if HAS_BIAS:
@@ -640,10 +640,10 @@ def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, 
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     placeholder = scale_w  # any float32 tensor, for pointers a kernel variant never reads
     _int8_gemm_kernel[grid](
-        codes, weight, rowsum, colsum, zero_w, scale_w,
-        placeholder if bias is None else bias, qparams, placeholder if down is None else down,
-        placeholder if left is None else left, out, placeholder if bounds is None else bounds,
-        placeholder if bounds_scale is None else bounds_scale, m, n, out.stride(0),
+        codes, weight, rowsum, colsum, zero_w, scale_w, placeholder if bias is None else bias, qparams,
+        placeholder if down is None else down, placeholder if left is None else left, out,
+        placeholder if bounds is None else bounds, placeholder if bounds_scale is None else bounds_scale,
+        m, n, out.stride(0),
         K=k, PACKED_K=weight.shape[1], PACKED=packed, USE_TMA=use_tma, HAS_BIAS=bias is not None, RANK=rank,
         GELU=gelu, BOUNDS=bounds is not None, BOUNDS_SCALED=bounds_scale is not None, PER_ROW=per_row(qparams),
         BOUNDS_PER_ROW=bounds is not None and per_row(bounds), SPLITS=rowsum.shape[0],

@@ -51,3 +51,12 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def swap_modules(model: nn.Module, matches: Callable[[nn.Module], bool],
+                 build: Callable[[nn.Module], nn.Module]) -> int:
+    """Replace every submodule of `model` that `matches` by build(it) (in place); how many."""
+    names = [name for name, module in model.named_modules() if matches(module)]
+    for name in names:
+        set_module(model, name, build(model.get_submodule(name)))
+    return len(names)

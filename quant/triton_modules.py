@@ -18,7 +18,7 @@ from models import DiTBlock
 
 from .modules import QuantLinear, WeightOnlyLinear
 from .primitives import activation_qparams, unpack_int4
-from .targets import set_module
+from .targets import set_module, swap_modules
 
 MAX_KERNEL_ACT_BITS = 8
 KERNEL_ACT_GRANULARITIES = ("per_tensor", "per_token")
@@ -72,13 +72,7 @@ class TritonQuantLinear(KeepsKernelDtypes):
 
     def __init__(self, source: QuantLinear, use_tma: bool | None = None):
         super().__init__()
-        from .kernels import (
-            BYTE_SHIFT,
-            LORA_MULTIPLE,
-            LORA_TORCH_DTYPE,
-            PACKED_SHIFT,
-            pack_split,
-        )
+        from .kernels import BYTE_SHIFT, LORA_MULTIPLE, LORA_TORCH_DTYPE, PACKED_SHIFT, pack_split
 
         self.in_features, self.out_features = source.in_features, source.out_features
         self.act_bits, self.weight_bits, self.packed = source.act_bits, source.weight_bits, source.packed
@@ -201,10 +195,7 @@ class TritonWeightOnlyLinear(KeepsKernelDtypes):
 def install_weight_only_kernels(model: nn.Module) -> int:
     """Swap every WeightOnlyLinear for a TritonWeightOnlyLinear (in place); how many."""
     register_kernel_op()
-    names = [name for name, module in model.named_modules() if isinstance(module, WeightOnlyLinear)]
-    for name in names:
-        set_module(model, name, TritonWeightOnlyLinear(model.get_submodule(name)))
-    return len(names)
+    return swap_modules(model, lambda module: isinstance(module, WeightOnlyLinear), TritonWeightOnlyLinear)
 
 
 class NormModulation(NamedTuple):
@@ -283,10 +274,7 @@ def fuse_block_norms(model: nn.Module,
                      below_rows: int = DEFAULT_KERNEL_OPTIONS.fuse_norms_below_rows) -> int:
     """Swap every DiT block whose norms the quantize pass can take for a NormFusedDiTBlock fused
     in calls of fewer than `below_rows` rows (in place; after fuse_mlps); how many."""
-    names = [name for name, module in model.named_modules() if norm_fusable_block(module)]
-    for name in names:
-        set_module(model, name, NormFusedDiTBlock(model.get_submodule(name), below_rows))
-    return len(names)
+    return swap_modules(model, norm_fusable_block, lambda block: NormFusedDiTBlock(block, below_rows))
 
 
 def fusable_mlp(module: nn.Module) -> bool:
@@ -299,11 +287,7 @@ def fusable_mlp(module: nn.Module) -> bool:
 
 def fuse_mlps(model: nn.Module) -> int:
     """Swap every Mlp whose two layers run on the kernels for a TritonQuantMlp (in place); how many."""
-    names = [name for name, module in model.named_modules() if fusable_mlp(module)]
-    for name in names:
-        mlp = model.get_submodule(name)
-        set_module(model, name, TritonQuantMlp(mlp.fc1, mlp.fc2))
-    return len(names)
+    return swap_modules(model, fusable_mlp, lambda mlp: TritonQuantMlp(mlp.fc1, mlp.fc2))
 
 
 _registered = False
