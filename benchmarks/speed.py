@@ -85,9 +85,6 @@ ROWS = {
     "w4a8-token-unfused-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
                                       kernels=KernelOptions(weight_only_adaln=False, fuse_norms_below_rows=0)),
     "w4a8-2level-compile": Row(4, "triton", torch.bfloat16, True, "per_tensor", "two_level"),
-    # the quantize passes taking their ranges (and norms) at every batch, batch 64 included
-    "w4a8-token-ranged-all-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
-                                         kernels=KernelOptions(fuse_norms_below_rows=1 << 40)),
 }
 
 

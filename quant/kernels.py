@@ -77,9 +77,6 @@ WARP_SPECIALISED_MIN_SIDE = 1152  # DiT-XL/2's narrowest layer (proj)
 # give fewer than QUANTIZE_PROGRAMS_PER_SM programs per multiprocessor.
 SPLIT_K_CHUNK = 32 if INTERPRETED else 128
 QUANTIZE_PROGRAMS_PER_SM = 2
-# The ranged pass (ranged_quantize_rows) counts programs of this many rows when it splits K: its
-# row blocks are small, and each split re-reads its rows whole for their ranges.
-RANGED_ROWS_PER_PROGRAM = 8
 
 
 def _configs(options: list[dict], interpreted: dict) -> list[triton.Config]:
@@ -99,6 +96,13 @@ QUANTIZE_CONFIGS = _configs(
     dict(BLOCK_M=16, BLOCK_K=32),
 )
 
+
+def _whole_chunk_tiles(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The quantize pass's configs whose BLOCK_K tiles cover a program's K chunk exactly: a wider
+    tile would also write the next program's columns and count them twice in its partial sums."""
+    return [c for c in configs if kwargs["K_PER_SPLIT"] % c.kwargs["BLOCK_K"] == 0]
+
+
 GEMM_CONFIGS = _configs(
     [dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, warps=8, stages=3),
      dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, warps=8, stages=3),
@@ -111,22 +115,12 @@ GEMM_CONFIGS = _configs(
 )
 UNPACK_BLOCK_N = 64
 
-# The ranged pass holds its row block whole for the statistics: few rows per program, and more
-# warps for more of them (registers per thread: BLOCK_M × next_power_of_2(K) / threads, thrice
-# with the norm's shift and scale).
-RANGED_QUANTIZE_CONFIGS = _configs(
-    [dict(BLOCK_M=2, BLOCK_K=128, warps=4), dict(BLOCK_M=2, BLOCK_K=256, warps=4),
-     dict(BLOCK_M=4, BLOCK_K=128, warps=4), dict(BLOCK_M=4, BLOCK_K=256, warps=8),
-     dict(BLOCK_M=8, BLOCK_K=128, warps=8), dict(BLOCK_M=8, BLOCK_K=256, warps=8)],
+NORM_QUANTIZE_CONFIGS = _configs(
+    [dict(BLOCK_M=2, BLOCK_K=256, warps=2), dict(BLOCK_M=4, BLOCK_K=256, warps=4),
+     dict(BLOCK_M=8, BLOCK_K=128, warps=4), dict(BLOCK_M=16, BLOCK_K=128, warps=4),
+     dict(BLOCK_M=16, BLOCK_K=512, warps=8), dict(BLOCK_M=32, BLOCK_K=128, warps=4)],
     dict(BLOCK_M=16, BLOCK_K=32),
 )
-
-
-def _whole_chunk_tiles(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """The row passes' configs whose BLOCK_K tiles cover a program's K chunk exactly (a wider
-    tile would reach into the next program's chunk)."""
-    return [c for c in configs if kwargs["K_PER_SPLIT"] % c.kwargs["BLOCK_K"] == 0]
-
 
 WEIGHT_ONLY_CONFIGS = _configs(
     [dict(BLOCK_N=32, BLOCK_K=128, warps=4, stages=4), dict(BLOCK_N=64, BLOCK_K=128, warps=4, stages=4),
@@ -214,41 +208,47 @@ def _range_qparams(lo, hi, QMAX: tl.constexpr):
     return scale, tl.minimum(tl.maximum(((-lo / scale) + ROUND_MAGIC) - ROUND_MAGIC, 0.0), QMAX)
 
 
-@triton.autotune(configs=RANGED_QUANTIZE_CONFIGS, key=["M", "K", "K_PER_SPLIT", "RANK", "NORM"],
-                 prune_configs_by=dict(early_config_prune=_whole_chunk_tiles))
+@triton.autotune(configs=NORM_QUANTIZE_CONFIGS, key=["M", "K", "RANK"])
 @triton.jit
-def _ranged_quantize_rows_kernel(
+def _norm_quantize_rows_kernel(
     x_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr,
     M, stride_xm, stride_mod, TOKENS, EPS_NORM,
-    K: tl.constexpr, ROW_BLOCK: tl.constexpr, K_PER_SPLIT: tl.constexpr, QMAX: tl.constexpr, RANK: tl.constexpr,
-    NORM: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    K: tl.constexpr, QMAX: tl.constexpr, RANK: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """The quantize pass with per-token ranges taken by the pass itself, of x or, with NORM, of
-    LayerNorm(x)·(1 + scale) + shift (DiT's norm + adaLN modulation; no affine; shift and scale
-    (N, K) per sample, row r of x in sample r // TOKENS): the modulated activation is never stored.
-    Program (i, j) loads row block i whole (ROW_BLOCK ≥ K columns, one load in flight instead of
-    a serial loop of tiles) for the statistics and the ranges, then writes the codes − 128 of
-    columns j·K_PER_SPLIT … tile by tile (re-read from L1/L2), with their partial row sums and
-    LoRA down-projection (slice j of rowsum and down, as _quantize_rows_kernel). Every program of
-    a row block writes the same [scale; zero] to qparams (2, M). The modulated values are rounded
-    to bf16 first with ROUND_BF16, as the model would store them."""
+    """The quantize pass of LayerNorm(x)·(1 + scale) + shift (DiT's norm + adaLN modulation; no
+    affine; shift and scale (N, K) per sample, row r of x in sample r // TOKENS) with per-token
+    ranges, from x itself: the modulated activation is never stored. Three passes over each row
+    block (mean and variance, range, codes), the last two from L2; the modulated values are
+    rounded to bf16 first with ROUND_BF16, as the model would store them. Writes codes − 128,
+    row sums, the LoRA down-projection (one split) and each row's [scale; zero] to qparams (2, M)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    split = tl.program_id(1)
     row_ok = rows < M
     samples = rows // TOKENS
-    whole = tl.arange(0, ROW_BLOCK)
-    whole_mask = row_ok[:, None] & (whole < K)[None, :]
-    row_block = _smoothed_tile(x_ptr, x_ptr, rows, whole, whole_mask, whole < K, stride_xm, False)
+    # mean and sum of squared deviations in one pass: each tile's own, merged into the running
+    # ones (Chan et al.'s pairwise update), as exact as two passes
     mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if NORM:  # two-pass mean and variance over the rows in registers
-        mean = tl.sum(row_block, axis=1) / K
-        centered = tl.where(whole_mask, row_block - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / K + EPS_NORM)
-        row_block = _modulated(row_block, shift_ptr, scale_ptr, samples, whole, whole_mask, mean, rstd, stride_mod,
-                               ROUND_BF16)
-    # masked columns hold 0, and the range includes 0 anyway
-    lo, hi = tl.minimum(tl.min(row_block, axis=1), 0.0), tl.maximum(tl.max(row_block, axis=1), 0.0)
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = row_ok[:, None] & (cols < K)[None, :]
+        x = _smoothed_tile(x_ptr, x_ptr, rows, cols, mask, cols < K, stride_xm, False)
+        width = tl.minimum(K - k0, BLOCK_K).to(tl.float32)
+        tile_mean = tl.sum(x, axis=1) / width
+        centered = tl.where(mask, x - tile_mean[:, None], 0.0)
+        delta = tile_mean - mean
+        mean += delta * (width / (k0 + width))
+        squares += tl.sum(centered * centered, axis=1) + delta * delta * (k0 * width / (k0 + width))
+    rstd = 1.0 / tl.sqrt(squares / K + EPS_NORM)
+    lo = tl.zeros([BLOCK_M], dtype=tl.float32)
+    hi = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = row_ok[:, None] & (cols < K)[None, :]
+        y = _modulated_tile(x_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd, stride_xm, stride_mod,
+                            K, ROUND_BF16)
+        lo = tl.minimum(lo, tl.min(y, axis=1))
+        hi = tl.maximum(hi, tl.max(y, axis=1))
     scale, zero = _range_qparams(lo, hi, QMAX)
     tl.store(qparams_ptr + rows, scale, mask=row_ok)
     tl.store(qparams_ptr + M + rows, zero, mask=row_ok)
@@ -257,26 +257,27 @@ def _ranged_quantize_rows_kernel(
     if RANK > 0:
         down = tl.zeros([BLOCK_M, RANK], dtype=tl.float32)
         ranks = tl.arange(0, RANK)
-    for k0 in range(0, K_PER_SPLIT, BLOCK_K):  # columns past K (the last chunk's tail) are masked
-        cols = split * K_PER_SPLIT + k0 + tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         mask = row_ok[:, None] & col_ok[None, :]
-        y = _smoothed_tile(x_ptr, x_ptr, rows, cols, mask, col_ok, stride_xm, False)
-        if NORM:
-            y = _modulated(y, shift_ptr, scale_ptr, samples, cols, mask, mean, rstd, stride_mod, ROUND_BF16)
+        y = _modulated_tile(x_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd, stride_xm, stride_mod,
+                            K, ROUND_BF16)
         q, shifted = _quantized_tile(y, scale, zero, mask, QMAX)
         tl.store(codes_ptr + rows[:, None] * K + cols[None, :], shifted.to(tl.int8), mask=mask)
         rowsum += tl.sum(shifted, axis=1)
         if RANK > 0:
             down = _lora_down_step(down, q, zero, mask, right_ptr, ranks, cols, col_ok, K)
-    tl.store(rowsum_ptr + split * M + rows, rowsum, mask=row_ok)
+    tl.store(rowsum_ptr + rows, rowsum, mask=row_ok)
     if RANK > 0:
-        tl.store(down_ptr + (split * M + rows[:, None]) * RANK + ranks[None, :], down, mask=row_ok[:, None])
+        tl.store(down_ptr + rows[:, None] * RANK + ranks[None, :], down, mask=row_ok[:, None])
 
 
 @triton.jit
-def _modulated(x, shift_ptr, scale_ptr, samples, cols, mask, mean, rstd, stride_mod, ROUND_BF16: tl.constexpr):
-    """((x − mean)·rstd)·(1 + scale[sample]) + shift[sample] of a float32 tile of x, 0 outside `mask`."""
+def _modulated_tile(x_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd, stride_xm, stride_mod,
+                    K: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """((x − mean)·rstd)·(1 + scale[sample]) + shift[sample] for a tile, 0 outside `mask`."""
+    x = _smoothed_tile(x_ptr, x_ptr, rows, cols, mask, cols < K, stride_xm, False)
     offsets = samples[:, None] * stride_mod + cols[None, :]
     scale = tl.load(scale_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     shift = tl.load(shift_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -501,12 +502,12 @@ def multiprocessors(device: torch.device) -> int:
     return 64 if INTERPRETED else torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def quantize_splits(m: int, k: int, device: torch.device, rows_per_program: int = 32) -> int:
+def quantize_splits(m: int, k: int, device: torch.device) -> int:
     """Into how many K chunks the quantize pass of an (m, k) activation is split: enough programs
-    for QUANTIZE_PROGRAMS_PER_SM per multiprocessor (counting programs of `rows_per_program`
-    rows), at most one per SPLIT_K_CHUNK columns; 1 for large calls, whose rows alone fill the GPU."""
+    for QUANTIZE_PROGRAMS_PER_SM per multiprocessor (counting 32-row programs), at most one per
+    SPLIT_K_CHUNK columns; 1 for large calls, whose rows alone fill the GPU."""
     wanted = QUANTIZE_PROGRAMS_PER_SM * multiprocessors(device)
-    return max(1, min(triton.cdiv(k, SPLIT_K_CHUNK), triton.cdiv(wanted, triton.cdiv(m, rows_per_program))))
+    return max(1, min(triton.cdiv(k, SPLIT_K_CHUNK), triton.cdiv(wanted, triton.cdiv(m, 32))))
 
 
 @functools.cache
@@ -567,31 +568,23 @@ def weight_only_linear(x: torch.Tensor, codes: torch.Tensor, zero: torch.Tensor,
     return out
 
 
-def ranged_quantize_rows(x: torch.Tensor, act_bits: int, right: torch.Tensor | None,
-                         norm: tuple[torch.Tensor, torch.Tensor, int, float] | None = None,
-                         splits: int | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """quantize_rows with per-token ranges taken by the pass, of x (M, K) or, with norm = (shift,
-    scale, tokens, eps), of LayerNorm(x)·(1 + scale) + shift with the per-sample shift and scale
-    (N, K) (rows of sample i: i·tokens …): (codes − 128, partial row sums (splits, M), partial
-    (q − z)·Rᵀ (splits, M, rank) or None, qparams (2, M)). Splits as quantize_splits, counting
-    programs of RANGED_ROWS_PER_PROGRAM rows."""
+def norm_quantize_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tokens: int, eps: float,
+                       act_bits: int, right: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """quantize_rows of LayerNorm(x)·(1 + scale) + shift with per-token ranges, from x (M, K) and
+    the per-sample shift and scale (N, K) (rows of sample i: i·tokens …): (codes − 128,
+    row sums (1, M), (q − z)·Rᵀ (1, M, rank) or None, qparams (2, M))."""
     m, k = x.shape
     rank = 0 if right is None else right.shape[0]
-    splits = quantize_splits(m, k, x.device, RANGED_ROWS_PER_PROGRAM) if splits is None else splits
-    k_per_split = triton.cdiv(triton.cdiv(k, SPLIT_K_CHUNK), splits) * SPLIT_K_CHUNK
-    splits = triton.cdiv(k, k_per_split)  # no empty chunk
     codes = torch.empty(m, k, dtype=torch.int8, device=x.device)
-    rowsum = torch.empty(splits, m, dtype=torch.int32, device=x.device)
-    down = torch.empty(splits, m, max(rank, 1), dtype=torch.float32, device=x.device)
+    rowsum = torch.empty(1, m, dtype=torch.int32, device=x.device)
+    down = torch.empty(1, m, max(rank, 1), dtype=torch.float32, device=x.device)
     qparams = torch.empty(2, m, dtype=torch.float32, device=x.device)
-    shift, scale, tokens, eps = norm if norm is not None else (x, x, 1, 0.0)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), splits)  # noqa: E731
-    _ranged_quantize_rows_kernel[grid](
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
+    _norm_quantize_rows_kernel[grid](
         x, shift, scale, qparams, right if right is not None else qparams, codes, rowsum, down,
         m, x.stride(0), shift.stride(0), tokens, eps,
-        K=k, ROW_BLOCK=triton.next_power_of_2(k), K_PER_SPLIT=k_per_split, QMAX=float(2**act_bits - 1), RANK=rank,
-        NORM=norm is not None, ROUND_BF16=x.dtype == torch.bfloat16,
+        K=k, QMAX=float(2**act_bits - 1), RANK=rank, ROUND_BF16=x.dtype == torch.bfloat16,
     )
     return codes, rowsum, down if rank else None, qparams
 

@@ -143,17 +143,15 @@ class TritonQuantLinear(KeepsKernelDtypes):
         x2d = rows_of(x, self.in_features)
         return self.linear_2d(x2d, self.qparams(x2d)).reshape(*x.shape[:-1], self.out_features)
 
-    def ranged(self, x: torch.Tensor, norm: NormModulation | None = None) -> torch.Tensor:
-        """The layer of x, or with `norm` of LayerNorm(x)·(1 + scale) + shift for the residual
-        stream x (N, T, D), with the per-token ranges (and the norm and modulation) taken by the
-        quantize pass: no range reduction before it, no modulated activation stored."""
-        norm_arguments = norm.op_arguments(x) if norm is not None else {}
+    def normed(self, x: torch.Tensor, norm: NormModulation) -> torch.Tensor:
+        """The layer of LayerNorm(x)·(1 + scale) + shift for the residual stream x (N, T, D), with
+        the norm, the modulation and the per-token quantization in one pass over x."""
         return torch.ops.ditas.int8_linear(rows_of(x, self.in_features), None, **self.kernel_tensors()._asdict(),
-                                           **norm_arguments).reshape(*x.shape[:-1], self.out_features)
+                                           **norm.op_arguments(x)).reshape(*x.shape[:-1], self.out_features)
 
     @property
-    def ranges_in_pass(self) -> bool:
-        """Whether `ranged` computes this layer as it is: dynamic per-token ranges of an unsmoothed input."""
+    def takes_norm(self) -> bool:
+        """Whether `normed` computes this layer as it is: dynamic per-token ranges of an unsmoothed input."""
         return self.per_token and self.act_range is None and self.smooth_inv is None
 
     def extra_repr(self) -> str:
@@ -232,7 +230,7 @@ class TritonQuantMlp(nn.Module):
         self.fc1, self.fc2 = fc1, fc2
 
     def forward(self, x: torch.Tensor, norm: NormModulation | None = None) -> torch.Tensor:
-        """The Mlp of x, or with `norm` of LayerNorm(x)·(1 + scale) + shift (TritonQuantLinear.ranged)."""
+        """The Mlp of x, or with `norm` of LayerNorm(x)·(1 + scale) + shift (TritonQuantLinear.normed)."""
         x2d = rows_of(x, self.fc1.in_features)
         dynamic = self.fc2.act_range is None
         first = dict(qparams=None, **norm.op_arguments(x)) if norm else dict(qparams=self.fc1.qparams(x2d))
@@ -244,28 +242,24 @@ class TritonQuantMlp(nn.Module):
 
 
 class NormFusedDiTBlock(DiTBlock):
-    """A DiT block whose per-token quantize passes take their own ranges (TritonQuantLinear.ranged)
-    in calls of fewer than `fused_below_rows` rows: qkv's and fc1's with their LayerNorm +
-    modulation (the modulated activations are never stored), proj's where its ranges are dynamic
-    per token, with no range reduction before the pass. Larger calls run the plain block, where
-    torch.compile fuses the norms with the range reductions (benchmarks/RESULTS.md says which
-    measured faster where). Same submodules (and state-dict keys) as the DiTBlock it is built from."""
+    """A DiT block whose qkv and fc1 take their LayerNorm + modulation in the quantize pass
+    (TritonQuantLinear.normed) in calls of fewer than `fused_below_rows` rows: the modulated
+    activations are never stored. Larger calls run the plain block, where torch.compile fuses the
+    norm with the range reductions (measured faster at batch 64, slower at batch 1 and 8). Same
+    submodules (and state-dict keys) as the DiTBlock it is built from."""
 
     def __init__(self, block: nn.Module, fused_below_rows: int):
         nn.Module.__init__(self)  # not DiTBlock's: the block's own submodules, not new ones
         for name in ("norm1", "attn", "norm2", "mlp", "adaLN_modulation"):
             setattr(self, name, getattr(block, name))
         self.fused_below_rows = fused_below_rows
-        proj = self.attn.proj
-        self.ranged_proj = isinstance(proj, TritonQuantLinear) and proj.ranges_in_pass
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if x.shape[0] * x.shape[1] >= self.fused_below_rows:
             return super().forward(x, c)
         m = self.modulation(c)
-        attended = self.attn.attend(self.attn.qkv.ranged(x, NormModulation(m.shift_msa, m.scale_msa, self.norm1.eps)))
-        x = x + m.gate_msa.unsqueeze(1) * (self.attn.proj.ranged(attended) if self.ranged_proj
-                                           else self.attn.proj(attended))
+        qkv = self.attn.qkv.normed(x, NormModulation(m.shift_msa, m.scale_msa, self.norm1.eps))
+        x = x + m.gate_msa.unsqueeze(1) * self.attn.proj(self.attn.attend(qkv))
         return x + m.gate_mlp.unsqueeze(1) * self.mlp(x, NormModulation(m.shift_mlp, m.scale_mlp, self.norm2.eps))
 
 
@@ -273,7 +267,7 @@ def norm_fusable_block(module: nn.Module) -> bool:
     """Whether `module` is a DiT block whose qkv and (fused) MLP can take their norm (NormFusedDiTBlock)."""
     attn, mlp = getattr(module, "attn", None), getattr(module, "mlp", None)
     return (hasattr(module, "adaLN_modulation") and isinstance(getattr(attn, "qkv", None), TritonQuantLinear)
-            and isinstance(mlp, TritonQuantMlp) and attn.qkv.ranges_in_pass and mlp.fc1.ranges_in_pass)
+            and isinstance(mlp, TritonQuantMlp) and attn.qkv.takes_norm and mlp.fc1.takes_norm)
 
 
 def fuse_block_norms(model: nn.Module,
@@ -305,14 +299,14 @@ def register_kernel_op() -> None:
     global _registered
     if _registered:
         return
-    from .kernels import int8_gemm, quantize_rows, ranged_quantize_rows, weight_only_linear
+    from .kernels import int8_gemm, norm_quantize_rows, quantize_rows, weight_only_linear
 
     def run(x, qparams, *, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
             lora_left, act_bits, use_tma, group_table, norm_shift=None, norm_scale=None, norm_tokens=0,
             norm_eps=0.0, **epilogue):
-        if qparams is None:  # per-token ranges taken by the pass; with norm_shift, x is the residual stream
-            norm = None if norm_shift is None else (norm_shift, norm_scale, norm_tokens, norm_eps)
-            codes, rowsum, down, qparams = ranged_quantize_rows(x, act_bits, lora_right, norm)
+        if norm_shift is not None:  # x: the residual stream; LayerNorm + modulation + quantize in one pass
+            codes, rowsum, down, qparams = norm_quantize_rows(x, norm_shift, norm_scale, norm_tokens, norm_eps,
+                                                              act_bits, lora_right)
         else:
             codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right)
         return int8_gemm(codes, rowsum, qparams, weight, packed, column_sums, weight_zero, weight_scale, bias, down,
@@ -338,9 +332,8 @@ def register_kernel_op() -> None:
                     group_table: torch.Tensor | None, norm_shift: torch.Tensor | None = None,
                     norm_scale: torch.Tensor | None = None, norm_tokens: int = 0,
                     norm_eps: float = 0.0) -> torch.Tensor:
-        """The layer of 2-D x; with qparams None, with per-token ranges taken by the quantize pass,
-        and with norm_shift too, the layer of LayerNorm(x)·(1 + norm_scale) + norm_shift
-        (TritonQuantLinear.ranged)."""
+        """The layer of 2-D x; with norm_shift, the layer of LayerNorm(x)·(1 + norm_scale) +
+        norm_shift with per-token ranges taken by the pass (qparams None; TritonQuantLinear.normed)."""
         return run(x, qparams, **tensors_of(locals()))
 
     torch.library.custom_op("ditas::int8_linear", mutates_args=())(int8_linear).register_fake(

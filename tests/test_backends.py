@@ -185,18 +185,16 @@ def test_quantize_pass_split_over_k_gives_the_same_codes_sums_and_gemm(splits):
     torch.testing.assert_close(gemm(*split), gemm(*whole), rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize(("act_granularity", "proj_on_the_fly"),
-                         [("per_token", False), ("per_token", True), ("per_tensor", False)])
-def test_blocks_taking_their_norms_in_the_quantize_pass_compute_the_same(act_granularity, proj_on_the_fly):
+@pytest.mark.parametrize("act_granularity", ["per_token", "per_tensor"])
+def test_blocks_taking_their_norms_in_the_quantize_pass_compute_the_same(act_granularity):
     from models import DiTBlock
-    from quant.kernels import ranged_quantize_rows
+    from quant.kernels import norm_quantize_rows
     from quant.triton_modules import NormFusedDiTBlock, fuse_block_norms
 
     register_kernel_op()
     torch.manual_seed(0)
     block = DiTBlock(64, 4)
-    for module, name, (k, n), smooth, seed in ((block.attn, "qkv", (64, 192), False, 1),
-                                               (block.attn, "proj", (64, 64), proj_on_the_fly, 2),
+    for module, name, (k, n), smooth, seed in ((block.attn, "qkv", (64, 192), False, 1), (block.attn, "proj", (64, 64), True, 2),
                                                (block.mlp, "fc1", (64, 256), False, 3), (block.mlp, "fc2", (256, 64), True, 4)):
         setattr(module, name, TritonQuantLinear(random_quant_linear(k, n, rank=8, smooth=smooth, seed=seed,
                                                                     act_granularity=act_granularity)))
@@ -209,7 +207,6 @@ def test_blocks_taking_their_norms_in_the_quantize_pass_compute_the_same(act_gra
         assert fused == 0
         return
     assert fused == 1 and isinstance(model["block"], NormFusedDiTBlock)
-    assert model["block"].ranged_proj == (not proj_on_the_fly)  # a range of x·smooth_inv stays outside
     got = model["block"](x, c)
     assert ((got - expected).norm() / expected.norm()).item() < 1e-4
     model["block"].fused_below_rows = 39  # x's rows: from there the plain block
@@ -217,8 +214,7 @@ def test_blocks_taking_their_norms_in_the_quantize_pass_compute_the_same(act_gra
     # the pass itself: codes of LayerNorm(x)·(1 + scale) + shift with its per-token ranges
     shift, scale = torch.randn(3, 64) * 0.3, torch.randn(3, 64) * 0.3
     kernel = block.mlp.fc1
-    codes, rowsum, down, qparams = ranged_quantize_rows(x.reshape(-1, 64), 8, kernel.lora_right,
-                                                        (shift, scale, 13, 1e-6), splits=1)
+    codes, rowsum, down, qparams = norm_quantize_rows(x.reshape(-1, 64), shift, scale, 13, 1e-6, 8, kernel.lora_right)
     modulated = (torch.nn.functional.layer_norm(x, (64,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]).reshape(-1, 64)
     torch.testing.assert_close(qparams, kernel.qparams(modulated), rtol=1e-5, atol=1e-6)
     reference = quantize_rows(modulated, qparams, 8, None, kernel.lora_right, splits=1)
@@ -226,34 +222,16 @@ def test_blocks_taking_their_norms_in_the_quantize_pass_compute_the_same(act_gra
     torch.testing.assert_close(down, reference[2], rtol=1e-3, atol=1e-2)
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-def test_ranged_pass_without_norm_equals_the_pass_given_the_ranges(splits):
-    """proj's pass taking its own per-token ranges: the ranges torch would reduce, and then the
-    very codes, row sums and down-projections of quantize_rows with them, over `splits` K chunks."""
-    from quant.kernels import ranged_quantize_rows
-
-    kernel = TritonQuantLinear(random_quant_linear(96, 40, rank=8, act_granularity="per_token"))
-    x = torch.randn(37, 96) * 3
-    x[:, 5] *= 20  # an outlier channel
-    codes, rowsum, down, qparams = ranged_quantize_rows(x, 8, kernel.lora_right, splits=splits)
-    assert torch.equal(qparams, kernel.qparams(x))
-    reference = quantize_rows(x, qparams, 8, None, kernel.lora_right, splits=splits)
-    assert rowsum.shape == (splits, 37) and down.shape == (splits, 37, 16)
-    assert torch.equal(codes, reference[0]) and torch.equal(rowsum, reference[1])
-    torch.testing.assert_close(down, reference[2], rtol=1e-6, atol=1e-5)
-
-
-def test_norm_pass_statistics_hold_for_a_partial_row_block_and_a_large_mean():
-    """The mean and variance of rows held whole: 80 columns pad to a 128-wide row block, and a
-    mean 100× the spread is where a plain sum-of-squares variance would cancel."""
-    from quant.kernels import ranged_quantize_rows
+def test_norm_pass_statistics_hold_for_a_partial_last_tile_and_a_large_mean():
+    """The one-pass (merged per tile) mean and variance: 80 columns are two and a half interpreted
+    tiles, and a mean 100× the spread is where a plain sum-of-squares variance would cancel."""
+    from quant.kernels import norm_quantize_rows
 
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(2, 7, 80, generator=generator) * 0.5 + 50 * torch.rand(2, 7, 1, generator=generator)
     shift, scale = torch.randn(2, 80, generator=generator) * 0.3, torch.randn(2, 80, generator=generator) * 0.3
     right = torch.randn(16, 80, generator=generator)
-    codes, rowsum, down, qparams = ranged_quantize_rows(x.reshape(-1, 80), 8, right, (shift, scale, 7, 1e-6),
-                                                        splits=1)
+    codes, rowsum, down, qparams = norm_quantize_rows(x.reshape(-1, 80), shift, scale, 7, 1e-6, 8, right)
     modulated = (torch.nn.functional.layer_norm(x, (80,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None])
     modulated = modulated.reshape(-1, 80)
     lo, hi = modulated.amin(dim=1).clamp(max=0), modulated.amax(dim=1).clamp(min=0)
@@ -263,7 +241,7 @@ def test_norm_pass_statistics_hold_for_a_partial_row_block_and_a_large_mean():
     assert torch.equal(rowsum, codes.int().sum(dim=1)[None])
 
 
-def test_row_pass_configs_keep_to_their_program_chunk():
+def test_quantize_pass_configs_keep_to_their_program_chunk():
     """A tile wider than a program's K chunk would also write the next program's columns and
     count them twice in the partial sums: such configs are pruned."""
     import triton

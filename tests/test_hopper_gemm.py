@@ -46,14 +46,13 @@ def compile_in_own_process(kind: str, cases: list) -> list[dict]:
 
 # Variants of the Triton kernels that the CPU interpreter runs but never compiles: the GEMM with
 # per-row ranges, GELU and an output range per row, the quantize pass with small row blocks, the
-# one taking its ranges (and LayerNorm + modulation) itself, and the weight-only kernel of the 8-bit adaLN.
+# one taking LayerNorm + modulation too, and the weight-only kernel of the 8-bit adaLN.
 TRITON_VARIANTS = {
     "gemm per row, GELU + range": ["gemm", {"PER_ROW": True, "GELU": True, "BOUNDS": True, "BOUNDS_SCALED": True,
                                              "BOUNDS_PER_ROW": True, "SPLITS": 3}, {}],
-    "LayerNorm + modulation + ranged quantize pass": ["ranged_quantize", {}, {}],
-    "… 8 rows a program, 256-wide tiles": ["ranged_quantize", {"BLOCK_M": 8, "BLOCK_K": 256}, {}],
-    "ranged quantize pass, no norm, 2 rows, split K": ["ranged_quantize", {"NORM": False, "BLOCK_M": 2,
-                                                                          "K_PER_SPLIT": 256}, {}],
+    "LayerNorm + modulation + quantize pass": ["norm_quantize", {}, {}],
+    "… 512-wide tiles": ["norm_quantize", {"BLOCK_M": 16, "BLOCK_K": 512}, {}],
+    "… 2 rows a program": ["norm_quantize", {"BLOCK_M": 2, "BLOCK_K": 256}, {}],
     "quantize pass, 4 rows a program": ["quantize", {"BLOCK_M": 4, "BLOCK_K": 256}, {}],
     "8-bit weight-only layer (adaLN), 16 rows": ["weight_only", {}, {}],
     "… 128 rows": ["weight_only", {"BLOCK_M": 128}, {}],
