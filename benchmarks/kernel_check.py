@@ -16,7 +16,7 @@ from benchmarks.synthetic import (
     quantized_mlp_pair,
 )
 from quant.modules import WeightOnlyLinear
-from quant.triton_modules import TritonWeightOnlyLinear, fuse_block_norms, fuse_mlps
+from quant.triton_modules import KernelOptions, TritonWeightOnlyLinear, fuse_mlps, install_kernel_blocks
 
 CHECK_TOLERANCES = ((torch.float32, 2e-3), (torch.bfloat16, 8e-3))  # input dtype, relative error
 # A large call: at least kernels.WARP_SPECIALISED_FROM_ROWS (bf16 calls of DiT-XL/2's qkv and fc2
@@ -80,20 +80,28 @@ def check_kernels(device, models: list[str], layers: list[str], emit) -> bool:
                     row = check_fused_mlp(hidden, bits, dtype, tolerance, device, granularity)
                     ok &= row["passed"]
                     emit({"part": "check", "model": model_name, **row})
-        if "block" in layers:  # qkv's and fc1's norm + modulation taken by the quantize pass
-            for dtype, tolerance in CHECK_TOLERANCES:
-                row = check_norm_fused_block(hidden, dtype, tolerance, device)
-                ok &= row["passed"]
-                emit({"part": "check", "model": model_name, **row})
+        if "block" in layers:  # KernelDiTBlock; 2 images: batch 1 with CFG, on the Triton GEMM
+            for images in (LARGE_ROWS // 256, 2):
+                for layout in BLOCK_LAYOUTS:
+                    for dtype, tolerance in CHECK_TOLERANCES:
+                        row = check_kernel_block(hidden, dtype, tolerance, device, images, layout)
+                        ok &= row["passed"]
+                        emit({"part": "check", "model": model_name, **row})
     return ok
 
 
+# KernelDiTBlock layouts the block check runs (install_kernels's default, and batch 64's)
+BLOCK_LAYOUTS = {"norms fused, gated residuals": KernelOptions(),
+                 "gated residuals": KernelOptions(fuse_norms_below_rows=0)}
+
+
 @torch.no_grad()
-def check_norm_fused_block(hidden: int, dtype, tolerance: float, device, heads: int = 16) -> dict:
-    """A DiT block on the kernels (W4A8, per-token ranges) with qkv's and fc1's LayerNorm +
-    modulation taken by the quantize pass (NormFusedDiTBlock) against the same block unfused,
-    over LARGE_ROWS // 256 images of 256 tokens: both quantize the same modulated activations,
-    up to the float rounding of the norm."""
+def check_kernel_block(hidden: int, dtype, tolerance: float, device, images: int, layout: str,
+                       heads: int = 16) -> dict:
+    """A DiT block on the kernels (W4A8, per-token ranges) laid out as a KernelDiTBlock
+    (BLOCK_LAYOUTS[layout]) against the plain block of the same layers, over `images` of 256
+    tokens: both quantize the same activations, up to the float rounding of the norm and of the
+    residual update."""
     from models import DiTBlock
 
     with torch.random.fork_rng(devices=[]):  # the global generator as it was, for the checks after this one
@@ -106,19 +114,18 @@ def check_norm_fused_block(hidden: int, dtype, tolerance: float, device, heads: 
                 quantized_layer_pair(k, n, 4, on_the_fly, device, seed=seed, act_granularity="per_token")[1])
     model = torch.nn.ModuleDict({"block": block}).to(dtype)
     fuse_mlps(model)
-    images = max(1, LARGE_ROWS // 256)
     x = outlier_input(images * 256, hidden, device, dtype, seed=5).reshape(images, 256, hidden)
     c = torch.randn(images, hidden, generator=torch.Generator().manual_seed(6)).to(device, dtype)
-    row = {"layer": "block (norms fused)", "shape": [images * 256, hidden, hidden], "weight_bits": 4,
+    row = {"layer": f"block ({layout})", "shape": [images * 256, hidden, hidden], "weight_bits": 4,
            "act": "per_token", "input": str(dtype).removeprefix("torch."), "tolerance": tolerance}
     try:
-        unfused = model["block"](x, c).float()
-        row["blocks_fused"] = fuse_block_norms(model)
-        row["relative_error"] = relative_error(model["block"](x, c), unfused)
+        plain = model["block"](x, c).float()
+        row["blocks_swapped"] = install_kernel_blocks(model, BLOCK_LAYOUTS[layout])
+        row["relative_error"] = relative_error(model["block"](x, c), plain)
     except Exception as failure:  # noqa: BLE001
         print(f"check {row}: {str(failure).splitlines()[0]}")
         return row | {"passed": False}
-    row["passed"] = row["blocks_fused"] == 1 and row["relative_error"] < tolerance
+    row["passed"] = row["blocks_swapped"] == 1 and row["relative_error"] < tolerance
     return row
 
 

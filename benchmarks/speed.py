@@ -81,9 +81,13 @@ ROWS = {
     "w4a8-compile": Row(4, "triton", torch.bfloat16, True),
     "w8a8-token-compile": Row(8, "triton", torch.bfloat16, True, "per_token"),
     "w4a8-token-compile": Row(4, "triton", torch.bfloat16, True, "per_token"),
-    # the layout before the adaLN's weight-only kernel and the norm-fused blocks (the previous default)
+    # the layout before the adaLN's weight-only kernel, the norm-fused blocks and the gated residuals
     "w4a8-token-unfused-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
-                                      kernels=KernelOptions(weight_only_adaln=False, fuse_norms_below_rows=0)),
+                                      kernels=KernelOptions(weight_only_adaln=False, fuse_norms_below_rows=0,
+                                                            gated_residuals=False)),
+    # the residual updates after the GEMMs, by torch.compile
+    "w4a8-token-ungated-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
+                                      kernels=KernelOptions(gated_residuals=False)),
     "w4a8-2level-compile": Row(4, "triton", torch.bfloat16, True, "per_tensor", "two_level"),
 }
 
@@ -353,7 +357,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--check-layers", nargs="+", default=[*layer_shapes(1), "mlp", "adaln", "block"],
                         choices=[*layer_shapes(1), "mlp", "adaln", "block"],
                         help="which layers the check part runs (mlp: fused fc1 -> fc2; adaln: the 8-bit weight-only "
-                             "kernel; block: a DiT block with qkv's and fc1's norms in the quantize pass)")
+                             "kernel; block: a KernelDiTBlock, with and without qkv's and fc1's norms in the "
+                             "quantize pass, against the plain block)")
     parser.add_argument("--gemm-variants", nargs="+", default=list(GEMM_VARIANTS), choices=list(GEMM_VARIANTS),
                         help="int8 GEMM variants of the gemm part")
     parser.add_argument("--model", default="DiT-XL/2")

@@ -21,13 +21,13 @@ Here one program per multiprocessor walks its tiles in grouped order, split into
 Same arithmetic as `kernels.int8_gemm` (the module docstring there derives the corrections):
 int32 accumulation, then out = s_x s_w (Σ q'c' − z'_x Σ c' − z'_w Σ q' + K z'_x z'_w)
 + s_x·down·Lᵀ (bf16 tensor cores) + b, optionally GELU and the [min, −max] reduction of the
-stored output. Only unpacked int8 weights: packed and two-level codes are unpacked to int8 first,
+stored output, or the block's gated residual update. Only unpacked int8 weights: packed and two-level codes are unpacked to int8 first,
 as `int8_gemm` does at these row counts.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import triton
@@ -41,6 +41,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+if TYPE_CHECKING:
+    from .kernels import GatedResidual
 
 ACT_SHIFT = gl.constexpr(128)  # activation codes are stored as q − 128 (kernels.ACT_SHIFT)
 LOADER_REGISTERS = gl.constexpr(40)  # the loader only issues TMA copies; the math warpgroups get the rest
@@ -134,9 +137,11 @@ def _lora_update(y, off_m, off_n, M, N, qparams_ptr, down_ptr, left_ptr, left_sm
 @gluon.jit
 def _epilogue(acc, off_m, off_n, M, N, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
               qparams_ptr, down_ptr, left_ptr, out_desc, out_smem, bounds_ptr, bounds_scale_ptr, left_smem,
+              residual_desc, loaded, phase, gate_ptr, stride_gate, GATE_TOKENS,
               K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr,
               BOUNDS: gl.constexpr, BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr,
-              BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr, WARPS: gl.constexpr, INSTR_N: gl.constexpr):
+              BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr, GATED: gl.constexpr, WARPS: gl.constexpr,
+              INSTR_N: gl.constexpr):
     layout: gl.constexpr = acc.type.layout
     BLOCK_M: gl.constexpr = acc.shape[0]
     BLOCK_N: gl.constexpr = acc.shape[1]
@@ -164,8 +169,18 @@ def _epilogue(acc, off_m, off_n, M, N, rowsum_ptr, colsum_ptr, wzero_ptr, wscale
         y += gl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if GELU:
         y = _gelu_tanh(y)
-    out = y.to(out_desc.dtype)
     tma.store_wait(0)  # this partition's previous tile has left out_smem
+    if GATED:
+        # residual + gate ⊙ y (kernels._gated_residual): the residual tile comes by TMA through
+        # out_smem (a tile of pointers would not fit in the registers); the tile's rows are in one
+        # sample (GATE_TOKENS is a multiple of BLOCK_M), whose gate is one row
+        mbarrier.expect(loaded, residual_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(residual_desc, [off_m, off_n], loaded, out_smem)
+        gate = gl.load(gate_ptr + (off_m // GATE_TOKENS) * stride_gate + cols, mask=col_ok, other=0.0)
+        mbarrier.wait(loaded, phase)
+        y = out_smem.load(layout).to(gl.float32) + gate.to(gl.float32)[None, :] * y
+        gl.thread_barrier()  # every warp has read the residual before out_smem is overwritten
+    out = y.to(out_desc.dtype)
     out_smem.store(out)
     fence_async_shared()
     tma.async_copy_shared_to_global(out_desc, [off_m, off_n], out_smem)
@@ -187,10 +202,11 @@ def _epilogue(acc, off_m, off_n, M, N, rowsum_ptr, colsum_ptr, wzero_ptr, wscale
 
 @gluon.jit
 def _math(a_bufs, b_bufs, ready, free, turn, left_smem, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
-          qparams_ptr, down_ptr, left_ptr, out_desc, out_smem, bounds_ptr, bounds_scale_ptr, M, N,
+          qparams_ptr, down_ptr, left_ptr, out_desc, out_smem, bounds_ptr, bounds_scale_ptr, residual_desc, loaded,
+          gate_ptr, M, N, stride_gate, GATE_TOKENS,
           K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr, BOUNDS: gl.constexpr,
           BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr, BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr,
-          STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, FIRST: gl.constexpr,
+          GATED: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, FIRST: gl.constexpr,
           WARPS: gl.constexpr, INSTR_N: gl.constexpr):
     """Tiles FIRST, FIRST + CONSUMERS, … of this program: main loop, then epilogue."""
     BLOCK_M: gl.constexpr = a_bufs.shape[1]
@@ -228,18 +244,20 @@ def _math(a_bufs, b_bufs, ready, free, turn, left_smem, rowsum_ptr, colsum_ptr, 
         step += (CONSUMERS - 1) * K_STEPS  # the other partition's tile
         turns += 1
         _epilogue(acc, off_m, off_n, M, N, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
-                  qparams_ptr, down_ptr, left_ptr, out_desc, out_smem, bounds_ptr, bounds_scale_ptr, left_smem, K,
-                  HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, WARPS, INSTR_N)
+                  qparams_ptr, down_ptr, left_ptr, out_desc, out_smem, bounds_ptr, bounds_scale_ptr, left_smem,
+                  residual_desc, loaded, (turns + 1) & 1, gate_ptr, stride_gate, GATE_TOKENS, K, HAS_BIAS, RANK,
+                  GELU, BOUNDS,
+                  BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, GATED, WARPS, INSTR_N)
     tma.store_wait(0)
 
 
 @gluon.jit
 def _int8_gemm_ws_kernel(
     a_desc, b_desc, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr,
-    out_desc, bounds_ptr, bounds_scale_ptr, M, N,
+    out_desc, bounds_ptr, bounds_scale_ptr, residual_desc, gate_ptr, M, N, stride_gate, GATE_TOKENS,
     K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr, BOUNDS: gl.constexpr,
     BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr, BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr,
-    STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, INSTR_N: gl.constexpr,
+    GATED: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, INSTR_N: gl.constexpr,
     LEFT_RANK: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr, num_warps: gl.constexpr,
 ):
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
@@ -251,8 +269,10 @@ def _int8_gemm_ws_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(free.index(i), count=1)
+    loaded = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # a residual tile, per partition
     for i in gl.static_range(2):
         mbarrier.init(turn.index(i), count=1)
+        mbarrier.init(loaded.index(i), count=1)
     left_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, LEFT_RANK], gl.bfloat16)
     left_smem = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS, BLOCK_N, LEFT_RANK], left_layout)
     out_smem = gl.allocate_shared_memory(out_desc.dtype, [CONSUMERS] + out_desc.block_type.shape, out_desc.layout)
@@ -261,20 +281,23 @@ def _int8_gemm_ws_kernel(
         gl.warp_specialize([
             (_math, (a_bufs, b_bufs, ready, free, turn, left_smem.index(0), rowsum_ptr, colsum_ptr, wzero_ptr,
                      wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem.index(0), bounds_ptr,
-                     bounds_scale_ptr, M, N, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW,
-                     SPLITS, STAGES, GROUP_M, CONSUMERS, 0, num_warps, INSTR_N)),
+                     bounds_scale_ptr, residual_desc, loaded.index(0), gate_ptr, M, N, stride_gate, GATE_TOKENS, K,
+                     HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, GATED, STAGES,
+                     GROUP_M, CONSUMERS, 0, num_warps, INSTR_N)),
             (_math, (a_bufs, b_bufs, ready, free, turn, left_smem.index(1), rowsum_ptr, colsum_ptr, wzero_ptr,
                      wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem.index(1), bounds_ptr,
-                     bounds_scale_ptr, M, N, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW,
-                     SPLITS, STAGES, GROUP_M, CONSUMERS, 1, num_warps, INSTR_N)),
+                     bounds_scale_ptr, residual_desc, loaded.index(1), gate_ptr, M, N, stride_gate, GATE_TOKENS, K,
+                     HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, GATED, STAGES,
+                     GROUP_M, CONSUMERS, 1, num_warps, INSTR_N)),
             (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M)),
         ], [num_warps, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
     else:
         gl.warp_specialize([
             (_math, (a_bufs, b_bufs, ready, free, turn, left_smem.index(0), rowsum_ptr, colsum_ptr, wzero_ptr,
                      wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem.index(0), bounds_ptr,
-                     bounds_scale_ptr, M, N, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW,
-                     SPLITS, STAGES, GROUP_M, CONSUMERS, 0, num_warps, INSTR_N)),
+                     bounds_scale_ptr, residual_desc, loaded.index(0), gate_ptr, M, N, stride_gate, GATE_TOKENS, K,
+                     HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, GATED, STAGES,
+                     GROUP_M, CONSUMERS, 0, num_warps, INSTR_N)),
             (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M)),
         ], [1], [LOADER_REGISTERS])
 
@@ -296,7 +319,7 @@ def int8_gemm_ws(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tenso
                  colsum: torch.Tensor, zero_w: torch.Tensor, scale_w: torch.Tensor, bias: torch.Tensor | None,
                  down: torch.Tensor | None, left: torch.Tensor | None, out_dtype: torch.dtype, gelu: bool = False,
                  bounds: torch.Tensor | None = None, bounds_scale: torch.Tensor | None = None,
-                 config: TileConfig = DEFAULT_CONFIG) -> torch.Tensor:
+                 gated: GatedResidual | None = None, config: TileConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """`kernels.int8_gemm` for int8 (N, K) weights on Hopper (same arguments, no packed codes)."""
     from .kernels import multiprocessors, per_row
 
@@ -313,14 +336,20 @@ def int8_gemm_ws(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tenso
     rank = 0 if left is None else left.shape[1]
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     placeholder = scale_w  # any float32 tensor, for pointers a kernel variant never reads
+    if gated is not None:  # the residual's tiles as the output's
+        residual_desc = TensorDescriptor.from_tensor(gated.residual, out_desc.block_shape, out_desc.layout)
+        gate, tokens = gated.gate, gated.tokens
+    else:
+        residual_desc, gate, tokens = out_desc, placeholder, config.block_m
     _int8_gemm_ws_kernel[(min(tiles, multiprocessors(codes.device)),)](
         a_desc, b_desc, rowsum, colsum, zero_w, scale_w, placeholder if bias is None else bias, qparams,
         placeholder if down is None else down, placeholder if left is None else left, out_desc,
         placeholder if bounds is None else bounds, placeholder if bounds_scale is None else bounds_scale,
-        m, n,
+        residual_desc, gate, m, n, gate.stride(0), tokens,
         K=k, HAS_BIAS=bias is not None, RANK=rank, GELU=gelu, BOUNDS=bounds is not None,
         BOUNDS_SCALED=bounds_scale is not None, PER_ROW=per_row(qparams),
-        BOUNDS_PER_ROW=bounds is not None and per_row(bounds), SPLITS=rowsum.shape[0], STAGES=config.stages,
+        BOUNDS_PER_ROW=bounds is not None and per_row(bounds), SPLITS=rowsum.shape[0], GATED=gated is not None,
+        STAGES=config.stages,
         GROUP_M=config.group_m, CONSUMERS=config.consumers, INSTR_N=wgmma_instr_n(config.block_n),
         LEFT_RANK=max(rank, 16), CONSUMER_REGISTERS=config.consumer_registers, num_warps=warps,
     )

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -313,15 +314,16 @@ def _gelu_tanh(y):
 
 @triton.autotune(configs=GEMM_CONFIGS,
                  key=["M", "N", "K", "PACKED", "USE_TMA", "RANK", "GELU", "BOUNDS", "PER_ROW", "BOUNDS_PER_ROW",
-                      "SPLITS"])
+                      "SPLITS", "GATED"])
 @triton.jit
 def _int8_gemm_kernel(
     a_ptr, b_ptr, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr,
-    out_ptr, bounds_ptr, bounds_scale_ptr, M, N, stride_om,
+    out_ptr, bounds_ptr, bounds_scale_ptr, residual_ptr, gate_ptr, M, N, stride_om, stride_rm, stride_gate,
+    GATE_TOKENS,
     K: tl.constexpr, PACKED_K: tl.constexpr, PACKED: tl.constexpr, USE_TMA: tl.constexpr,
     HAS_BIAS: tl.constexpr, RANK: tl.constexpr, GELU: tl.constexpr, BOUNDS: tl.constexpr,
     BOUNDS_SCALED: tl.constexpr, PER_ROW: tl.constexpr, BOUNDS_PER_ROW: tl.constexpr, SPLITS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # grouped tile order: GROUP_M row tiles share each column tile while it is in L2
     pid = tl.program_id(0)
@@ -391,8 +393,10 @@ def _int8_gemm_kernel(
         y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if GELU:
         y = _gelu_tanh(y)
-    out = y.to(out_ptr.dtype.element_ty)
     in_bounds = row_ok[:, None] & col_ok[None, :]
+    if GATED:
+        y = _gated_residual(y, residual_ptr, gate_ptr, rows, cols, in_bounds, stride_rm, stride_gate, GATE_TOKENS)
+    out = y.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], out, mask=in_bounds)
     if BOUNDS:  # the next layer's range (per tensor, or per row), of the stored values × its factors
         v = out.to(tl.float32)
@@ -407,6 +411,16 @@ def _int8_gemm_kernel(
         else:
             tl.atomic_min(bounds_ptr, tl.min(low), sem="relaxed")
             tl.atomic_min(bounds_ptr + 1, -tl.max(high), sem="relaxed")
+
+
+@triton.jit
+def _gated_residual(y, residual_ptr, gate_ptr, rows, cols, in_bounds, stride_rm, stride_gate, GATE_TOKENS):
+    """residual + gate ⊙ y for a tile: DiT's adaLN-Zero residual update, the gate per sample
+    (row r in sample r // GATE_TOKENS) and column, in float32 (one rounding where the unfused
+    block rounds the layer's output, the product and the sum)."""
+    residual = tl.load(residual_ptr + rows[:, None] * stride_rm + cols[None, :], mask=in_bounds, other=0.0)
+    gate = tl.load(gate_ptr + (rows // GATE_TOKENS)[:, None] * stride_gate + cols[None, :], mask=in_bounds, other=0.0)
+    return residual.to(tl.float32) + gate.to(tl.float32) * y
 
 
 @triton.autotune(configs=WEIGHT_ONLY_CONFIGS, key=["M", "N", "K", "BLOCK_M"])
@@ -515,9 +529,24 @@ def _is_hopper(device: torch.device) -> bool:
     return not INTERPRETED and torch.cuda.get_device_capability(device) == (9, 0)
 
 
+class GatedResidual(NamedTuple):
+    """A GEMM epilogue's residual update out = residual + gate ⊙ y: residual (M, N) and gate
+    (samples, N), each with stride 1 along N; row r belongs to sample r // tokens."""
+
+    residual: torch.Tensor
+    gate: torch.Tensor
+    tokens: int
+
+
 def warp_specialised_suits(m: int, n: int, k: int, rank: int, packed: bool, gelu: bool, bounds, out_dtype,
-                           device: torch.device) -> bool:
-    """Whether a call goes to quant/hopper_gemm.py's kernel (WARP_SPECIALISED_FROM_ROWS says why)."""
+                           device: torch.device, gated: GatedResidual | None = None) -> bool:
+    """Whether a call goes to quant/hopper_gemm.py's kernel (WARP_SPECIALISED_FROM_ROWS says why;
+    a gated residual update only where each of its row tiles lies in one sample)."""
+    if gated is not None:
+        from .hopper_gemm import DEFAULT_CONFIG
+
+        if gated.tokens % DEFAULT_CONFIG.block_m:
+            return False
     range_suits = bounds is None or m >= WARP_SPECIALISED_RANGE_FROM_ROWS
     return (device.type == "cuda" and not packed and range_suits
             and out_dtype in (torch.bfloat16, torch.float16) and m >= WARP_SPECIALISED_FROM_ROWS
@@ -614,7 +643,8 @@ def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, 
               down: torch.Tensor | None, left: torch.Tensor | None, out_dtype: torch.dtype,
               use_tma: bool = False, gelu: bool = False, bounds: torch.Tensor | None = None,
               bounds_scale: torch.Tensor | None = None, unpack_from_rows: int = UNPACK_FROM_ROWS,
-              group_table: torch.Tensor | None = None, warp_specialised: bool | None = None) -> torch.Tensor:
+              group_table: torch.Tensor | None = None, warp_specialised: bool | None = None,
+              gated: GatedResidual | None = None) -> torch.Tensor:
     """The GEMM with its epilogue: out (M, N) = s_x s_w (Σ q'c' − corrections) + s_x·down·Lᵀ + b,
     then GELU (tanh) with `gelu`.
     `weight` is int8 (N, K) signed codes, or (packed) uint8 codes in the split layout (pack_split);
@@ -627,7 +657,8 @@ def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, 
     the next layer's activation range without another pass over `out`.
     `group_table` (N, groups, 2) uint8 [k, z]: packed two-level group codes, unpacked to int8
     (c − z)·k before the GEMM at any M (`zero_w` is then 0 and `scale_w` the row scale).
-    `warp_specialised`: run quant/hopper_gemm.py's kernel (None: where warp_specialised_suits)."""
+    `warp_specialised`: run quant/hopper_gemm.py's kernel (None: where warp_specialised_suits).
+    `gated`: out = residual + gate ⊙ (the above), computed in the epilogue (no GELU then)."""
     m, k = codes.shape
     if group_table is not None:  # two-level groups: always unpacked first (zero point 0 after it)
         weight, packed, use_tma = unpack_two_level(weight, group_table, k), False, False
@@ -636,24 +667,26 @@ def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, 
     n = weight.shape[0]
     rank = 0 if left is None else left.shape[1]
     if warp_specialised is None:
-        warp_specialised = warp_specialised_suits(m, n, k, rank, packed, gelu, bounds, out_dtype, codes.device)
+        warp_specialised = warp_specialised_suits(m, n, k, rank, packed, gelu, bounds, out_dtype, codes.device,
+                                                  gated)
     if warp_specialised:
         from .hopper_gemm import int8_gemm_ws
 
         return int8_gemm_ws(codes, rowsum, qparams, weight, colsum, zero_w, scale_w, bias, down, left, out_dtype,
-                            gelu, bounds, bounds_scale)
+                            gelu, bounds, bounds_scale, gated)
     if use_tma:
         _ensure_descriptor_allocator()
     out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     placeholder = scale_w  # any float32 tensor, for pointers a kernel variant never reads
+    residual, gate, tokens = gated if gated is not None else (placeholder[None], placeholder[None], 1)
     _int8_gemm_kernel[grid](
         codes, weight, rowsum, colsum, zero_w, scale_w, placeholder if bias is None else bias, qparams,
         placeholder if down is None else down, placeholder if left is None else left, out,
         placeholder if bounds is None else bounds, placeholder if bounds_scale is None else bounds_scale,
-        m, n, out.stride(0),
+        residual, gate, m, n, out.stride(0), residual.stride(0), gate.stride(0), tokens,
         K=k, PACKED_K=weight.shape[1], PACKED=packed, USE_TMA=use_tma, HAS_BIAS=bias is not None, RANK=rank,
         GELU=gelu, BOUNDS=bounds is not None, BOUNDS_SCALED=bounds_scale is not None, PER_ROW=per_row(qparams),
-        BOUNDS_PER_ROW=bounds is not None and per_row(bounds), SPLITS=rowsum.shape[0],
+        BOUNDS_PER_ROW=bounds is not None and per_row(bounds), SPLITS=rowsum.shape[0], GATED=gated is not None,
     )
     return out

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import DiTBlock
+from models import DiTBlock, modulate
 
 from .modules import QuantLinear, WeightOnlyLinear
 from .primitives import activation_qparams, unpack_int4
@@ -135,9 +135,18 @@ class TritonQuantLinear(KeepsKernelDtypes):
         """The layer's arguments of the ditas ops, after (x, qparams): its attributes of those names."""
         return KernelTensors(**{name: getattr(self, name) for name in KernelTensors._fields})
 
-    def linear_2d(self, x2d: torch.Tensor, qparams: torch.Tensor) -> torch.Tensor:
-        """The layer of 2-D x with these qparams."""
-        return torch.ops.ditas.int8_linear(x2d, qparams, **self.kernel_tensors()._asdict())
+    def linear_2d(self, x2d: torch.Tensor, qparams: torch.Tensor,
+                  gated: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The layer of 2-D x with these qparams; with gated = (residual (N, T, out), gate (N, out)),
+        residual + gate ⊙ the layer, row r of x in sample r // T (gated_arguments)."""
+        return torch.ops.ditas.int8_linear(x2d, qparams, **self.kernel_tensors()._asdict(),
+                                           **gated_arguments(gated, self.out_features))
+
+    def gated(self, x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """residual + gate.unsqueeze(1) ⊙ layer(x) for x (N, T, in), residual (N, T, out) and the
+        per-sample gate (N, out): DiT's gated residual update in the GEMM's epilogue."""
+        x2d = rows_of(x, self.in_features)
+        return self.linear_2d(x2d, self.qparams(x2d), (residual, gate)).reshape(residual.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = rows_of(x, self.in_features)
@@ -167,8 +176,9 @@ class KernelOptions(NamedTuple):
 
     weight_only_adaln: bool = True  # 8-bit adaLN layers on kernels.weight_only_linear, not dequantised per call
     # calls of fewer rows take per-token qkv's and fc1's LayerNorm + modulation in their quantize pass
-    # (NormFusedDiTBlock; 0: never)
+    # (KernelDiTBlock; 0: never)
     fuse_norms_below_rows: int = 32768
+    gated_residuals: bool = True  # proj's and fc2's epilogues apply the block's gated residual update
 
 
 DEFAULT_KERNEL_OPTIONS = KernelOptions()
@@ -210,6 +220,16 @@ class NormModulation(NamedTuple):
         return dict(norm_shift=self.shift, norm_scale=self.scale, norm_tokens=x.shape[1], norm_eps=self.eps)
 
 
+def gated_arguments(gated: tuple[torch.Tensor, torch.Tensor] | None, features: int) -> dict:
+    """The ditas ops' arguments of a gated residual update (residual (N, T, features), gate (N,
+    features)): none without one."""
+    if gated is None:
+        return {}
+    residual, gate = gated
+    gate = gate if gate.stride(-1) == 1 else gate.contiguous()
+    return dict(residual=rows_of(residual, features), gate=gate, gate_tokens=residual.shape[1])
+
+
 def rows_of(x: torch.Tensor, features: int) -> torch.Tensor:
     """x as (rows, features) with stride 1 along the features, as the kernels read it."""
     x2d = x.reshape(-1, features)
@@ -229,8 +249,10 @@ class TritonQuantMlp(nn.Module):
         super().__init__()
         self.fc1, self.fc2 = fc1, fc2
 
-    def forward(self, x: torch.Tensor, norm: NormModulation | None = None) -> torch.Tensor:
-        """The Mlp of x, or with `norm` of LayerNorm(x)·(1 + scale) + shift (TritonQuantLinear.normed)."""
+    def forward(self, x: torch.Tensor, norm: NormModulation | None = None,
+                gated: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The Mlp of x, or with `norm` of LayerNorm(x)·(1 + scale) + shift (TritonQuantLinear.normed);
+        with gated = (residual, gate), residual + gate ⊙ the Mlp (TritonQuantLinear.gated)."""
         x2d = rows_of(x, self.fc1.in_features)
         dynamic = self.fc2.act_range is None
         first = dict(qparams=None, **norm.op_arguments(x)) if norm else dict(qparams=self.fc1.qparams(x2d))
@@ -238,43 +260,62 @@ class TritonQuantMlp(nn.Module):
                                                           bounds_scale=self.fc2.smooth_inv, with_bounds=dynamic,
                                                           bounds_per_row=self.fc2.per_token)
         qparams = self.fc2.qparams_of_range(bounds[0], -bounds[1]) if dynamic else self.fc2.qparams(hidden)
-        return self.fc2.linear_2d(hidden, qparams).reshape(*x.shape[:-1], self.fc2.out_features)
+        return self.fc2.linear_2d(hidden, qparams, gated).reshape(*x.shape[:-1], self.fc2.out_features)
 
 
-class NormFusedDiTBlock(DiTBlock):
-    """A DiT block whose qkv and fc1 take their LayerNorm + modulation in the quantize pass
-    (TritonQuantLinear.normed) in calls of fewer than `fused_below_rows` rows: the modulated
-    activations are never stored. Larger calls run the plain block, where torch.compile fuses the
-    norm with the range reductions (measured faster at batch 64, slower at batch 1 and 8). Same
-    submodules (and state-dict keys) as the DiTBlock it is built from."""
+class KernelDiTBlock(DiTBlock):
+    """A DiT block laid out on the kernels, with fewer passes over its activations than the plain
+    block (benchmarks/RESULTS.md says what measured faster where):
+    - in calls of fewer than `fuse_norms_below_rows` rows, qkv's and fc1's quantize passes take
+      their LayerNorm + modulation (TritonQuantLinear.normed: the modulated activations are never
+      stored); larger calls leave the norms to torch.compile, which fuses them with the range
+      reductions;
+    - with `gated_residuals`, proj's and fc2's GEMM epilogues apply the gated residual update
+      x + gate ⊙ y (TritonQuantLinear.gated), so y is never stored either.
+    Same submodules (and state-dict keys) as the DiTBlock it is built from."""
 
-    def __init__(self, block: nn.Module, fused_below_rows: int):
+    def __init__(self, block: nn.Module, fuse_norms_below_rows: int, gated_residuals: bool):
         nn.Module.__init__(self)  # not DiTBlock's: the block's own submodules, not new ones
         for name in ("norm1", "attn", "norm2", "mlp", "adaLN_modulation"):
             setattr(self, name, getattr(block, name))
-        self.fused_below_rows = fused_below_rows
+        takes_norms = self.attn.qkv.takes_norm and self.mlp.fc1.takes_norm
+        self.fuse_norms_below_rows = fuse_norms_below_rows if takes_norms else 0
+        self.gated_residuals = gated_residuals
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] * x.shape[1] >= self.fused_below_rows:
-            return super().forward(x, c)
         m = self.modulation(c)
-        qkv = self.attn.qkv.normed(x, NormModulation(m.shift_msa, m.scale_msa, self.norm1.eps))
-        x = x + m.gate_msa.unsqueeze(1) * self.attn.proj(self.attn.attend(qkv))
-        return x + m.gate_mlp.unsqueeze(1) * self.mlp(x, NormModulation(m.shift_mlp, m.scale_mlp, self.norm2.eps))
+        fuse_norms = x.shape[0] * x.shape[1] < self.fuse_norms_below_rows
+        if fuse_norms:
+            qkv = self.attn.qkv.normed(x, NormModulation(m.shift_msa, m.scale_msa, self.norm1.eps))
+        else:
+            qkv = self.attn.qkv(modulate(self.norm1(x), m.shift_msa, m.scale_msa))
+        attended = self.attn.attend(qkv)
+        if self.gated_residuals:
+            x = self.attn.proj.gated(attended, x, m.gate_msa)
+        else:
+            x = x + m.gate_msa.unsqueeze(1) * self.attn.proj(attended)
+        if fuse_norms:
+            mlp_input, norm = x, NormModulation(m.shift_mlp, m.scale_mlp, self.norm2.eps)
+        else:
+            mlp_input, norm = modulate(self.norm2(x), m.shift_mlp, m.scale_mlp), None
+        if self.gated_residuals:
+            return self.mlp(mlp_input, norm, gated=(x, m.gate_mlp))
+        return x + m.gate_mlp.unsqueeze(1) * self.mlp(mlp_input, norm)
 
 
-def norm_fusable_block(module: nn.Module) -> bool:
-    """Whether `module` is a DiT block whose qkv and (fused) MLP can take their norm (NormFusedDiTBlock)."""
-    attn, mlp = getattr(module, "attn", None), getattr(module, "mlp", None)
+def kernel_block(module: nn.Module) -> bool:
+    """Whether `module` is a DiT block whose four layers run on the kernels, the MLP fused (KernelDiTBlock)."""
+    attn = getattr(module, "attn", None)
     return (hasattr(module, "adaLN_modulation") and isinstance(getattr(attn, "qkv", None), TritonQuantLinear)
-            and isinstance(mlp, TritonQuantMlp) and attn.qkv.takes_norm and mlp.fc1.takes_norm)
+            and isinstance(getattr(attn, "proj", None), TritonQuantLinear)
+            and isinstance(getattr(module, "mlp", None), TritonQuantMlp))
 
 
-def fuse_block_norms(model: nn.Module,
-                     below_rows: int = DEFAULT_KERNEL_OPTIONS.fuse_norms_below_rows) -> int:
-    """Swap every DiT block whose norms the quantize pass can take for a NormFusedDiTBlock fused
-    in calls of fewer than `below_rows` rows (in place; after fuse_mlps); how many."""
-    return swap_modules(model, norm_fusable_block, lambda block: NormFusedDiTBlock(block, below_rows))
+def install_kernel_blocks(model: nn.Module, options: KernelOptions = DEFAULT_KERNEL_OPTIONS) -> int:
+    """Swap every DiT block whose layers run on the kernels for a KernelDiTBlock laid out by
+    `options` (in place; after fuse_mlps); how many."""
+    return swap_modules(model, kernel_block, lambda block: KernelDiTBlock(
+        block, options.fuse_norms_below_rows, options.gated_residuals))
 
 
 def fusable_mlp(module: nn.Module) -> bool:
@@ -299,18 +340,19 @@ def register_kernel_op() -> None:
     global _registered
     if _registered:
         return
-    from .kernels import int8_gemm, norm_quantize_rows, quantize_rows, weight_only_linear
+    from .kernels import GatedResidual, int8_gemm, norm_quantize_rows, quantize_rows, weight_only_linear
 
     def run(x, qparams, *, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
             lora_left, act_bits, use_tma, group_table, norm_shift=None, norm_scale=None, norm_tokens=0,
-            norm_eps=0.0, **epilogue):
+            norm_eps=0.0, residual=None, gate=None, gate_tokens=0, **epilogue):
         if norm_shift is not None:  # x: the residual stream; LayerNorm + modulation + quantize in one pass
             codes, rowsum, down, qparams = norm_quantize_rows(x, norm_shift, norm_scale, norm_tokens, norm_eps,
                                                               act_bits, lora_right)
         else:
             codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right)
+        gated = None if residual is None else GatedResidual(residual, gate, gate_tokens)
         return int8_gemm(codes, rowsum, qparams, weight, packed, column_sums, weight_zero, weight_scale, bias, down,
-                         lora_left, x.dtype, use_tma, group_table=group_table, **epilogue)
+                         lora_left, x.dtype, use_tma, group_table=group_table, gated=gated, **epilogue)
 
     def tensors_of(arguments: dict) -> dict:
         """An op's KernelTensors arguments and its optional norm + modulation, by name."""
@@ -330,11 +372,13 @@ def register_kernel_op() -> None:
                     weight_zero: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                     lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
                     group_table: torch.Tensor | None, norm_shift: torch.Tensor | None = None,
-                    norm_scale: torch.Tensor | None = None, norm_tokens: int = 0,
-                    norm_eps: float = 0.0) -> torch.Tensor:
+                    norm_scale: torch.Tensor | None = None, norm_tokens: int = 0, norm_eps: float = 0.0,
+                    residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+                    gate_tokens: int = 0) -> torch.Tensor:
         """The layer of 2-D x; with norm_shift, the layer of LayerNorm(x)·(1 + norm_scale) +
-        norm_shift with per-token ranges taken by the pass (qparams None; TritonQuantLinear.normed)."""
-        return run(x, qparams, **tensors_of(locals()))
+        norm_shift with per-token ranges taken by the pass (qparams None; TritonQuantLinear.normed);
+        with residual, residual + gate ⊙ the layer (TritonQuantLinear.gated)."""
+        return run(x, qparams, **tensors_of(locals()), residual=residual, gate=gate, gate_tokens=gate_tokens)
 
     torch.library.custom_op("ditas::int8_linear", mutates_args=())(int8_linear).register_fake(
         fake_rule(int8_linear, lambda a: a["x"].new_empty(a["x"].shape[0], a["weight"].shape[0])))
@@ -392,8 +436,7 @@ def install_kernels(model: nn.Module, log: Callable[[str], None],
             continue
         set_module(model, name, TritonQuantLinear(layer))
     fuse_mlps(model)
-    if options.fuse_norms_below_rows:
-        fuse_block_norms(model, options.fuse_norms_below_rows)
+    install_kernel_blocks(model, options)
     if options.weight_only_adaln:
         install_weight_only_kernels(model)
     if fallbacks:

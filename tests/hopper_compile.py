@@ -4,7 +4,7 @@ by test_hopper_gemm in a process of its own: Triton decides at import time wheth
 functions (its own library's included) are interpreted, and the tests of the Triton kernels run
 the interpreter, which neither compiler can use (and which does not compile at all).
 
-    python tests/hopper_compile.py gluon '[[{"consumers": 1, "stages": 5}, 32, false, false], ...]'
+    python tests/hopper_compile.py gluon '[[{"consumers": 1, "stages": 5}, 32, false, false, false], ...]'
     python tests/hopper_compile.py triton '[["gemm", {"GELU": true}, {}], ["quantize", {"BLOCK_M": 4}, {}]]'
 
 prints, per case, the PTX and the shared memory the kernel takes, as JSON.
@@ -33,7 +33,7 @@ from quant import hopper_gemm, kernels  # noqa: E402
 HOPPER = GPUTarget("cuda", 90, 32)
 
 
-def compile_for_hopper(config: hopper_gemm.TileConfig, rank: int, gelu: bool, per_row: bool):
+def compile_for_hopper(config: hopper_gemm.TileConfig, rank: int, gelu: bool, per_row: bool, gated: bool):
     """triton.compile of the kernel for sm_90a with DiT-XL/2's qkv shape (host tensors stand in
     for the device ones: only dtypes and alignment enter the signature)."""
     m, k, n = 4096, 1152, 3456
@@ -52,10 +52,11 @@ def compile_for_hopper(config: hopper_gemm.TileConfig, rank: int, gelu: bool, pe
     f32, i32, bf16 = torch.float32, torch.int32, torch.bfloat16
     values = descriptors | dict(rowsum_ptr=i32, colsum_ptr=i32, wzero_ptr=i32, wscale_ptr=f32, bias_ptr=f32,
                                 qparams_ptr=f32, down_ptr=f32, left_ptr=bf16, bounds_ptr=f32,
-                                bounds_scale_ptr=f32, M=m, N=n)
+                                bounds_scale_ptr=f32, residual_desc=descriptors["out_desc"], gate_ptr=bf16, M=m, N=n,
+                                stride_gate=6 * n, GATE_TOKENS=256)
     warps = hopper_gemm.math_warps(config)
     constants = dict(K=k, HAS_BIAS=True, RANK=rank, GELU=gelu, BOUNDS=gelu, BOUNDS_SCALED=gelu, PER_ROW=per_row,
-                     BOUNDS_PER_ROW=gelu and per_row, SPLITS=1, STAGES=config.stages, GROUP_M=config.group_m,
+                     BOUNDS_PER_ROW=gelu and per_row, SPLITS=1, GATED=gated, STAGES=config.stages, GROUP_M=config.group_m,
                      CONSUMERS=config.consumers, INSTR_N=hopper_gemm.wgmma_instr_n(config.block_n),
                      LEFT_RANK=max(rank, 16), CONSUMER_REGISTERS=config.consumer_registers, num_warps=warps)
     source = gluon_runtime.GluonASTSource(kernel, **_signature(kernel.fn, values, constants))
@@ -79,10 +80,11 @@ TRITON_KERNELS = {
         a_ptr=torch.int8, b_ptr=torch.int8, rowsum_ptr=torch.int32, colsum_ptr=torch.int32, wzero_ptr=torch.int32,
         wscale_ptr=torch.float32, bias_ptr=torch.float32, qparams_ptr=torch.float32, down_ptr=torch.float32,
         left_ptr=torch.bfloat16, out_ptr=torch.bfloat16, bounds_ptr=torch.float32, bounds_scale_ptr=torch.float32,
-        M=512, N=3456, stride_om=3456),
+        residual_ptr=torch.bfloat16, gate_ptr=torch.bfloat16, M=512, N=3456, stride_om=3456, stride_rm=3456,
+        stride_gate=6 * 3456, GATE_TOKENS=256),
         dict(K=1152, PACKED_K=1152, PACKED=False, USE_TMA=False, HAS_BIAS=True, RANK=32, GELU=False, BOUNDS=False,
-             BOUNDS_SCALED=False, PER_ROW=False, BOUNDS_PER_ROW=False, SPLITS=1, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128,
-             GROUP_M=8)),
+             BOUNDS_SCALED=False, PER_ROW=False, BOUNDS_PER_ROW=False, SPLITS=1, GATED=False, BLOCK_M=64,
+             BLOCK_N=128, BLOCK_K=128, GROUP_M=8)),
     "quantize": (kernels._quantize_rows_kernel, dict(
         x_ptr=torch.bfloat16, smooth_ptr=torch.float32, qparams_ptr=torch.float32, right_ptr=torch.bfloat16,
         codes_ptr=torch.int8, rowsum_ptr=torch.int32, down_ptr=torch.float32, M=4096, stride_xm=4608),
@@ -112,8 +114,8 @@ def compile_triton_kernel(name: str, constants: dict, tensor_dtypes: dict):
 
 def main(kind: str, cases: list) -> None:
     if kind == "gluon":
-        compiled = [compile_for_hopper(hopper_gemm.TileConfig(**config), rank, gelu, per_row)
-                    for config, rank, gelu, per_row in cases]
+        compiled = [compile_for_hopper(hopper_gemm.TileConfig(**config), rank, gelu, per_row, gated)
+                    for config, rank, gelu, per_row, gated in cases]
     else:
         compiled = [compile_triton_kernel(name, constants, dtypes) for name, constants, dtypes in cases]
     print(json.dumps([{"ptx": c.asm["ptx"], "shared": c.metadata.shared} for c in compiled]))

@@ -186,10 +186,12 @@ def test_quantize_pass_split_over_k_gives_the_same_codes_sums_and_gemm(splits):
 
 
 @pytest.mark.parametrize("act_granularity", ["per_token", "per_tensor"])
-def test_blocks_taking_their_norms_in_the_quantize_pass_compute_the_same(act_granularity):
+def test_kernel_blocks_compute_the_same_as_the_plain_block(act_granularity):
+    """KernelDiTBlock: its gated residual updates (in proj's and fc2's epilogues) and, per token,
+    qkv's and fc1's norms taken by the quantize pass, against the plain block of the same layers."""
     from models import DiTBlock
     from quant.kernels import norm_quantize_rows
-    from quant.triton_modules import NormFusedDiTBlock, fuse_block_norms
+    from quant.triton_modules import KernelDiTBlock, KernelOptions, install_kernel_blocks
 
     register_kernel_op()
     torch.manual_seed(0)
@@ -202,15 +204,19 @@ def test_blocks_taking_their_norms_in_the_quantize_pass_compute_the_same(act_gra
     fuse_mlps(model)
     x, c = torch.randn(3, 13, 64) * 2 + 0.3, torch.randn(3, 64)
     expected = model["block"](x, c)
-    fused = fuse_block_norms(model)
-    if act_granularity == "per_tensor":  # a whole-tensor range needs the activation first
-        assert fused == 0
-        return
-    assert fused == 1 and isinstance(model["block"], NormFusedDiTBlock)
-    got = model["block"](x, c)
+    assert install_kernel_blocks(model, KernelOptions(fuse_norms_below_rows=40, gated_residuals=True)) == 1
+    kernel_block = model["block"]
+    assert isinstance(kernel_block, KernelDiTBlock)
+    # a whole-tensor range needs the activation first: per tensor, the norms stay outside the pass
+    assert kernel_block.fuse_norms_below_rows == (40 if act_granularity == "per_token" else 0)
+    got = kernel_block(x, c)
     assert ((got - expected).norm() / expected.norm()).item() < 1e-4
-    model["block"].fused_below_rows = 39  # x's rows: from there the plain block
-    assert torch.equal(model["block"](x, c), expected)
+    kernel_block.fuse_norms_below_rows = 39  # x's rows: from there torch's norms, the residuals still gated
+    assert ((kernel_block(x, c) - expected).norm() / expected.norm()).item() < 1e-5
+    kernel_block.gated_residuals = False  # the plain block, on the same kernels
+    assert torch.equal(kernel_block(x, c), expected)
+    if act_granularity == "per_tensor":
+        return
     # the pass itself: codes of LayerNorm(x)·(1 + scale) + shift with its per-token ranges
     shift, scale = torch.randn(3, 64) * 0.3, torch.randn(3, 64) * 0.3
     kernel = block.mlp.fc1
@@ -239,6 +245,21 @@ def test_norm_pass_statistics_hold_for_a_partial_last_tile_and_a_large_mean():
     reference = quantize_rows(modulated, qparams, 8, None, right, splits=1)
     assert (codes.int() - reference[0].int()).abs().max() <= 1 and (codes != reference[0]).float().mean() < 1e-2
     assert torch.equal(rowsum, codes.int().sum(dim=1)[None])
+
+
+@pytest.mark.parametrize(("weight_bits", "act_granularity", "rows"), [(4, "per_token", 30), (8, "per_tensor", 26)])
+def test_gated_layer_applies_the_residual_update_in_its_epilogue(weight_bits, act_granularity, rows):
+    """residual + gate ⊙ layer(x), the gate per sample (10 or 13 tokens each, so sample borders
+    fall inside the GEMM's row tiles), from a gate with the adaLN chunk's row stride."""
+    register_kernel_op()
+    kernel = TritonQuantLinear(random_quant_linear(48, 40, weight_bits=weight_bits, rank=8, smooth=True,
+                                                   act_granularity=act_granularity))
+    samples = 2
+    x = torch.randn(samples, rows // samples, 48) * 2
+    residual = torch.randn(samples, rows // samples, 40)
+    gate = torch.randn(samples, 6 * 40)[:, 40:80]  # a chunk: row stride 240
+    expected = residual + gate.unsqueeze(1) * kernel(x)
+    torch.testing.assert_close(kernel.gated(x, residual, gate), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_quantize_pass_configs_keep_to_their_program_chunk():

@@ -24,15 +24,16 @@ from quant import hopper_gemm  # noqa: E402
 
 COMPILE_CONFIGS = {"ping-pong": hopper_gemm.DEFAULT_CONFIG,
                    "one-math-partition": hopper_gemm.TileConfig(consumers=1, stages=5)}
-COMPILE_EPILOGUES = [(32, False, False), (0, True, True)]  # (LoRA rank, GELU + range, per-row ranges)
+# (LoRA rank, GELU + range, per-row ranges, gated residual update)
+COMPILE_EPILOGUES = [(32, False, False, False), (0, True, True, False), (32, False, True, True)]
 
 
 @pytest.fixture(scope="module")
 def compiled_for_hopper() -> dict:
-    """{(config name, rank, gelu, per_row): {"ptx", "shared"}}, compiled by tests/hopper_compile.py
+    """{(config name, rank, gelu, per_row, gated): {"ptx", "shared"}}, compiled by tests/hopper_compile.py
     in a process without Triton's CPU interpreter (test_backends turns it on in this one)."""
     cases = [(name, *epilogue) for name in COMPILE_CONFIGS for epilogue in COMPILE_EPILOGUES]
-    arguments = [[COMPILE_CONFIGS[name]._asdict(), rank, gelu, per_row] for name, rank, gelu, per_row in cases]
+    arguments = [[COMPILE_CONFIGS[name]._asdict(), *epilogue] for name, *epilogue in cases]
     return dict(zip(cases, compile_in_own_process("gluon", arguments)))
 
 
@@ -50,6 +51,7 @@ def compile_in_own_process(kind: str, cases: list) -> list[dict]:
 TRITON_VARIANTS = {
     "gemm per row, GELU + range": ["gemm", {"PER_ROW": True, "GELU": True, "BOUNDS": True, "BOUNDS_SCALED": True,
                                              "BOUNDS_PER_ROW": True, "SPLITS": 3}, {}],
+    "gemm with the gated residual update": ["gemm", {"GATED": True, "PER_ROW": True}, {}],
     "LayerNorm + modulation + quantize pass": ["norm_quantize", {}, {}],
     "… 512-wide tiles": ["norm_quantize", {"BLOCK_M": 16, "BLOCK_K": 512}, {}],
     "… 2 rows a program": ["norm_quantize", {"BLOCK_M": 2, "BLOCK_K": 256}, {}],
@@ -67,10 +69,9 @@ def test_triton_kernel_variants_compile_for_hopper():
 
 
 @pytest.mark.parametrize("config", list(COMPILE_CONFIGS))
-@pytest.mark.parametrize("rank,gelu,per_row", COMPILE_EPILOGUES)
-def test_the_kernel_compiles_for_hopper_with_warp_specialised_partitions(compiled_for_hopper, config, rank, gelu,
-                                                                        per_row):
-    compiled = compiled_for_hopper[(config, rank, gelu, per_row)]
+@pytest.mark.parametrize("epilogue", COMPILE_EPILOGUES)
+def test_the_kernel_compiles_for_hopper_with_warp_specialised_partitions(compiled_for_hopper, config, epilogue):
+    compiled = compiled_for_hopper[(config, *epilogue)]
     ptx = compiled["ptx"]
     assert ".target sm_90a" in ptx
     assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx  # tensor cores fed by TMA
