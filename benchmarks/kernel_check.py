@@ -81,7 +81,7 @@ def check_kernels(device, models: list[str], layers: list[str], emit) -> bool:
                     ok &= row["passed"]
                     emit({"part": "check", "model": model_name, **row})
         if "block" in layers:  # KernelDiTBlock; 2 images: batch 1 with CFG, on the Triton GEMM
-            for images in (LARGE_ROWS // 256, 2):
+            for images in (2, LARGE_ROWS // 256):
                 for layout in BLOCK_LAYOUTS:
                     for dtype, tolerance in CHECK_TOLERANCES:
                         row = check_kernel_block(hidden, dtype, tolerance, device, images, layout)
@@ -91,8 +91,9 @@ def check_kernels(device, models: list[str], layers: list[str], emit) -> bool:
 
 
 # KernelDiTBlock layouts the block check runs (install_kernels's default, and batch 64's)
-BLOCK_LAYOUTS = {"norms fused, gated residuals": KernelOptions(),
-                 "gated residuals": KernelOptions(fuse_norms_below_rows=0)}
+BLOCK_LAYOUTS = {"norms fused, gated residuals": KernelOptions(fuse_norms_below_rows=1 << 40,
+                                                                gate_residuals_below_rows=1 << 40),
+                 "gated residuals": KernelOptions(fuse_norms_below_rows=0, gate_residuals_below_rows=1 << 40)}
 
 
 @torch.no_grad()

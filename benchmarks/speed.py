@@ -84,10 +84,12 @@ ROWS = {
     # the layout before the adaLN's weight-only kernel, the norm-fused blocks and the gated residuals
     "w4a8-token-unfused-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
                                       kernels=KernelOptions(weight_only_adaln=False, fuse_norms_below_rows=0,
-                                                            gated_residuals=False)),
-    # the residual updates after the GEMMs, by torch.compile
+                                                            gate_residuals_below_rows=0)),
+    # the residual updates after the GEMMs, by torch.compile; or in the epilogues at every batch
     "w4a8-token-ungated-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
-                                      kernels=KernelOptions(gated_residuals=False)),
+                                      kernels=KernelOptions(gate_residuals_below_rows=0)),
+    "w4a8-token-gated-all-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
+                                        kernels=KernelOptions(gate_residuals_below_rows=1 << 40)),
     "w4a8-2level-compile": Row(4, "triton", torch.bfloat16, True, "per_tensor", "two_level"),
 }
 

@@ -169,18 +169,16 @@ def _epilogue(acc, off_m, off_n, M, N, rowsum_ptr, colsum_ptr, wzero_ptr, wscale
         y += gl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if GELU:
         y = _gelu_tanh(y)
-    tma.store_wait(0)  # this partition's previous tile has left out_smem
     if GATED:
-        # residual + gate ⊙ y (kernels._gated_residual): the residual tile comes by TMA through
-        # out_smem (a tile of pointers would not fit in the registers); the tile's rows are in one
-        # sample (GATE_TOKENS is a multiple of BLOCK_M), whose gate is one row
-        mbarrier.expect(loaded, residual_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(residual_desc, [off_m, off_n], loaded, out_smem)
+        # residual + gate ⊙ y (kernels._gated_residual): the residual tile, prefetched into
+        # out_smem (_prefetch_residual); the tile's rows are in one sample (GATE_TOKENS is a
+        # multiple of BLOCK_M), whose gate is one row
         gate = gl.load(gate_ptr + (off_m // GATE_TOKENS) * stride_gate + cols, mask=col_ok, other=0.0)
         mbarrier.wait(loaded, phase)
         y = out_smem.load(layout).to(gl.float32) + gate.to(gl.float32)[None, :] * y
         gl.thread_barrier()  # every warp has read the residual before out_smem is overwritten
     out = y.to(out_desc.dtype)
+    tma.store_wait(0)  # this partition's previous tile has left out_smem
     out_smem.store(out)
     fence_async_shared()
     tma.async_copy_shared_to_global(out_desc, [off_m, off_n], out_smem)
@@ -198,6 +196,16 @@ def _epilogue(acc, off_m, off_n, M, N, rowsum_ptr, colsum_ptr, wzero_ptr, wscale
         else:
             gl.atomic_min(bounds_ptr, gl.min(low, axis=0), sem="relaxed")
             gl.atomic_min(bounds_ptr + 1, -gl.max(high, axis=0), sem="relaxed")
+
+
+@gluon.jit
+def _prefetch_residual(residual_desc, out_smem, loaded, off_m, off_n):
+    """Starts the TMA load of a tile's residual into the partition's staging tile, once the
+    previous tile's output has left it, to land during the tile's main loop (a tile of pointers
+    would not fit in the registers, nor another 32 KB tile beside the ring)."""
+    tma.store_wait(0)
+    mbarrier.expect(loaded, residual_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(residual_desc, [off_m, off_n], loaded, out_smem)
 
 
 @gluon.jit
@@ -222,6 +230,8 @@ def _math(a_bufs, b_bufs, ready, free, turn, left_smem, rowsum_ptr, colsum_ptr, 
     turns = 0
     for tile in range(gl.program_id(0) + FIRST * programs, tiles_m * tiles_n, CONSUMERS * programs):
         off_m, off_n = _tile_origin(tile, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
+        if GATED:
+            _prefetch_residual(residual_desc, out_smem, loaded, off_m, off_n)
         if CONSUMERS == 2:
             # Main loops take turns (partition 0 first: parity 1 of a fresh barrier passes at
             # once). Besides keeping the tensor cores for one main loop at a time, this keeps

@@ -178,7 +178,9 @@ class KernelOptions(NamedTuple):
     # calls of fewer rows take per-token qkv's and fc1's LayerNorm + modulation in their quantize pass
     # (KernelDiTBlock; 0: never)
     fuse_norms_below_rows: int = 32768
-    gated_residuals: bool = True  # proj's and fc2's epilogues apply the block's gated residual update
+    # calls of fewer rows have proj's and fc2's epilogues apply the block's gated residual update
+    # (KernelDiTBlock; 0: never)
+    gate_residuals_below_rows: int = 32768
 
 
 DEFAULT_KERNEL_OPTIONS = KernelOptions()
@@ -270,27 +272,29 @@ class KernelDiTBlock(DiTBlock):
       their LayerNorm + modulation (TritonQuantLinear.normed: the modulated activations are never
       stored); larger calls leave the norms to torch.compile, which fuses them with the range
       reductions;
-    - with `gated_residuals`, proj's and fc2's GEMM epilogues apply the gated residual update
-      x + gate ⊙ y (TritonQuantLinear.gated), so y is never stored either.
+    - in calls of fewer than `gate_residuals_below_rows` rows, proj's and fc2's GEMM epilogues
+      apply the gated residual update x + gate ⊙ y (TritonQuantLinear.gated), so y is never stored
+      either; larger calls leave it to torch.compile, which fuses it into the next norm.
     Same submodules (and state-dict keys) as the DiTBlock it is built from."""
 
-    def __init__(self, block: nn.Module, fuse_norms_below_rows: int, gated_residuals: bool):
+    def __init__(self, block: nn.Module, fuse_norms_below_rows: int, gate_residuals_below_rows: int):
         nn.Module.__init__(self)  # not DiTBlock's: the block's own submodules, not new ones
         for name in ("norm1", "attn", "norm2", "mlp", "adaLN_modulation"):
             setattr(self, name, getattr(block, name))
         takes_norms = self.attn.qkv.takes_norm and self.mlp.fc1.takes_norm
         self.fuse_norms_below_rows = fuse_norms_below_rows if takes_norms else 0
-        self.gated_residuals = gated_residuals
+        self.gate_residuals_below_rows = gate_residuals_below_rows
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         m = self.modulation(c)
-        fuse_norms = x.shape[0] * x.shape[1] < self.fuse_norms_below_rows
+        rows = x.shape[0] * x.shape[1]
+        fuse_norms, gated = rows < self.fuse_norms_below_rows, rows < self.gate_residuals_below_rows
         if fuse_norms:
             qkv = self.attn.qkv.normed(x, NormModulation(m.shift_msa, m.scale_msa, self.norm1.eps))
         else:
             qkv = self.attn.qkv(modulate(self.norm1(x), m.shift_msa, m.scale_msa))
         attended = self.attn.attend(qkv)
-        if self.gated_residuals:
+        if gated:
             x = self.attn.proj.gated(attended, x, m.gate_msa)
         else:
             x = x + m.gate_msa.unsqueeze(1) * self.attn.proj(attended)
@@ -298,7 +302,7 @@ class KernelDiTBlock(DiTBlock):
             mlp_input, norm = x, NormModulation(m.shift_mlp, m.scale_mlp, self.norm2.eps)
         else:
             mlp_input, norm = modulate(self.norm2(x), m.shift_mlp, m.scale_mlp), None
-        if self.gated_residuals:
+        if gated:
             return self.mlp(mlp_input, norm, gated=(x, m.gate_mlp))
         return x + m.gate_mlp.unsqueeze(1) * self.mlp(mlp_input, norm)
 
@@ -315,7 +319,7 @@ def install_kernel_blocks(model: nn.Module, options: KernelOptions = DEFAULT_KER
     """Swap every DiT block whose layers run on the kernels for a KernelDiTBlock laid out by
     `options` (in place; after fuse_mlps); how many."""
     return swap_modules(model, kernel_block, lambda block: KernelDiTBlock(
-        block, options.fuse_norms_below_rows, options.gated_residuals))
+        block, options.fuse_norms_below_rows, options.gate_residuals_below_rows))
 
 
 def fusable_mlp(module: nn.Module) -> bool:

@@ -204,7 +204,7 @@ def test_kernel_blocks_compute_the_same_as_the_plain_block(act_granularity):
     fuse_mlps(model)
     x, c = torch.randn(3, 13, 64) * 2 + 0.3, torch.randn(3, 64)
     expected = model["block"](x, c)
-    assert install_kernel_blocks(model, KernelOptions(fuse_norms_below_rows=40, gated_residuals=True)) == 1
+    assert install_kernel_blocks(model, KernelOptions(fuse_norms_below_rows=40, gate_residuals_below_rows=40)) == 1
     kernel_block = model["block"]
     assert isinstance(kernel_block, KernelDiTBlock)
     # a whole-tensor range needs the activation first: per tensor, the norms stay outside the pass
@@ -213,7 +213,7 @@ def test_kernel_blocks_compute_the_same_as_the_plain_block(act_granularity):
     assert ((got - expected).norm() / expected.norm()).item() < 1e-4
     kernel_block.fuse_norms_below_rows = 39  # x's rows: from there torch's norms, the residuals still gated
     assert ((kernel_block(x, c) - expected).norm() / expected.norm()).item() < 1e-5
-    kernel_block.gated_residuals = False  # the plain block, on the same kernels
+    kernel_block.gate_residuals_below_rows = 39  # the plain block, on the same kernels
     assert torch.equal(kernel_block(x, c), expected)
     if act_granularity == "per_tensor":
         return
