@@ -16,7 +16,8 @@ reference feeds the quantized activation to the LoRA branch too). With few rows 
 K over programs (each writes partial row sums and down-projections, which the GEMM epilogue adds
 up in a fixed order: deterministic, unlike atomics), so that a small call still fills the GPU.
 `int8_gemm` runs the GEMM and, in its epilogue, the zero-point corrections, both scales, the LoRA
-up-projection and the bias. The ranges (`qparams`, [scale, zero] of shape (2, 1), or (2, M) per
+up-projection and the bias (and optionally GELU with the next layer's range, or a DiT block's
+gated residual update). The ranges (`qparams`, [scale, zero] of shape (2, 1), or (2, M) per
 row) are computed beforehand by torch, where torch.compile fuses them into the producer of x; they
 are passed as a device tensor, so nothing synchronises with the host.
 """

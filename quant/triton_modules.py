@@ -1,8 +1,9 @@
 """The `triton` backend's modules: a QuantLinear computed by the int8 kernels (quant/kernels.py),
 DiT's Mlp with GELU and fc2's range fused into fc1's epilogue, DiT blocks whose qkv and fc1 take
-their LayerNorm + modulation in the quantize pass, the 8-bit adaLN on a weight-only kernel, the
-kernels as torch custom ops (opaque to torch.compile), and the swap of a model's layers for them
-(install_kernels, laid out by KernelOptions)."""
+their LayerNorm + modulation in the quantize pass and whose proj and fc2 apply the gated residual
+update in their epilogues, the 8-bit adaLN on a weight-only kernel, the kernels as torch custom
+ops (opaque to torch.compile), and the swap of a model's layers for them (install_kernels, laid
+out by KernelOptions)."""
 
 from __future__ import annotations
 
