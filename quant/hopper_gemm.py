@@ -21,8 +21,8 @@ Here one program per multiprocessor walks its tiles in grouped order, split into
 Same arithmetic as `kernels.int8_gemm` (the module docstring there derives the corrections):
 int32 accumulation, then out = s_x s_w (Σ q'c' − z'_x Σ c' − z'_w Σ q' + K z'_x z'_w)
 + s_x·down·Lᵀ (bf16 tensor cores) + b, optionally GELU and the [min, −max] reduction of the
-stored output, or the block's gated residual update. Only unpacked int8 weights: packed and two-level codes are unpacked to int8 first,
-as `int8_gemm` does at these row counts.
+stored output, or a DiT block's gated residual update. Only unpacked int8 weights: packed and
+two-level codes are unpacked to int8 first, as `int8_gemm` does at these row counts.
 """
 
 from __future__ import annotations
@@ -256,8 +256,7 @@ def _math(a_bufs, b_bufs, ready, free, turn, left_smem, rowsum_ptr, colsum_ptr, 
         _epilogue(acc, off_m, off_n, M, N, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
                   qparams_ptr, down_ptr, left_ptr, out_desc, out_smem, bounds_ptr, bounds_scale_ptr, left_smem,
                   residual_desc, loaded, (turns + 1) & 1, gate_ptr, stride_gate, GATE_TOKENS, K, HAS_BIAS, RANK,
-                  GELU, BOUNDS,
-                  BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, GATED, WARPS, INSTR_N)
+                  GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, GATED, WARPS, INSTR_N)
     tma.store_wait(0)
 
 
@@ -359,8 +358,7 @@ def int8_gemm_ws(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tenso
         K=k, HAS_BIAS=bias is not None, RANK=rank, GELU=gelu, BOUNDS=bounds is not None,
         BOUNDS_SCALED=bounds_scale is not None, PER_ROW=per_row(qparams),
         BOUNDS_PER_ROW=bounds is not None and per_row(bounds), SPLITS=rowsum.shape[0], GATED=gated is not None,
-        STAGES=config.stages,
-        GROUP_M=config.group_m, CONSUMERS=config.consumers, INSTR_N=wgmma_instr_n(config.block_n),
+        STAGES=config.stages, GROUP_M=config.group_m, CONSUMERS=config.consumers, INSTR_N=wgmma_instr_n(config.block_n),
         LEFT_RANK=max(rank, 16), CONSUMER_REGISTERS=config.consumer_registers, num_warps=warps,
     )
     return out

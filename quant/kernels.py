@@ -531,8 +531,9 @@ def _is_hopper(device: torch.device) -> bool:
 
 
 class GatedResidual(NamedTuple):
-    """A GEMM epilogue's residual update out = residual + gate ⊙ y: residual (M, N) and gate
-    (samples, N), each with stride 1 along N; row r belongs to sample r // tokens."""
+    """A GEMM epilogue's residual update out = residual + gate ⊙ y: residual (M, N), in the
+    output's dtype, and gate (samples, N), each with stride 1 along N; row r belongs to sample
+    r // tokens."""
 
     residual: torch.Tensor
     gate: torch.Tensor
