@@ -210,15 +210,13 @@ def _range_qparams(lo, hi, QMAX: tl.constexpr):
     return scale, tl.minimum(tl.maximum(((-lo / scale) + ROUND_MAGIC) - ROUND_MAGIC, 0.0), QMAX)
 
 
-@triton.autotune(configs=NORM_QUANTIZE_CONFIGS, key=["M", "K", "RANK", "TOKENS"])
-# a row block within one sample modulates by one row of shift and scale, loaded once per tile
-@triton.heuristics({"ONE_SAMPLE": lambda arguments: arguments["TOKENS"] % arguments["BLOCK_M"] == 0})
+@triton.autotune(configs=NORM_QUANTIZE_CONFIGS, key=["M", "K", "RANK"])
 @triton.jit
 def _norm_quantize_rows_kernel(
     x_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr,
     M, stride_xm, stride_mod, TOKENS, EPS_NORM,
     K: tl.constexpr, QMAX: tl.constexpr, RANK: tl.constexpr, ROUND_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_SAMPLE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The quantize pass of LayerNorm(x)·(1 + scale) + shift (DiT's norm + adaLN modulation; no
     affine; shift and scale (N, K) per sample, row r of x in sample r // TOKENS) with per-token
@@ -228,10 +226,7 @@ def _norm_quantize_rows_kernel(
     row sums, the LoRA down-projection (one split) and each row's [scale; zero] to qparams (2, M)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    if ONE_SAMPLE:
-        samples = (tl.program_id(0) * BLOCK_M) // TOKENS
-    else:
-        samples = rows // TOKENS
+    samples = rows // TOKENS
     # mean and sum of squared deviations in one pass: each tile's own, merged into the running
     # ones (Chan et al.'s pairwise update), as exact as two passes
     mean = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -253,7 +248,7 @@ def _norm_quantize_rows_kernel(
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (cols < K)[None, :]
         y = _modulated_tile(x_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd, stride_xm, stride_mod,
-                            K, ROUND_BF16, ONE_SAMPLE)
+                            K, ROUND_BF16)
         lo = tl.minimum(lo, tl.min(y, axis=1))
         hi = tl.maximum(hi, tl.max(y, axis=1))
     scale, zero = _range_qparams(lo, hi, QMAX)
@@ -269,7 +264,7 @@ def _norm_quantize_rows_kernel(
         col_ok = cols < K
         mask = row_ok[:, None] & col_ok[None, :]
         y = _modulated_tile(x_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd, stride_xm, stride_mod,
-                            K, ROUND_BF16, ONE_SAMPLE)
+                            K, ROUND_BF16)
         q, shifted = _quantized_tile(y, scale, zero, mask, QMAX)
         tl.store(codes_ptr + rows[:, None] * K + cols[None, :], shifted.to(tl.int8), mask=mask)
         rowsum += tl.sum(shifted, axis=1)
@@ -282,18 +277,12 @@ def _norm_quantize_rows_kernel(
 
 @triton.jit
 def _modulated_tile(x_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd, stride_xm, stride_mod,
-                    K: tl.constexpr, ROUND_BF16: tl.constexpr, ONE_SAMPLE: tl.constexpr):
-    """((x − mean)·rstd)·(1 + scale[sample]) + shift[sample] for a tile, 0 outside `mask`;
-    `samples`: each row's, or with ONE_SAMPLE the block's one (a scalar: one row of shift and scale)."""
+                    K: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """((x − mean)·rstd)·(1 + scale[sample]) + shift[sample] for a tile, 0 outside `mask`."""
     x = _smoothed_tile(x_ptr, x_ptr, rows, cols, mask, cols < K, stride_xm, False)
-    if ONE_SAMPLE:
-        col_ok = cols < K
-        scale = tl.load(scale_ptr + samples * stride_mod + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        shift = tl.load(shift_ptr + samples * stride_mod + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    else:
-        offsets = samples[:, None] * stride_mod + cols[None, :]
-        scale = tl.load(scale_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        shift = tl.load(shift_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    offsets = samples[:, None] * stride_mod + cols[None, :]
+    scale = tl.load(scale_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(shift_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     y = ((x - mean[:, None]) * rstd[:, None]) * (1.0 + scale) + shift
     if ROUND_BF16:
         y = y.to(tl.bfloat16).to(tl.float32)

@@ -24,7 +24,7 @@ from triton.compiler import ASTSource
 from triton.experimental.gluon import _runtime as gluon_runtime
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-from triton.runtime.jit import JITFunction, mangle_type
+from triton.runtime.jit import mangle_type
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -94,7 +94,7 @@ TRITON_KERNELS = {
         x_ptr=torch.bfloat16, shift_ptr=torch.bfloat16, scale_ptr=torch.bfloat16, qparams_ptr=torch.float32,
         right_ptr=torch.bfloat16, codes_ptr=torch.int8, rowsum_ptr=torch.int32, down_ptr=torch.float32, M=4096,
         stride_xm=1152, stride_mod=6912, TOKENS=256, EPS_NORM=1e-6),
-        dict(K=1152, QMAX=255.0, RANK=32, ROUND_BF16=True, BLOCK_M=32, BLOCK_K=128, ONE_SAMPLE=True)),
+        dict(K=1152, QMAX=255.0, RANK=32, ROUND_BF16=True, BLOCK_M=32, BLOCK_K=128)),
     "weight_only": (kernels._weight_only_kernel, dict(
         x_ptr=torch.bfloat16, codes_ptr=torch.uint8, zero_ptr=torch.uint8, scale_ptr=torch.float32,
         bias_ptr=torch.float32, out_ptr=torch.bfloat16, M=16, N=6912),
@@ -105,9 +105,8 @@ TRITON_KERNELS = {
 def compile_triton_kernel(name: str, constants: dict, tensor_dtypes: dict):
     """triton.compile of one variant of quant/kernels.py's `name` kernel for sm_90a (4 warps).
     tensor_dtypes: pointer arguments whose dtype differs from the defaults (e.g. a float a_ptr)."""
-    jit, arguments, defaults = TRITON_KERNELS[name]
-    while not isinstance(jit, JITFunction):  # under the autotuner (and heuristics)
-        jit = jit.fn
+    autotuned, arguments, defaults = TRITON_KERNELS[name]
+    jit = autotuned.fn
     arguments = arguments | {key: getattr(torch, value) for key, value in tensor_dtypes.items()}
     source = ASTSource(jit, **_signature(jit.fn, arguments, defaults | constants))
     return triton.compile(source, target=HOPPER, options=dict(num_warps=4))

@@ -55,7 +55,6 @@ TRITON_VARIANTS = {
     "LayerNorm + modulation + quantize pass": ["norm_quantize", {}, {}],
     "… 512-wide tiles": ["norm_quantize", {"BLOCK_M": 16, "BLOCK_K": 512}, {}],
     "… 2 rows a program": ["norm_quantize", {"BLOCK_M": 2, "BLOCK_K": 256}, {}],
-    "… rows of several samples a program": ["norm_quantize", {"ONE_SAMPLE": False}, {}],
     "quantize pass, 4 rows a program": ["quantize", {"BLOCK_M": 4, "BLOCK_K": 256}, {}],
     "8-bit weight-only layer (adaLN), 16 rows": ["weight_only", {}, {}],
     "… 128 rows": ["weight_only", {"BLOCK_M": 128}, {}],
