@@ -87,10 +87,10 @@ def test_instruction_width_divides_the_tile():
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="needs a Hopper GPU")
-@pytest.mark.parametrize("per_token", [False, True])
-def test_on_hopper_the_gluon_gemm_equals_the_triton_gemm(per_token):
+@pytest.mark.parametrize(("per_token", "gated"), [(False, False), (True, False), (True, True)])
+def test_on_hopper_the_gluon_gemm_equals_the_triton_gemm(per_token, gated):
     from benchmarks.synthetic import outlier_input, quantized_layer_pair
-    from quant.kernels import int8_gemm, quantize_rows
+    from quant.kernels import GatedResidual, int8_gemm, quantize_rows
 
     device = torch.device("cuda")
     _, layer = quantized_layer_pair(1152, 3456, 8, False, device, act_granularity="per_token" if per_token else
@@ -99,8 +99,12 @@ def test_on_hopper_the_gluon_gemm_equals_the_triton_gemm(per_token):
     qparams = layer.qparams(x)
     codes, rowsum, down = quantize_rows(x, qparams, 8, layer.smooth_inv, layer.lora_right)
     tail = (layer.column_sums, layer.weight_zero, layer.weight_scale, layer.bias, down, layer.lora_left, torch.bfloat16)
-    expected = int8_gemm(codes, rowsum, qparams, layer.weight, False, *tail, warp_specialised=False)
-    assert torch.equal(hopper_gemm.int8_gemm_ws(codes, rowsum, qparams, layer.weight, *tail), expected)
+    update = None
+    if gated:  # a block's residual update: 16 samples of 256 tokens, the gate a chunk of the adaLN output
+        update = GatedResidual(outlier_input(4096, 3456, device, torch.bfloat16, seed=1),
+                               torch.randn(16, 6 * 3456, device=device, dtype=torch.bfloat16)[:, 3456:6912], 256)
+    expected = int8_gemm(codes, rowsum, qparams, layer.weight, False, *tail, warp_specialised=False, gated=update)
+    assert torch.equal(hopper_gemm.int8_gemm_ws(codes, rowsum, qparams, layer.weight, *tail, gated=update), expected)
 
 
 def test_large_calls_on_hopper_go_to_the_gluon_gemm_where_it_measured_faster(monkeypatch):
