@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.rowlog import RowLog, card_of, provenance
 from benchmarks.synthetic import HIDDEN, layer_shapes
-from quant.compensate import column_loop, compensated_codes, inverse_cholesky
+from quant.compensate import column_loop, compensated_codes, damped_cholesky, inverse_cholesky
 from quant.primitives import quantize_weight
 
 
@@ -46,7 +46,7 @@ def main(args: argparse.Namespace) -> None:
     for role, (k, n) in layer_shapes(HIDDEN[args.model]).items():
         x = torch.randn(4096, k, generator=generator)
         x = x + 0.5 * x.roll(1, dims=1)  # neighbouring channels correlated
-        upper = inverse_cholesky((x.T @ x).to(device), 0.01)
+        upper = inverse_cholesky(damped_cholesky((x.T @ x).to(device), 0.01))
         weight = (torch.randn(n, k, generator=generator) * 0.02).to(device)
         grid = quantize_weight(weight, args.weight_bit)
         ways = {f"triton_{w}_warps": functools.partial(compensate_columns, warps=w) for w in args.warps}

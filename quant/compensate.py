@@ -29,20 +29,25 @@ def damped(hessian: torch.Tensor, damping: float) -> torch.Tensor:
     return h
 
 
-def factor_and_inverse(hessian: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C, C⁻¹) with C·Cᵀ the damped H: its lower Cholesky factor (float32). Any such C weights a
-    low-rank fit the same way, ‖E·C‖² = tr(E H Eᵀ); a Cholesky factor costs a fraction of the
+def damped_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """The lower Cholesky factor (float64) of the damped H: what both factor_and_inverse and
+    inverse_cholesky start from, so a layer whose rounding and LoRA metric both read H factors it
+    once."""
+    return torch.linalg.cholesky(damped(hessian, damping))
+
+
+def factor_and_inverse(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, C⁻¹) in float32 from C = damped_cholesky(H), with C·Cᵀ the damped H. Any such C weights
+    a low-rank fit the same way, ‖E·C‖² = tr(E H Eᵀ); a Cholesky factor costs a fraction of the
     symmetric square root's eigendecomposition (seconds on DiT-XL/2's 4,608-wide fc2)."""
-    factor = torch.linalg.cholesky(damped(hessian, damping))
     identity = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
     return factor.float(), torch.linalg.solve_triangular(factor, identity, upper=False).float()
 
 
-def inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
-    """U, the upper Cholesky factor of the damped H⁻¹ (float32): what compensated_codes needs of H,
-    computed once per layer and reused by every LoRA iteration."""
-    h_inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped(hessian, damping)))
-    return torch.linalg.cholesky(h_inverse, upper=True).float()
+def inverse_cholesky(factor: torch.Tensor) -> torch.Tensor:
+    """U, the upper Cholesky factor of the damped H⁻¹ (float32), from C = damped_cholesky(H): what
+    compensated_codes needs of H, computed once per layer and reused by every LoRA iteration."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True).float()
 
 
 def column_loop(w: torch.Tensor, upper: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, low: torch.Tensor,
@@ -64,7 +69,8 @@ def compensated_codes(weight: torch.Tensor, upper: torch.Tensor, grid: Quantized
                       block: int = 128, columns: Callable | None = None) -> QuantizedWeight:
     """Codes of an (out, in) `weight` on `grid`'s scales and zero points (unpacked; per channel,
     per group or per tensor; symmetric grids use codes 1 … 2^b − 1, as quantize_weight does),
-    chosen column by column with error compensation through `upper` = inverse_cholesky(H).
+    chosen column by column with error compensation through `upper` = inverse_cholesky of H's
+    damped_cholesky factor.
     `columns` walks one block of columns (column_loop's contract); by default the Triton kernel on
     a GPU (a few launches per block instead of a dozen per column) and column_loop elsewhere."""
     out, inp = weight.shape

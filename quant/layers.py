@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from .calibrate import ChannelStats
-from .compensate import compensated_codes, factor_and_inverse, inverse_cholesky
+from .compensate import compensated_codes, damped_cholesky, factor_and_inverse, inverse_cholesky
 from .config import QuantConfig
 from .lowrank import quantize_with_low_rank
 from .primitives import QuantizedLayer, QuantizedWeight, quantize_weight
@@ -34,13 +34,15 @@ def quantize_layer(
     weight = linear.weight.detach().float() * factors.unsqueeze(-2)
     quantize = functools.partial(quantize_weight, bits=config.weight_bits, granularity=config.weight_granularity,
                                  group_size=config.weight_group_size, symmetric=config.weight_symmetric)
-    grams = None
+    h_factors = None
     if needs_input_gram(config):
         if stats is None or stats.gram is None:
             raise ValueError(f"{config.rounding} rounding and {config.lora_weighting} LoRA need the inputs' H")
-        grams = smoothed_grams(stats.gram.to(weight.device), factors)
-    quantize = ROUNDERS[config.rounding].build(quantize, grams, config)
-    weighting = LORA_METRICS[config.lora_weighting].build(grams, config)
+        # factored once for both parts that read H
+        h_factors = [damped_cholesky(g, config.hessian_damping)
+                     for g in smoothed_grams(stats.gram.to(weight.device), factors)]
+    quantize = ROUNDERS[config.rounding].build(quantize, h_factors, config)
+    weighting = LORA_METRICS[config.lora_weighting].build(h_factors, config)
     rank = config.lora_rank if lora_iters > 0 else 0
     fitted = quantize_with_low_rank(weight, quantize, rank, max(lora_iters, 1), config.low_rank_method, generator,
                                     weighting)
@@ -67,8 +69,9 @@ def quantize_layer(
 # The method's parts chosen by QuantConfig, by name (the names QuantConfig validates: ROUNDINGS,
 # LORA_WEIGHTINGS). A rounder turns round-to-nearest (a function of a (candidates, out, in) weight)
 # into the rounding used; a LoRA metric gives the (C, C⁻¹) pair (C·Cᵀ = H) the low-rank fit is weighted
-# by, or None for the plain ‖W − Q − L·R‖. `grams` is H of each candidate's smoothed inputs, or None;
-# a part that reads it says so, and the calibration run then accumulates H for every layer.
+# by, or None for the plain ‖W − Q − L·R‖. `h_factors` holds, for each candidate, the damped_cholesky
+# factor of H of its smoothed inputs, or is None; a part that reads it says so, and the calibration
+# run then accumulates H for every layer.
 
 
 class Part(NamedTuple):
@@ -76,21 +79,21 @@ class Part(NamedTuple):
     needs_gram: bool
 
 
-def _round_to_nearest(nearest, grams, config: QuantConfig):
+def _round_to_nearest(nearest, h_factors, config: QuantConfig):
     return nearest
 
 
-def _compensated_rounding(nearest, grams, config: QuantConfig):
-    uppers = [inverse_cholesky(g, config.hessian_damping) for g in grams]  # once, not per LoRA iteration
+def _compensated_rounding(nearest, h_factors, config: QuantConfig):
+    uppers = [inverse_cholesky(c) for c in h_factors]  # once, not per LoRA iteration
     return functools.partial(compensate_each, uppers=uppers, rounder=nearest, symmetric=config.weight_symmetric)
 
 
-def _plain_metric(grams, config: QuantConfig):
+def _plain_metric(h_factors, config: QuantConfig):
     return None
 
 
-def _activation_metric(grams, config: QuantConfig):
-    factors = [factor_and_inverse(g, config.hessian_damping) for g in grams]
+def _activation_metric(h_factors, config: QuantConfig):
+    factors = [factor_and_inverse(c) for c in h_factors]
     return torch.stack([c for c, _ in factors]), torch.stack([i for _, i in factors])
 
 

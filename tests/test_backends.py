@@ -409,7 +409,7 @@ def test_triton_backend_on_cpu_falls_back_to_fake_with_one_log_line():
 @pytest.mark.parametrize("granularity,symmetric,width", [("per_channel", False, 23), ("per_group", False, 16),
                                                          ("per_channel", True, 16)])
 def test_the_compensation_kernel_walks_a_block_of_columns_as_the_torch_loop_does(granularity, symmetric, width):
-    from quant.compensate import column_loop, inverse_cholesky
+    from quant.compensate import column_loop, damped_cholesky, inverse_cholesky
     from quant.compensate_kernel import compensate_columns
 
     generator = torch.Generator().manual_seed(3)
@@ -422,7 +422,7 @@ def test_the_compensation_kernel_walks_a_block_of_columns_as_the_torch_loop_does
     low, high = (torch.full((37, width), float(b)) if not isinstance(b, torch.Tensor)
                  else b.float().repeat_interleave(grid.group_size, dim=-1).expand(37, width)
                  for b in grid.code_bounds(symmetric))
-    upper = inverse_cholesky(x.T @ x, 0.01).contiguous()
+    upper = inverse_cholesky(damped_cholesky(x.T @ x, 0.01)).contiguous()
     span = slice(4, width)  # a block that starts inside the matrix
     expected_codes, codes = torch.zeros(37, width), torch.zeros(37, width)
     expected_errors = column_loop(weight.clone(), upper, scale, zero, low, high, span, expected_codes)

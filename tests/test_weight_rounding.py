@@ -8,7 +8,7 @@ import torch
 
 from conftest import TINY_PIXEL_KWARGS, randomize
 from quant.calibrate import CalibrationRun
-from quant.compensate import compensated_codes, factor_and_inverse, inverse_cholesky
+from quant.compensate import compensated_codes, damped_cholesky, factor_and_inverse, inverse_cholesky
 from quant.config import DEFAULT_RECIPE, RECIPES, QuantConfig
 from quant.lowrank import exact_low_rank, quantize_with_low_rank
 from quant.pipeline import quantize_dit
@@ -36,7 +36,7 @@ def test_compensated_rounding_never_has_a_larger_output_error_than_nearest(granu
     x = correlated_inputs(512, 64, seed)
     weight = torch.randn(48, 64, generator=torch.Generator().manual_seed(100 + seed))
     grid = quantize_weight(weight, bits, granularity, 16, symmetric)
-    compensated = compensated_codes(weight, inverse_cholesky(x.T @ x, 0.01), grid, symmetric, block=16)
+    compensated = compensated_codes(weight, inverse_cholesky(damped_cholesky(x.T @ x, 0.01)), grid, symmetric, block=16)
     assert compensated.codes.dtype == torch.uint8 and int(compensated.codes.max()) <= 2**bits - 1
     assert int(compensated.codes.min()) >= (1 if symmetric else 0)
     assert torch.equal(compensated.scale, grid.scale) and torch.equal(compensated.zero, grid.zero)  # same grid
@@ -47,12 +47,13 @@ def test_compensated_rounding_never_has_a_larger_output_error_than_nearest(granu
 def test_with_uncorrelated_unit_inputs_compensated_rounding_is_rounding_to_nearest():
     weight = torch.randn(16, 32)
     grid = quantize_weight(weight, 4)
-    assert torch.equal(compensated_codes(weight, inverse_cholesky(torch.eye(32) * 1000, 1e-9), grid).codes, grid.codes)
+    upper = inverse_cholesky(damped_cholesky(torch.eye(32) * 1000, 1e-9))
+    assert torch.equal(compensated_codes(weight, upper, grid).codes, grid.codes)
 
 
 def test_the_weighting_factor_squares_to_the_damped_input_moment():
     x = correlated_inputs(256, 24, 0)
-    factor, inverse = factor_and_inverse(x.T @ x, 0.01)
+    factor, inverse = factor_and_inverse(damped_cholesky(x.T @ x, 0.01))
     torch.testing.assert_close(factor @ inverse, torch.eye(24), atol=1e-3, rtol=0)
     torch.testing.assert_close(factor @ factor.T, x.T @ x + 0.01 * (x.T @ x).diagonal().mean() * torch.eye(24),
                                rtol=1e-3, atol=1e-2)
@@ -76,7 +77,7 @@ def test_every_square_root_of_h_gives_the_same_weighted_fit():
 def test_the_activation_weighted_lora_lowers_the_output_error(seed):
     x = correlated_inputs(512, 64, seed)
     weight = torch.randn(48, 64, generator=torch.Generator().manual_seed(seed))
-    weighting = factor_and_inverse(x.T @ x, 0.01)
+    weighting = factor_and_inverse(damped_cholesky(x.T @ x, 0.01))
 
     def quantize(w):
         return quantize_weight(w, 4)
@@ -139,7 +140,7 @@ def test_compensated_rounding_keeps_two_level_codes_inside_int8():
     x = correlated_inputs(512, 256, 0)
     weight = grouped_weight(0)
     grid = quantize_weight(weight, 4, "two_level", 64)
-    compensated = compensated_codes(weight, inverse_cholesky(x.T @ x, 0.01), grid)
+    compensated = compensated_codes(weight, inverse_cholesky(damped_cholesky(x.T @ x, 0.01)), grid)
     low, high = grid.code_bounds()
     codes = compensated.codes.reshape(48, 4, 64)
     assert bool((codes >= low[..., None]).all() and (codes <= high[..., None]).all())
