@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .primitives import EPS
+from .primitives import EPS, largest_code
 
 # Kernels read module globals only as tl.constexpr objects.
 ACT_SHIFT = tl.constexpr(128)  # activation codes are stored as q − 128 (int8)
@@ -580,7 +580,7 @@ def quantize_rows(x: torch.Tensor, qparams: torch.Tensor, act_bits: int, smooth_
     _quantize_rows_kernel[grid](
         x, smooth_inv if smooth_inv is not None else qparams, qparams, right if right is not None else qparams,
         codes, rowsum, down, m, x.stride(0),
-        K=k, K_PER_SPLIT=k_per_split, QMAX=float(2**act_bits - 1), HAS_SMOOTH=smooth_inv is not None, RANK=rank,
+        K=k, K_PER_SPLIT=k_per_split, QMAX=float(largest_code(act_bits)), HAS_SMOOTH=smooth_inv is not None, RANK=rank,
         PER_ROW=per_row(qparams),
     )
     return codes, rowsum, down if rank else None
@@ -615,7 +615,7 @@ def norm_quantize_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     _norm_quantize_rows_kernel[grid](
         x, shift, scale, qparams, right if right is not None else qparams, codes, rowsum, down,
         m, x.stride(0), shift.stride(0), tokens, eps,
-        K=k, QMAX=float(2**act_bits - 1), RANK=rank, ROUND_BF16=x.dtype == torch.bfloat16,
+        K=k, QMAX=float(largest_code(act_bits)), RANK=rank, ROUND_BF16=x.dtype == torch.bfloat16,
     )
     return codes, rowsum, down if rank else None, qparams
 

@@ -16,6 +16,11 @@ EPS = 1e-8
 INT8_MIN, INT8_MAX = -128, 127
 
 
+def largest_code(bits: int) -> int:
+    """The largest unsigned b-bit code, 2^b − 1: the top of every grid here."""
+    return 2**bits - 1
+
+
 #################################################################################
 #                                 Weights                                       #
 #################################################################################
@@ -108,7 +113,7 @@ def quantize_weight(
     Asymmetric: the group range [min(w, 0), max(w, 0)] maps onto [0, 2^b − 1] with an integer zero
     point. Symmetric: max|w| maps onto 2^(b−1) − 1 around the fixed zero point 2^(b−1).
     """
-    qmax = 2**bits - 1
+    qmax = largest_code(bits)
     if granularity == "two_level":
         return quantize_two_level(w, bits, group_size)
     grouped, used_group = _grouped(w.float(), granularity, group_size)
@@ -132,7 +137,7 @@ def quantize_two_level(w: torch.Tensor, bits: int, group_size: int) -> Quantized
     (scale = max|w| / 127), then each group of the int8 row on a b-bit grid with an integer scale
     k = ⌈range / (2^b − 1)⌉ ≥ 1 and zero point z, codes chosen from the float weight and bounded
     so that (codes − z)·k stays inside int8."""
-    qmax = 2**bits - 1
+    qmax = largest_code(bits)
     grouped, used_group = _grouped(w.float(), "two_level", group_size)  # (…, out, groups, group)
     row_scale = (grouped.abs().amax(dim=(-1, -2)) / INT8_MAX).clamp(min=EPS).unsqueeze(-1)  # (…, out, 1)
     in_int8 = grouped / row_scale.unsqueeze(-1)  # the row in int8 units, within ±127
@@ -155,7 +160,7 @@ def quantize_two_level(w: torch.Tensor, bits: int, group_size: int) -> Quantized
 
 def activation_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, integer zero point) mapping [min(lo, 0), max(hi, 0)] onto [0, 2^b − 1]."""
-    qmax = 2**bits - 1
+    qmax = largest_code(bits)
     lo, hi = lo.float().clamp(max=0), hi.float().clamp(min=0)
     scale = ((hi - lo) / qmax).clamp(min=EPS)
     zero = torch.round(-lo / scale).clamp(0, qmax)
@@ -177,7 +182,7 @@ def activation_range(x: torch.Tensor, granularity: str, batch_dims: int = 0) -> 
 def quantize_activation(x: torch.Tensor, bits: int, lo: torch.Tensor, hi: torch.Tensor):
     """(codes as float, scale, zero) of x in the range [lo, hi] (asymmetric, round to nearest)."""
     scale, zero = activation_qparams(lo, hi, bits)
-    codes = (torch.round(x.float() / scale) + zero).clamp(0, 2**bits - 1)
+    codes = (torch.round(x.float() / scale) + zero).clamp(0, largest_code(bits))
     return codes, scale, zero
 
 
