@@ -16,7 +16,13 @@ from benchmarks.synthetic import (
     quantized_mlp_pair,
 )
 from quant.modules import WeightOnlyLinear
-from quant.triton_modules import KernelOptions, TritonWeightOnlyLinear, fuse_mlps, install_kernel_blocks
+from quant.triton_modules import (
+    EVERY_CALL,
+    KernelOptions,
+    TritonWeightOnlyLinear,
+    fuse_mlps,
+    install_kernel_blocks,
+)
 
 CHECK_TOLERANCES = ((torch.float32, 2e-3), (torch.bfloat16, 8e-3))  # input dtype, relative error
 # A large call: at least kernels.WARP_SPECIALISED_FROM_ROWS (bf16 calls of DiT-XL/2's qkv and fc2
@@ -91,9 +97,9 @@ def check_kernels(device, models: list[str], layers: list[str], emit) -> bool:
 
 
 # KernelDiTBlock layouts the block check runs (install_kernels's default, and batch 64's)
-BLOCK_LAYOUTS = {"norms fused, gated residuals": KernelOptions(fuse_norms_below_rows=1 << 40,
-                                                                gate_residuals_below_rows=1 << 40),
-                 "gated residuals": KernelOptions(fuse_norms_below_rows=0, gate_residuals_below_rows=1 << 40)}
+BLOCK_LAYOUTS = {"norms fused, gated residuals": KernelOptions(fuse_norms_below_rows=EVERY_CALL,
+                                                                gate_residuals_below_rows=EVERY_CALL),
+                 "gated residuals": KernelOptions(fuse_norms_below_rows=0, gate_residuals_below_rows=EVERY_CALL)}
 
 
 @torch.no_grad()

@@ -54,7 +54,7 @@ from benchmarks.synthetic import (
 )
 from diffusion import create_diffusion
 from quant.backends import cast_float_parts
-from quant.triton_modules import KernelOptions, install_kernels, register_kernel_op
+from quant.triton_modules import EVERY_CALL, KernelOptions, install_kernels, register_kernel_op
 from runtime.checkpoints import spec_from_name
 from runtime.sampling import StepGraphs, compile_blocks, denoiser_step, generate
 
@@ -89,7 +89,7 @@ ROWS = {
     "w4a8-token-ungated-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
                                       kernels=KernelOptions(gate_residuals_below_rows=0)),
     "w4a8-token-gated-all-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
-                                        kernels=KernelOptions(gate_residuals_below_rows=1 << 40)),
+                                        kernels=KernelOptions(gate_residuals_below_rows=EVERY_CALL)),
     "w4a8-2level-compile": Row(4, "triton", torch.bfloat16, True, "per_tensor", "two_level"),
 }
 

@@ -214,8 +214,8 @@ def _math(a_bufs, b_bufs, ready, free, turn, left_smem, rowsum_ptr, colsum_ptr, 
           gate_ptr, M, N, stride_gate, GATE_TOKENS,
           K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr, BOUNDS: gl.constexpr,
           BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr, BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr,
-          GATED: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, FIRST: gl.constexpr,
-          WARPS: gl.constexpr, INSTR_N: gl.constexpr):
+          GATED: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr,
+          FIRST: gl.constexpr, WARPS: gl.constexpr, INSTR_N: gl.constexpr):
     """Tiles FIRST, FIRST + CONSUMERS, … of this program: main loop, then epilogue."""
     BLOCK_M: gl.constexpr = a_bufs.shape[1]
     BLOCK_K: gl.constexpr = a_bufs.shape[2]
@@ -346,6 +346,9 @@ def int8_gemm_ws(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tenso
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     placeholder = scale_w  # any float32 tensor, for pointers a kernel variant never reads
     if gated is not None:  # the residual's tiles as the output's
+        if gated.tokens % config.block_m:  # the epilogue reads one gate row per tile
+            raise ValueError(f"a gated update needs whole row tiles per sample: {gated.tokens} tokens per sample, "
+                             f"{config.block_m}-row tiles")
         residual_desc = TensorDescriptor.from_tensor(gated.residual, out_desc.block_shape, out_desc.layout)
         gate, tokens = gated.gate, gated.tokens
     else:

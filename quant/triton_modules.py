@@ -185,6 +185,7 @@ class KernelOptions(NamedTuple):
 
 
 DEFAULT_KERNEL_OPTIONS = KernelOptions()
+EVERY_CALL = 1 << 40  # a row threshold of KernelOptions that no call reaches: that layout at every batch
 
 
 class TritonWeightOnlyLinear(KeepsKernelDtypes):

@@ -56,8 +56,8 @@ def compile_for_hopper(config: hopper_gemm.TileConfig, rank: int, gelu: bool, pe
                                 stride_gate=6 * n, GATE_TOKENS=256)
     warps = hopper_gemm.math_warps(config)
     constants = dict(K=k, HAS_BIAS=True, RANK=rank, GELU=gelu, BOUNDS=gelu, BOUNDS_SCALED=gelu, PER_ROW=per_row,
-                     BOUNDS_PER_ROW=gelu and per_row, SPLITS=1, GATED=gated, STAGES=config.stages, GROUP_M=config.group_m,
-                     CONSUMERS=config.consumers, INSTR_N=hopper_gemm.wgmma_instr_n(config.block_n),
+                     BOUNDS_PER_ROW=gelu and per_row, SPLITS=1, GATED=gated, STAGES=config.stages,
+                     GROUP_M=config.group_m, CONSUMERS=config.consumers, INSTR_N=hopper_gemm.wgmma_instr_n(config.block_n),
                      LEFT_RANK=max(rank, 16), CONSUMER_REGISTERS=config.consumer_registers, num_warps=warps)
     source = gluon_runtime.GluonASTSource(kernel, **_signature(kernel.fn, values, constants))
     return triton.compile(source, target=HOPPER, options=dict(num_warps=warps))

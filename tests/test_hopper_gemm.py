@@ -126,3 +126,16 @@ def test_large_calls_on_hopper_go_to_the_gluon_gemm_where_it_measured_faster(mon
     assert not suits(512_000, 768, 256)  # the demo's narrow layers: not measured there
     assert not suits(32768, 3456, 1152, out_dtype=torch.float32)  # its staging tile would not fit
     assert not suits(32768, 3456, 1152, device=torch.device("cpu"))
+
+
+def test_the_gluon_gemm_refuses_a_gated_update_whose_samples_split_its_row_tiles():
+    """Its epilogue reads one gate row per 128-row tile: 100 tokens per sample would mix samples."""
+    from quant.kernels import GatedResidual
+
+    m, k, n = 256, 64, 64
+    codes, weight = torch.zeros(m, k, dtype=torch.int8), torch.zeros(n, k, dtype=torch.int8)
+    ints, floats = torch.zeros(n, dtype=torch.int32), torch.ones(n)
+    update = GatedResidual(torch.zeros(m, n, dtype=torch.bfloat16), torch.zeros(3, n, dtype=torch.bfloat16), 100)
+    with pytest.raises(ValueError, match="whole row tiles per sample"):
+        hopper_gemm.int8_gemm_ws(codes, torch.zeros(1, m, dtype=torch.int32), torch.ones(2, 1), weight, ints, ints,
+                                 floats, None, None, None, torch.bfloat16, gated=update)
