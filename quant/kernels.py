@@ -58,9 +58,10 @@ LORA_DTYPE = tl.constexpr(tl.float32 if INTERPRETED else tl.bfloat16)
 # bf16 rounding of the output); the interpreter has no inline PTX and uses exp instead.
 FAST_TANH = tl.constexpr(not INTERPRETED)
 # Packed weights of a layer called with at least this many rows are unpacked to int8 once per
-# call (a few microseconds) and multiplied by the int8 GEMM: unpacking inside the GEMM's main
-# loop cost more at every DiT-XL/2 batch measured, down to 512 rows (batch 1 with CFG;
-# benchmarks/RESULTS.md). Fewer rows: the GEMM reads the packed bytes itself.
+# call, by the layer's quantize pass (PackedWeight; by a kernel of their own when int8_gemm is
+# called directly), and multiplied by the int8 GEMM: unpacking inside the GEMM's main loop cost
+# more at every DiT-XL/2 batch measured, down to 512 rows (batch 1 with CFG; benchmarks/RESULTS.md).
+# Fewer rows: the GEMM reads the packed bytes itself.
 UNPACK_FROM_ROWS = 256
 # Calls of at least this many rows on a Hopper GPU go to the persistent, warp-specialised Gluon
 # GEMM (quant/hopper_gemm.py), which measured faster than the GEMM here at all four DiT-XL/2
@@ -115,9 +116,9 @@ GEMM_CONFIGS = _configs(
      dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, warps=4, stages=4)],
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2),
 )
-UNPACK_BLOCK_N = 64
+UNPACK_ROWS = tl.constexpr(64)  # weight rows per program of the W4 unpack
 
-NORM_QUANTIZE_CONFIGS = _configs(
+RANGED_QUANTIZE_CONFIGS = _configs(
     [dict(BLOCK_M=2, BLOCK_K=256, warps=2), dict(BLOCK_M=4, BLOCK_K=256, warps=4),
      dict(BLOCK_M=8, BLOCK_K=128, warps=4), dict(BLOCK_M=16, BLOCK_K=128, warps=4),
      dict(BLOCK_M=16, BLOCK_K=512, warps=8), dict(BLOCK_M=32, BLOCK_K=128, warps=4)],
@@ -145,19 +146,36 @@ def _row_qparams(qparams_ptr, rows, row_ok, M, PER_ROW: tl.constexpr):
     return scale, zero
 
 
-@triton.autotune(configs=QUANTIZE_CONFIGS, key=["M", "K", "K_PER_SPLIT", "RANK", "HAS_SMOOTH", "PER_ROW"],
+@triton.autotune(configs=QUANTIZE_CONFIGS,
+                 key=["M", "K", "K_PER_SPLIT", "RANK", "HAS_SMOOTH", "PER_ROW", "UNPACK"],
                  prune_configs_by=dict(early_config_prune=_whole_chunk_tiles))
 @triton.jit
 def _quantize_rows_kernel(
-    x_ptr, smooth_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr,
-    M, stride_xm,
+    x_ptr, smooth_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr, packed_ptr, unpacked_ptr,
+    M, stride_xm, UNPACK_N,
     K: tl.constexpr, K_PER_SPLIT: tl.constexpr, QMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr,
-    PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    PER_ROW: tl.constexpr, UNPACK: tl.constexpr, PACKED_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # program (i, j): rows i·BLOCK_M … and columns j·K_PER_SPLIT …; its row sums and LoRA
-    # down-projection are partial sums, written to slice j of rowsum (splits, M) and down (splits, M, rank)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    split = tl.program_id(1)
+    # down-projection are partial sums, written to slice j of rowsum (splits, M) and down (splits, M, rank).
+    # With UNPACK, the programs past the row blocks unpack the layer's packed weights (_unpack_block).
+    row_block, split = tl.program_id(0), tl.program_id(1)
+    if row_block < tl.cdiv(M, BLOCK_M):
+        _quantize_row_block(x_ptr, smooth_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr, M, stride_xm,
+                            row_block, split, K, K_PER_SPLIT, QMAX, HAS_SMOOTH, RANK, PER_ROW, BLOCK_M, BLOCK_K)
+    elif UNPACK:
+        _unpack_block((row_block - tl.cdiv(M, BLOCK_M)) * tl.num_programs(1) + split, packed_ptr, unpacked_ptr,
+                      UNPACK_N, K, PACKED_K)
+
+
+@triton.jit
+def _quantize_row_block(x_ptr, smooth_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr, M, stride_xm,
+                        row_block, split, K: tl.constexpr, K_PER_SPLIT: tl.constexpr, QMAX: tl.constexpr,
+                        HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr, PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """The quantize pass of one row block's K chunk `split`."""
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     scale, zero = _row_qparams(qparams_ptr, rows, row_ok, M, PER_ROW)
     rowsum = tl.zeros([BLOCK_M], dtype=tl.int32)
@@ -210,45 +228,66 @@ def _range_qparams(lo, hi, QMAX: tl.constexpr):
     return scale, tl.minimum(tl.maximum(((-lo / scale) + ROUND_MAGIC) - ROUND_MAGIC, 0.0), QMAX)
 
 
-@triton.autotune(configs=NORM_QUANTIZE_CONFIGS, key=["M", "K", "RANK"])
+@triton.autotune(configs=RANGED_QUANTIZE_CONFIGS, key=["M", "K", "RANK", "NORM", "UNPACK"])
 @triton.jit
-def _norm_quantize_rows_kernel(
-    x_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr,
-    M, stride_xm, stride_mod, TOKENS, EPS_NORM,
-    K: tl.constexpr, QMAX: tl.constexpr, RANK: tl.constexpr, ROUND_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+def _ranged_quantize_rows_kernel(
+    x_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr, packed_ptr, unpacked_ptr,
+    M, stride_xm, stride_mod, TOKENS, EPS_NORM, UNPACK_N,
+    K: tl.constexpr, QMAX: tl.constexpr, RANK: tl.constexpr, NORM: tl.constexpr, ROUND_BF16: tl.constexpr,
+    UNPACK: tl.constexpr, PACKED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """The quantize pass of LayerNorm(x)·(1 + scale) + shift (DiT's norm + adaLN modulation; no
-    affine; shift and scale (N, K) per sample, row r of x in sample r // TOKENS) with per-token
-    ranges, from x itself: the modulated activation is never stored. Three passes over each row
-    block (mean and variance, range, codes), the last two from L2; the modulated values are
-    rounded to bf16 first with ROUND_BF16, as the model would store them. Writes codes − 128,
-    row sums, the LoRA down-projection (one split) and each row's [scale; zero] to qparams (2, M)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """The quantize pass of an activation with per-token ranges that the pass takes itself: of x,
+    or with NORM of LayerNorm(x)·(1 + scale) + shift (DiT's norm + adaLN modulation; no affine;
+    shift and scale (N, K) per sample, row r of x in sample r // TOKENS), from x itself: the
+    modulated activation is never stored. Passes over each row block: (with NORM) mean and
+    variance, the range, the codes, the last two from L2; the modulated values are rounded to
+    bf16 first with ROUND_BF16, as the model would store them. Writes codes − 128, row sums, the
+    LoRA down-projection (one split) and each row's [scale; zero] to qparams (2, M).
+    With UNPACK, the programs past the row blocks unpack the layer's packed weights (_unpack_block)."""
+    row_block = tl.program_id(0)
+    if row_block < tl.cdiv(M, BLOCK_M):
+        _ranged_row_block(x_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr,
+                          M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block, K, QMAX, RANK, NORM, ROUND_BF16,
+                          BLOCK_M, BLOCK_K)
+    elif UNPACK:
+        _unpack_block(row_block - tl.cdiv(M, BLOCK_M), packed_ptr, unpacked_ptr, UNPACK_N, K, PACKED_K)
+
+
+@triton.jit
+def _ranged_row_block(x_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr,
+                      M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block, K: tl.constexpr, QMAX: tl.constexpr,
+                      RANK: tl.constexpr, NORM: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """The ranged pass of one row block. Its tile loops are unrolled (tl.static_range), so that the
+    compiler can issue a pass's independent tile loads before it waits on the first: the pass
+    waits on load latency (1.1-1.2x faster unrolled at 512 and 4,096 rows; benchmarks/RESULTS.md)."""
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     samples = rows // TOKENS
-    # mean and sum of squared deviations in one pass: each tile's own, merged into the running
-    # ones (Chan et al.'s pairwise update), as exact as two passes
     mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        mask = row_ok[:, None] & (cols < K)[None, :]
-        x = _smoothed_tile(x_ptr, x_ptr, rows, cols, mask, cols < K, stride_xm, False)
-        width = tl.minimum(K - k0, BLOCK_K).to(tl.float32)
-        tile_mean = tl.sum(x, axis=1) / width
-        centered = tl.where(mask, x - tile_mean[:, None], 0.0)
-        delta = tile_mean - mean
-        mean += delta * (width / (k0 + width))
-        squares += tl.sum(centered * centered, axis=1) + delta * delta * (k0 * width / (k0 + width))
-    rstd = 1.0 / tl.sqrt(squares / K + EPS_NORM)
+    rstd = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    if NORM:
+        # mean and sum of squared deviations in one pass: each tile's own, merged into the running
+        # ones (Chan et al.'s pairwise update), as exact as two passes
+        squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in tl.static_range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            mask = row_ok[:, None] & (cols < K)[None, :]
+            x = _smoothed_tile(x_ptr, x_ptr, rows, cols, mask, cols < K, stride_xm, False)
+            width = tl.minimum(K - k0, BLOCK_K).to(tl.float32)
+            tile_mean = tl.sum(x, axis=1) / width
+            centered = tl.where(mask, x - tile_mean[:, None], 0.0)
+            delta = tile_mean - mean
+            mean += delta * (width / (k0 + width))
+            squares += tl.sum(centered * centered, axis=1) + delta * delta * (k0 * width / (k0 + width))
+        rstd = 1.0 / tl.sqrt(squares / K + EPS_NORM)
     lo = tl.zeros([BLOCK_M], dtype=tl.float32)
     hi = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.static_range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (cols < K)[None, :]
-        y = _modulated_tile(x_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd, stride_xm, stride_mod,
-                            K, ROUND_BF16)
+        y = _pass_input_tile(x_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd, stride_xm, stride_mod,
+                             K, NORM, ROUND_BF16)
         lo = tl.minimum(lo, tl.min(y, axis=1))
         hi = tl.maximum(hi, tl.max(y, axis=1))
     scale, zero = _range_qparams(lo, hi, QMAX)
@@ -259,12 +298,12 @@ def _norm_quantize_rows_kernel(
     if RANK > 0:
         down = tl.zeros([BLOCK_M, RANK], dtype=tl.float32)
         ranks = tl.arange(0, RANK)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.static_range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         mask = row_ok[:, None] & col_ok[None, :]
-        y = _modulated_tile(x_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd, stride_xm, stride_mod,
-                            K, ROUND_BF16)
+        y = _pass_input_tile(x_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd, stride_xm, stride_mod,
+                             K, NORM, ROUND_BF16)
         q, shifted = _quantized_tile(y, scale, zero, mask, QMAX)
         tl.store(codes_ptr + rows[:, None] * K + cols[None, :], shifted.to(tl.int8), mask=mask)
         rowsum += tl.sum(shifted, axis=1)
@@ -273,6 +312,17 @@ def _norm_quantize_rows_kernel(
     tl.store(rowsum_ptr + rows, rowsum, mask=row_ok)
     if RANK > 0:
         tl.store(down_ptr + rows[:, None] * RANK + ranks[None, :], down, mask=row_ok[:, None])
+
+
+@triton.jit
+def _pass_input_tile(x_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd, stride_xm, stride_mod,
+                     K: tl.constexpr, NORM: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """The ranged pass's input for a tile in float32, 0 outside `mask`: x, or with NORM its
+    LayerNorm + modulation (_modulated_tile)."""
+    if NORM:
+        return _modulated_tile(x_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd, stride_xm,
+                               stride_mod, K, ROUND_BF16)
+    return _smoothed_tile(x_ptr, x_ptr, rows, cols, mask, cols < K, stride_xm, False)
 
 
 @triton.jit
@@ -450,10 +500,17 @@ def _weight_only_kernel(x_ptr, codes_ptr, zero_ptr, scale_ptr, bias_ptr, out_ptr
 
 
 @triton.jit
-def _unpack_kernel(packed_ptr, out_ptr, N, K: tl.constexpr, PACKED_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Split-packed codes -> signed int8 (c − 8), (N, K) row-major: one span of BLOCK_N rows per program."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = tl.program_id(1) * 2 * HALF_SPAN
+def _unpack_kernel(packed_ptr, out_ptr, N, K: tl.constexpr, PACKED_K: tl.constexpr):
+    _unpack_block(tl.program_id(0), packed_ptr, out_ptr, N, K, PACKED_K)
+
+
+@triton.jit
+def _unpack_block(program, packed_ptr, out_ptr, N, K: tl.constexpr, PACKED_K: tl.constexpr):
+    """Split-packed codes -> signed int8 (c − 8), (N, K) row-major: block `program` of
+    unpack_programs(N, K): one span of UNPACK_ROWS rows; past the last block, nothing."""
+    spans: tl.constexpr = (K + 2 * HALF_SPAN - 1) // (2 * HALF_SPAN)
+    rows = (program // spans) * UNPACK_ROWS + tl.arange(0, UNPACK_ROWS)
+    k0 = (program % spans) * 2 * HALF_SPAN
     half = tl.arange(0, HALF_SPAN)
     row_ok = rows[:, None] < N
     low, high = _unpack_span(tl.load(packed_ptr + rows[:, None] * PACKED_K + k0 // 2 + half[None, :], mask=row_ok))
@@ -561,13 +618,45 @@ def per_row(qparams: torch.Tensor) -> bool:
     return qparams.numel() > 2
 
 
+class PackedWeight(NamedTuple):
+    """A layer's split-packed weight codes (N, K'/2) and the (N, K) int8 tensor that a quantize
+    pass of the same call unpacks them into (c − 8), in programs beside its row blocks: the unpack
+    takes no launch of its own, and its loads overlap the pass's (unpacked_alongside)."""
+
+    packed: torch.Tensor
+    unpacked: torch.Tensor
+
+
+def unpacked_alongside(weight: torch.Tensor, packed: bool, group_table: torch.Tensor | None, m: int,
+                       k: int) -> PackedWeight | None:
+    """Where a call of m rows unpacks its packed weights before the GEMM (UNPACK_FROM_ROWS), the
+    unpack target its quantize pass fills; None otherwise (int8 codes, two-level groups, few rows)."""
+    if not packed or group_table is not None or m < UNPACK_FROM_ROWS:
+        return None
+    return PackedWeight(weight, torch.empty(weight.shape[0], k, dtype=torch.int8, device=weight.device))
+
+
+def unpack_programs(n: int, k: int) -> int:
+    """Programs of the W4 unpack of an (n, k) weight: UNPACK_ROWS rows by one PACK_SPAN each."""
+    return triton.cdiv(n, UNPACK_ROWS.value) * triton.cdiv(k, PACK_SPAN)
+
+
+def _unpack_arguments(unpack: PackedWeight | None, placeholder: torch.Tensor) -> dict:
+    """A row pass's unpack arguments (none to do: placeholder pointers, UNPACK off)."""
+    if unpack is None:
+        return dict(packed_ptr=placeholder, unpacked_ptr=placeholder, UNPACK_N=0, UNPACK=False, PACKED_K=0)
+    return dict(packed_ptr=unpack.packed, unpacked_ptr=unpack.unpacked, UNPACK_N=unpack.packed.shape[0], UNPACK=True,
+                PACKED_K=unpack.packed.shape[1])
+
+
 def quantize_rows(x: torch.Tensor, qparams: torch.Tensor, act_bits: int, smooth_inv: torch.Tensor | None,
-                  right: torch.Tensor | None, splits: int | None = None
+                  right: torch.Tensor | None, splits: int | None = None, unpack: PackedWeight | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(int8 codes − 128 (M, K), int32 partial row sums (splits, M), fp32 partial (q − z)·Rᵀ
     (splits, M, rank) or None) of a 2-D x with stride 1 along K: each of the `splits` (default:
     quantize_splits) programs of a row block covers one K chunk, and the partial sums add up to
-    the whole rows'. qparams: float32 (2, 1) or (2, M) [scales; zero points], on x's device."""
+    the whole rows'. qparams: float32 (2, 1) or (2, M) [scales; zero points], on x's device.
+    `unpack`: the layer's packed weights, unpacked by the same launch."""
     m, k = x.shape
     rank = 0 if right is None else right.shape[0]
     splits = quantize_splits(m, k, x.device) if splits is None else splits
@@ -576,12 +665,14 @@ def quantize_rows(x: torch.Tensor, qparams: torch.Tensor, act_bits: int, smooth_
     codes = torch.empty(m, k, dtype=torch.int8, device=x.device)
     rowsum = torch.empty(splits, m, dtype=torch.int32, device=x.device)
     down = torch.empty(splits, m, max(rank, 1), dtype=torch.float32, device=x.device)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), splits)  # noqa: E731
+    # the unpack's programs follow the row blocks, `splits` to a grid row
+    unpack_rows = 0 if unpack is None else triton.cdiv(unpack_programs(unpack.packed.shape[0], k), splits)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) + unpack_rows, splits)  # noqa: E731
     _quantize_rows_kernel[grid](
         x, smooth_inv if smooth_inv is not None else qparams, qparams, right if right is not None else qparams,
-        codes, rowsum, down, m, x.stride(0),
+        codes, rowsum, down, M=m, stride_xm=x.stride(0),
         K=k, K_PER_SPLIT=k_per_split, QMAX=float(largest_code(act_bits)), HAS_SMOOTH=smooth_inv is not None, RANK=rank,
-        PER_ROW=per_row(qparams),
+        PER_ROW=per_row(qparams), **_unpack_arguments(unpack, codes),
     )
     return codes, rowsum, down if rank else None
 
@@ -600,22 +691,42 @@ def weight_only_linear(x: torch.Tensor, codes: torch.Tensor, zero: torch.Tensor,
 
 
 def norm_quantize_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tokens: int, eps: float,
-                       act_bits: int, right: torch.Tensor | None
+                       act_bits: int, right: torch.Tensor | None, unpack: PackedWeight | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """quantize_rows of LayerNorm(x)·(1 + scale) + shift with per-token ranges, from x (M, K) and
     the per-sample shift and scale (N, K) (rows of sample i: i·tokens …): (codes − 128,
-    row sums (1, M), (q − z)·Rᵀ (1, M, rank) or None, qparams (2, M))."""
+    row sums (1, M), (q − z)·Rᵀ (1, M, rank) or None, qparams (2, M)). `unpack`: the layer's
+    packed weights, unpacked by the same launch."""
+    return _ranged_pass(x, act_bits, right, unpack, norm=dict(shift_ptr=shift, scale_ptr=scale,
+                                                               stride_mod=shift.stride(0), TOKENS=tokens, EPS_NORM=eps))
+
+
+def ranged_quantize_rows(x: torch.Tensor, act_bits: int, right: torch.Tensor | None,
+                         unpack: PackedWeight | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """quantize_rows of x (M, K) with per-token ranges that the pass takes itself (the range from
+    one read of x, the codes from a second, in L2), instead of a reduction beforehand: as
+    norm_quantize_rows, without the norm."""
+    return _ranged_pass(x, act_bits, right, unpack, norm=None)
+
+
+def _ranged_pass(x: torch.Tensor, act_bits: int, right: torch.Tensor | None, unpack: PackedWeight | None,
+                 norm: dict | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """_ranged_quantize_rows_kernel's launch; `norm`: its norm arguments, or None (no norm)."""
     m, k = x.shape
     rank = 0 if right is None else right.shape[0]
     codes = torch.empty(m, k, dtype=torch.int8, device=x.device)
     rowsum = torch.empty(1, m, dtype=torch.int32, device=x.device)
     down = torch.empty(1, m, max(rank, 1), dtype=torch.float32, device=x.device)
     qparams = torch.empty(2, m, dtype=torch.float32, device=x.device)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
-    _norm_quantize_rows_kernel[grid](
-        x, shift, scale, qparams, right if right is not None else qparams, codes, rowsum, down,
-        m, x.stride(0), shift.stride(0), tokens, eps,
-        K=k, QMAX=float(largest_code(act_bits)), RANK=rank, ROUND_BF16=x.dtype == torch.bfloat16,
+    placeholders = dict(shift_ptr=x, scale_ptr=x, stride_mod=0, TOKENS=1, EPS_NORM=0.0)  # never read without NORM
+    unpack_rows = 0 if unpack is None else unpack_programs(unpack.packed.shape[0], k)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) + unpack_rows,)  # noqa: E731
+    _ranged_quantize_rows_kernel[grid](
+        x_ptr=x, qparams_ptr=qparams, right_ptr=right if right is not None else qparams, codes_ptr=codes,
+        rowsum_ptr=rowsum, down_ptr=down, M=m, stride_xm=x.stride(0), K=k, QMAX=float(largest_code(act_bits)),
+        RANK=rank, NORM=norm is not None, ROUND_BF16=x.dtype == torch.bfloat16, **(norm or placeholders),
+        **_unpack_arguments(unpack, codes),
     )
     return codes, rowsum, down if rank else None, qparams
 
@@ -624,8 +735,7 @@ def unpack_signed(packed: torch.Tensor, k: int) -> torch.Tensor:
     """Split-packed (N, K'/2) codes -> (N, k) int8 codes − 8, the int8 GEMM's weight operand."""
     n = packed.shape[0]
     out = torch.empty(n, k, dtype=torch.int8, device=packed.device)
-    _unpack_kernel[(triton.cdiv(n, UNPACK_BLOCK_N), triton.cdiv(k, PACK_SPAN))](
-        packed, out, n, K=k, PACKED_K=packed.shape[1], BLOCK_N=UNPACK_BLOCK_N)
+    _unpack_kernel[(unpack_programs(n, k),)](packed, out, n, K=k, PACKED_K=packed.shape[1])
     return out
 
 
@@ -634,9 +744,9 @@ def unpack_two_level(packed: torch.Tensor, table: torch.Tensor, k: int) -> torch
     (N, k) int8 (c − z)·k, the int8 GEMM's weight operand (zero point 0, the row scale apart)."""
     n, groups = table.shape[:2]
     out = torch.empty(n, k, dtype=torch.int8, device=packed.device)
-    _unpack_two_level_kernel[(triton.cdiv(n, UNPACK_BLOCK_N), triton.cdiv(k, PACK_SPAN))](
+    _unpack_two_level_kernel[(triton.cdiv(n, UNPACK_ROWS.value), triton.cdiv(k, PACK_SPAN))](
         packed, table, out, n, K=k, PACKED_K=packed.shape[1], GROUPS=groups, GROUP=k // groups,
-        BLOCK_N=UNPACK_BLOCK_N)
+        BLOCK_N=UNPACK_ROWS.value)
     return out
 
 

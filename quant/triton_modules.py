@@ -136,22 +136,29 @@ class TritonQuantLinear(KeepsKernelDtypes):
         """The layer's arguments of the ditas ops, after (x, qparams): its attributes of those names."""
         return KernelTensors(**{name: getattr(self, name) for name in KernelTensors._fields})
 
-    def linear_2d(self, x2d: torch.Tensor, qparams: torch.Tensor,
+    def linear_2d(self, x2d: torch.Tensor, qparams: torch.Tensor | None,
                   gated: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """The layer of 2-D x with these qparams; with gated = (residual (N, T, out), gate (N, out)),
-        residual + gate ⊙ the layer, row r of x in sample r // T (gated_arguments)."""
+        """The layer of 2-D x with these qparams (None: per-token ranges taken by the quantize pass,
+        where ranges_in_pass); with gated = (residual (N, T, out), gate (N, out)), residual + gate ⊙
+        the layer, row r of x in sample r // T (gated_arguments)."""
         return torch.ops.ditas.int8_linear(x2d, qparams, **self.kernel_tensors()._asdict(),
                                            **gated_arguments(gated, self.out_features))
 
-    def gated(self, x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """residual + gate.unsqueeze(1) ⊙ layer(x) for x (N, T, in), residual (N, T, out) and the
-        per-sample gate (N, out): DiT's gated residual update in the GEMM's epilogue."""
-        x2d = rows_of(x, self.in_features)
-        return self.linear_2d(x2d, self.qparams(x2d), (residual, gate)).reshape(residual.shape)
+    def input_qparams(self, x2d: torch.Tensor, own_ranges: bool) -> torch.Tensor | None:
+        """qparams(x2d), or None with own_ranges: the quantize pass takes the per-token ranges itself."""
+        return None if own_ranges else self.qparams(x2d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gated(self, x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor,
+              own_ranges: bool = False) -> torch.Tensor:
+        """residual + gate.unsqueeze(1) ⊙ layer(x) for x (N, T, in), residual (N, T, out) and the
+        per-sample gate (N, out): DiT's gated residual update in the GEMM's epilogue (own_ranges:
+        see input_qparams)."""
         x2d = rows_of(x, self.in_features)
-        return self.linear_2d(x2d, self.qparams(x2d)).reshape(*x.shape[:-1], self.out_features)
+        return self.linear_2d(x2d, self.input_qparams(x2d, own_ranges), (residual, gate)).reshape(residual.shape)
+
+    def forward(self, x: torch.Tensor, own_ranges: bool = False) -> torch.Tensor:
+        x2d = rows_of(x, self.in_features)
+        return self.linear_2d(x2d, self.input_qparams(x2d, own_ranges)).reshape(*x.shape[:-1], self.out_features)
 
     def normed(self, x: torch.Tensor, norm: NormModulation) -> torch.Tensor:
         """The layer of LayerNorm(x)·(1 + scale) + shift for the residual stream x (N, T, D), with
@@ -160,8 +167,9 @@ class TritonQuantLinear(KeepsKernelDtypes):
                                            **norm.op_arguments(x)).reshape(*x.shape[:-1], self.out_features)
 
     @property
-    def takes_norm(self) -> bool:
-        """Whether `normed` computes this layer as it is: dynamic per-token ranges of an unsmoothed input."""
+    def ranges_in_pass(self) -> bool:
+        """Whether the quantize pass can take this layer's input ranges itself (`normed`, or qparams
+        None): dynamic per-token ranges of an unsmoothed input."""
         return self.per_token and self.act_range is None and self.smooth_inv is None
 
     def extra_repr(self) -> str:
@@ -182,6 +190,8 @@ class KernelOptions(NamedTuple):
     # calls of fewer rows have proj's and fc2's epilogues apply the block's gated residual update
     # (KernelDiTBlock; 0: never)
     gate_residuals_below_rows: int = 32768
+    # calls of fewer rows have proj's quantize pass take its per-token ranges itself (KernelDiTBlock; 0: never)
+    proj_ranges_below_rows: int = 32768
 
 
 DEFAULT_KERNEL_OPTIONS = KernelOptions()
@@ -276,16 +286,19 @@ class KernelDiTBlock(DiTBlock):
       reductions;
     - in calls of fewer than `gate_residuals_below_rows` rows, proj's and fc2's GEMM epilogues
       apply the gated residual update x + gate ⊙ y (TritonQuantLinear.gated), so y is never stored
-      either; larger calls leave it to torch.compile, which fuses it into the next norm.
+      either; larger calls leave it to torch.compile, which fuses it into the next norm;
+    - in calls of fewer than `proj_ranges_below_rows` rows, proj's quantize pass takes its
+      per-token ranges itself (qparams None), instead of a reduction over the attention's output.
     Same submodules (and state-dict keys) as the DiTBlock it is built from."""
 
-    def __init__(self, block: nn.Module, fuse_norms_below_rows: int, gate_residuals_below_rows: int):
+    def __init__(self, block: nn.Module, options: KernelOptions):
         nn.Module.__init__(self)  # not DiTBlock's: the block's own submodules, not new ones
         for name in ("norm1", "attn", "norm2", "mlp", "adaLN_modulation"):
             setattr(self, name, getattr(block, name))
-        takes_norms = self.attn.qkv.takes_norm and self.mlp.fc1.takes_norm
-        self.fuse_norms_below_rows = fuse_norms_below_rows if takes_norms else 0
-        self.gate_residuals_below_rows = gate_residuals_below_rows
+        takes_norms = self.attn.qkv.ranges_in_pass and self.mlp.fc1.ranges_in_pass
+        self.fuse_norms_below_rows = options.fuse_norms_below_rows if takes_norms else 0
+        self.gate_residuals_below_rows = options.gate_residuals_below_rows
+        self.proj_ranges_below_rows = options.proj_ranges_below_rows if self.attn.proj.ranges_in_pass else 0
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         m = self.modulation(c)
@@ -296,10 +309,11 @@ class KernelDiTBlock(DiTBlock):
         else:
             qkv = self.attn.qkv(modulate(self.norm1(x), m.shift_msa, m.scale_msa))
         attended = self.attn.attend(qkv)
+        own_ranges = rows < self.proj_ranges_below_rows
         if gated:
-            x = self.attn.proj.gated(attended, x, m.gate_msa)
+            x = self.attn.proj.gated(attended, x, m.gate_msa, own_ranges)
         else:
-            x = x + m.gate_msa.unsqueeze(1) * self.attn.proj(attended)
+            x = x + m.gate_msa.unsqueeze(1) * self.attn.proj(attended, own_ranges)
         if fuse_norms:
             mlp_input, norm = x, NormModulation(m.shift_mlp, m.scale_mlp, self.norm2.eps)
         else:
@@ -320,8 +334,7 @@ def kernel_block(module: nn.Module) -> bool:
 def install_kernel_blocks(model: nn.Module, options: KernelOptions = DEFAULT_KERNEL_OPTIONS) -> int:
     """Swap every DiT block whose layers run on the kernels for a KernelDiTBlock laid out by
     `options` (in place; after fuse_mlps); how many."""
-    return swap_modules(model, kernel_block, lambda block: KernelDiTBlock(
-        block, options.fuse_norms_below_rows, options.gate_residuals_below_rows))
+    return swap_modules(model, kernel_block, lambda block: KernelDiTBlock(block, options))
 
 
 def fusable_mlp(module: nn.Module) -> bool:
@@ -346,16 +359,29 @@ def register_kernel_op() -> None:
     global _registered
     if _registered:
         return
-    from .kernels import GatedResidual, int8_gemm, norm_quantize_rows, quantize_rows, weight_only_linear
+    from .kernels import (
+        GatedResidual,
+        int8_gemm,
+        norm_quantize_rows,
+        quantize_rows,
+        ranged_quantize_rows,
+        unpacked_alongside,
+        weight_only_linear,
+    )
 
     def run(x, qparams, *, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
             lora_left, act_bits, use_tma, group_table, norm_shift=None, norm_scale=None, norm_tokens=0,
             norm_eps=0.0, residual=None, gate=None, gate_tokens=0, **epilogue):
+        unpack = unpacked_alongside(weight, packed, group_table, *x.shape)
         if norm_shift is not None:  # x: the residual stream; LayerNorm + modulation + quantize in one pass
             codes, rowsum, down, qparams = norm_quantize_rows(x, norm_shift, norm_scale, norm_tokens, norm_eps,
-                                                              act_bits, lora_right)
+                                                              act_bits, lora_right, unpack)
+        elif qparams is None:  # per-token ranges taken by the pass
+            codes, rowsum, down, qparams = ranged_quantize_rows(x, act_bits, lora_right, unpack)
         else:
-            codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right)
+            codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right, unpack=unpack)
+        if unpack is not None:
+            weight, packed, use_tma = unpack.unpacked, False, False
         gated = None if residual is None else GatedResidual(residual, gate, gate_tokens)
         return int8_gemm(codes, rowsum, qparams, weight, packed, column_sums, weight_zero, weight_scale, bias, down,
                          lora_left, x.dtype, use_tma, group_table=group_table, gated=gated, **epilogue)
@@ -381,9 +407,9 @@ def register_kernel_op() -> None:
                     norm_scale: torch.Tensor | None = None, norm_tokens: int = 0, norm_eps: float = 0.0,
                     residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
                     gate_tokens: int = 0) -> torch.Tensor:
-        """The layer of 2-D x; with norm_shift, the layer of LayerNorm(x)·(1 + norm_scale) +
-        norm_shift with per-token ranges taken by the pass (qparams None; TritonQuantLinear.normed);
-        with residual, residual + gate ⊙ the layer (TritonQuantLinear.gated)."""
+        """The layer of 2-D x; qparams None: with per-token ranges taken by the quantize pass; with
+        norm_shift (and qparams None), the layer of LayerNorm(x)·(1 + norm_scale) + norm_shift
+        (TritonQuantLinear.normed); with residual, residual + gate ⊙ the layer (TritonQuantLinear.gated)."""
         return run(x, qparams, **tensors_of(locals()), residual=residual, gate=gate, gate_tokens=gate_tokens)
 
     torch.library.custom_op("ditas::int8_linear", mutates_args=())(int8_linear).register_fake(

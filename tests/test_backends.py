@@ -186,7 +186,7 @@ def test_quantize_pass_split_over_k_gives_the_same_codes_sums_and_gemm(splits):
 
 
 @pytest.mark.parametrize("act_granularity", ["per_token", "per_tensor"])
-def test_kernel_blocks_compute_the_same_as_the_plain_block(act_granularity):
+def test_kernel_blocks_compute_the_same_as_the_plain_block(act_granularity, monkeypatch):
     """KernelDiTBlock: its gated residual updates (in proj's and fc2's epilogues) and, per token,
     qkv's and fc1's norms taken by the quantize pass, against the plain block of the same layers."""
     from models import DiTBlock
@@ -196,7 +196,8 @@ def test_kernel_blocks_compute_the_same_as_the_plain_block(act_granularity):
     register_kernel_op()
     torch.manual_seed(0)
     block = DiTBlock(64, 4)
-    for module, name, (k, n), smooth, seed in ((block.attn, "qkv", (64, 192), False, 1), (block.attn, "proj", (64, 64), True, 2),
+    # proj unsmoothed, as DiTAS folds its smoothing into V: its quantize pass can take its ranges
+    for module, name, (k, n), smooth, seed in ((block.attn, "qkv", (64, 192), False, 1), (block.attn, "proj", (64, 64), False, 2),
                                                (block.mlp, "fc1", (64, 256), False, 3), (block.mlp, "fc2", (256, 64), True, 4)):
         setattr(module, name, TritonQuantLinear(random_quant_linear(k, n, rank=8, smooth=smooth, seed=seed,
                                                                     act_granularity=act_granularity)))
@@ -207,13 +208,20 @@ def test_kernel_blocks_compute_the_same_as_the_plain_block(act_granularity):
     assert install_kernel_blocks(model, KernelOptions(fuse_norms_below_rows=40, gate_residuals_below_rows=40)) == 1
     kernel_block = model["block"]
     assert isinstance(kernel_block, KernelDiTBlock)
-    # a whole-tensor range needs the activation first: per tensor, the norms stay outside the pass
+    # a whole-tensor range needs the activation first: per tensor, the norms and ranges stay outside the pass
     assert kernel_block.fuse_norms_below_rows == (40 if act_granularity == "per_token" else 0)
+    assert kernel_block.proj_ranges_below_rows == (32768 if act_granularity == "per_token" else 0)
     got = kernel_block(x, c)
     assert ((got - expected).norm() / expected.norm()).item() < 1e-4
+    # the packed weights unpacked by the quantize passes (norm-fused ones included) instead of in the GEMMs
+    monkeypatch.setattr("quant.kernels.UNPACK_FROM_ROWS", 0)
+    assert torch.equal(kernel_block(x, c), got)
+    monkeypatch.undo()
     kernel_block.fuse_norms_below_rows = 39  # x's rows: from there torch's norms, the residuals still gated
     assert ((kernel_block(x, c) - expected).norm() / expected.norm()).item() < 1e-5
-    kernel_block.gate_residuals_below_rows = 39  # the plain block, on the same kernels
+    kernel_block.gate_residuals_below_rows = 39  # the residual updates by torch; proj's ranges by its pass
+    assert torch.equal(kernel_block(x, c), expected)  # the same ranges as torch's reduction, bit for bit
+    kernel_block.proj_ranges_below_rows = 39  # the plain block, on the same kernels
     assert torch.equal(kernel_block(x, c), expected)
     if act_granularity == "per_tensor":
         return
@@ -226,6 +234,44 @@ def test_kernel_blocks_compute_the_same_as_the_plain_block(act_granularity):
     reference = quantize_rows(modulated, qparams, 8, None, kernel.lora_right, splits=1)
     assert (codes.int() - reference[0].int()).abs().max() <= 1 and (codes != reference[0]).float().mean() < 1e-3
     torch.testing.assert_close(down, reference[2], rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_quantize_passes_unpack_a_layers_packed_weights_beside_their_rows(splits):
+    """PackedWeight: the programs past a pass's row blocks unpack the W4 codes as unpack_signed
+    does (70 rows and 200 columns: partial blocks of rows and of a span; with 3 splits, grid slots
+    past the last block), and the pass's own outputs stay as they are without them."""
+    from quant.kernels import PackedWeight, norm_quantize_rows, ranged_quantize_rows
+
+    generator = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 16, (70, 200), dtype=torch.uint8, generator=generator)
+    x = torch.randn(37, 200, generator=generator) * 3
+    right = torch.randn(16, 200, generator=generator)
+    qparams = torch.stack([torch.full((37,), 0.05), torch.full((37,), 120.0)])
+    norm = (torch.randn(3, 200, generator=generator), torch.randn(3, 200, generator=generator) * 0.3, 13, 1e-6, 8)
+    passes = (lambda unpack: quantize_rows(x, qparams, 8, None, right, splits=splits, unpack=unpack),
+              lambda unpack: norm_quantize_rows(x, *norm, right, unpack=unpack),
+              lambda unpack: ranged_quantize_rows(x, 8, right, unpack))
+    for run in passes:
+        unpack = PackedWeight(pack_split(codes), torch.full((70, 200), 99, dtype=torch.int8))
+        beside, alone = run(unpack), run(None)
+        assert all(torch.equal(a, b) for a, b in zip(beside, alone))
+        assert torch.equal(unpack.unpacked, unpack_signed(unpack.packed, 200))
+
+
+def test_ranged_pass_takes_the_per_token_ranges_the_layer_would_and_the_same_codes():
+    """The quantize pass that takes its own per-token ranges: the same qparams as the layer's
+    reduction (bit for bit), then the same codes, sums and LoRA down-projection as the plain pass."""
+    from quant.kernels import ranged_quantize_rows
+
+    kernel = TritonQuantLinear(random_quant_linear(200, 40, rank=8, act_granularity="per_token"))
+    x = torch.randn(37, 200) * 3 + 0.5
+    x[5] = x[5].abs()  # a row without negatives: its range starts at 0
+    codes, rowsum, down, qparams = ranged_quantize_rows(x, 8, kernel.lora_right)
+    assert torch.equal(qparams, kernel.qparams(x))
+    expected = quantize_rows(x, qparams, 8, None, kernel.lora_right, splits=1)
+    assert torch.equal(codes, expected[0]) and torch.equal(rowsum, expected[1])
+    torch.testing.assert_close(down, expected[2], rtol=1e-6, atol=1e-5)
 
 
 def test_norm_pass_statistics_hold_for_a_partial_last_tile_and_a_large_mean():
@@ -296,6 +342,9 @@ def test_kernel_op_schema_and_fake_tensor_rule():
         norm = dict(norm_shift=torch.randn(5, 32), norm_scale=torch.randn(5, 32), norm_tokens=4, norm_eps=1e-6)
         torch.library.opcheck(torch.ops.ditas.int8_linear.default, (x, None),
                               kernel.kernel_tensors()._asdict() | norm, test_utils=("test_schema", "test_faketensor"))
+        # no qparams and no norm: per-token ranges of x taken by the pass
+        torch.library.opcheck(torch.ops.ditas.int8_linear.default, (x, None), kernel.kernel_tensors()._asdict(),
+                              test_utils=("test_schema", "test_faketensor"))
         for per_row in (False, True):
             torch.library.opcheck(torch.ops.ditas.int8_linear_gelu.default,
                                   (*args, torch.rand(16) + 0.5, True, per_row),

@@ -46,16 +46,19 @@ def compile_in_own_process(kind: str, cases: list) -> list[dict]:
 
 
 # Variants of the Triton kernels that the CPU interpreter runs but never compiles: the GEMM with
-# per-row ranges, GELU and an output range per row, the quantize pass with small row blocks, the
-# one taking LayerNorm + modulation too, and the weight-only kernel of the 8-bit adaLN.
+# per-row ranges, GELU and an output range per row, the quantize pass with small row blocks (and
+# with or without W4 weights to unpack), the one taking its own per-token ranges (and LayerNorm +
+# modulation too), and the weight-only kernel of the 8-bit adaLN.
 TRITON_VARIANTS = {
     "gemm per row, GELU + range": ["gemm", {"PER_ROW": True, "GELU": True, "BOUNDS": True, "BOUNDS_SCALED": True,
                                              "BOUNDS_PER_ROW": True, "SPLITS": 3}, {}],
     "gemm with the gated residual update": ["gemm", {"GATED": True, "PER_ROW": True}, {}],
-    "LayerNorm + modulation + quantize pass": ["norm_quantize", {}, {}],
-    "… 512-wide tiles": ["norm_quantize", {"BLOCK_M": 16, "BLOCK_K": 512}, {}],
-    "… 2 rows a program": ["norm_quantize", {"BLOCK_M": 2, "BLOCK_K": 256}, {}],
+    "LayerNorm + modulation + quantize pass": ["ranged_quantize", {}, {}],
+    "… 512-wide tiles": ["ranged_quantize", {"BLOCK_M": 16, "BLOCK_K": 512}, {}],
+    "… 2 rows a program": ["ranged_quantize", {"BLOCK_M": 2, "BLOCK_K": 256}, {}],
+    "quantize pass taking its own per-token ranges (no norm)": ["ranged_quantize", {"NORM": False}, {}],
     "quantize pass, 4 rows a program": ["quantize", {"BLOCK_M": 4, "BLOCK_K": 256}, {}],
+    "… no weights to unpack beside the rows": ["quantize", {"UNPACK": False}, {}],
     "8-bit weight-only layer (adaLN), 16 rows": ["weight_only", {}, {}],
     "… 128 rows": ["weight_only", {"BLOCK_M": 128}, {}],
 }
