@@ -98,10 +98,9 @@ def check_kernels(device, models: list[str], layers: list[str], emit) -> bool:
 
 # KernelDiTBlock layouts the block check runs (install_kernels's default, and batch 64's)
 BLOCK_LAYOUTS = {"norms fused, proj's own ranges, gated residuals": KernelOptions(
-                     fuse_norms_below_rows=EVERY_CALL, gate_residuals_below_rows=EVERY_CALL,
-                     proj_ranges_below_rows=EVERY_CALL),
-                 "gated residuals": KernelOptions(fuse_norms_below_rows=0, gate_residuals_below_rows=EVERY_CALL,
-                                                  proj_ranges_below_rows=0)}
+                     fuse_norms_below_rows=EVERY_CALL, gate_residuals_below_rows=EVERY_CALL),
+                 "proj's own ranges, gated residuals": KernelOptions(fuse_norms_below_rows=0,
+                                                                     gate_residuals_below_rows=EVERY_CALL)}
 
 
 @torch.no_grad()

@@ -85,17 +85,15 @@ ROWS = {
     # proj's own ranges
     "w4a8-token-unfused-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
                                       kernels=KernelOptions(weight_only_adaln=False, fuse_norms_below_rows=0,
-                                                            gate_residuals_below_rows=0, proj_ranges_below_rows=0)),
+                                                            gate_residuals_below_rows=0, proj_own_ranges=False)),
     # the residual updates after the GEMMs, by torch.compile; or in the epilogues at every batch
     "w4a8-token-ungated-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
                                       kernels=KernelOptions(gate_residuals_below_rows=0)),
     "w4a8-token-gated-all-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
                                         kernels=KernelOptions(gate_residuals_below_rows=EVERY_CALL)),
-    # proj's per-token ranges by a reduction before its quantize pass; or taken by the pass at every batch
+    # proj's per-token ranges by a reduction before its quantize pass, not taken by the pass
     "w4a8-token-proj-reduced-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
-                                           kernels=KernelOptions(proj_ranges_below_rows=0)),
-    "w4a8-token-proj-ranged-all-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
-                                              kernels=KernelOptions(proj_ranges_below_rows=EVERY_CALL)),
+                                           kernels=KernelOptions(proj_own_ranges=False)),
     "w4a8-2level-compile": Row(4, "triton", torch.bfloat16, True, "per_tensor", "two_level"),
 }
 

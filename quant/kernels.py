@@ -63,6 +63,11 @@ FAST_TANH = tl.constexpr(not INTERPRETED)
 # more at every DiT-XL/2 batch measured, down to 512 rows (batch 1 with CFG; benchmarks/RESULTS.md).
 # Fewer rows: the GEMM reads the packed bytes itself.
 UNPACK_FROM_ROWS = 256
+# Calls of fewer rows unpack their packed weights in programs beside their quantize pass's row
+# blocks (PackedWeight): at 512 rows 0.2 ms faster per DiT-XL/2 forward than the unpack kernel
+# after it. From 4,096 rows it stays a kernel of its own: the norm pass's row blocks (255
+# registers a thread) leave the unpack's programs few slots, and batch 8 lost 0.7 ms per forward.
+UNPACK_BESIDE_PASS_BELOW_ROWS = 4096
 # Calls of at least this many rows on a Hopper GPU go to the persistent, warp-specialised Gluon
 # GEMM (quant/hopper_gemm.py), which measured faster than the GEMM here at all four DiT-XL/2
 # shapes at 4,096 and 32,768 rows, timed as the samplers run them (CUDA graphs;
@@ -629,9 +634,10 @@ class PackedWeight(NamedTuple):
 
 def unpacked_alongside(weight: torch.Tensor, packed: bool, group_table: torch.Tensor | None, m: int,
                        k: int) -> PackedWeight | None:
-    """Where a call of m rows unpacks its packed weights before the GEMM (UNPACK_FROM_ROWS), the
-    unpack target its quantize pass fills; None otherwise (int8 codes, two-level groups, few rows)."""
-    if not packed or group_table is not None or m < UNPACK_FROM_ROWS:
+    """Where a call of m rows unpacks its packed weights beside its quantize pass (UNPACK_FROM_ROWS,
+    UNPACK_BESIDE_PASS_BELOW_ROWS), the unpack target the pass fills; None otherwise (int8 codes,
+    two-level groups, few rows, or many: int8_gemm then unpacks them itself where it should)."""
+    if not packed or group_table is not None or not UNPACK_FROM_ROWS <= m < UNPACK_BESIDE_PASS_BELOW_ROWS:
         return None
     return PackedWeight(weight, torch.empty(weight.shape[0], k, dtype=torch.int8, device=weight.device))
 

@@ -190,8 +190,8 @@ class KernelOptions(NamedTuple):
     # calls of fewer rows have proj's and fc2's epilogues apply the block's gated residual update
     # (KernelDiTBlock; 0: never)
     gate_residuals_below_rows: int = 32768
-    # calls of fewer rows have proj's quantize pass take its per-token ranges itself (KernelDiTBlock; 0: never)
-    proj_ranges_below_rows: int = 32768
+    # proj's quantize pass takes its per-token ranges itself (KernelDiTBlock), not a reduction beforehand
+    proj_own_ranges: bool = True
 
 
 DEFAULT_KERNEL_OPTIONS = KernelOptions()
@@ -287,8 +287,8 @@ class KernelDiTBlock(DiTBlock):
     - in calls of fewer than `gate_residuals_below_rows` rows, proj's and fc2's GEMM epilogues
       apply the gated residual update x + gate ⊙ y (TritonQuantLinear.gated), so y is never stored
       either; larger calls leave it to torch.compile, which fuses it into the next norm;
-    - in calls of fewer than `proj_ranges_below_rows` rows, proj's quantize pass takes its
-      per-token ranges itself (qparams None), instead of a reduction over the attention's output.
+    - with `proj_own_ranges`, proj's quantize pass takes its per-token ranges itself (qparams
+      None), instead of a reduction over the attention's output first.
     Same submodules (and state-dict keys) as the DiTBlock it is built from."""
 
     def __init__(self, block: nn.Module, options: KernelOptions):
@@ -298,7 +298,7 @@ class KernelDiTBlock(DiTBlock):
         takes_norms = self.attn.qkv.ranges_in_pass and self.mlp.fc1.ranges_in_pass
         self.fuse_norms_below_rows = options.fuse_norms_below_rows if takes_norms else 0
         self.gate_residuals_below_rows = options.gate_residuals_below_rows
-        self.proj_ranges_below_rows = options.proj_ranges_below_rows if self.attn.proj.ranges_in_pass else 0
+        self.proj_own_ranges = options.proj_own_ranges and self.attn.proj.ranges_in_pass
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         m = self.modulation(c)
@@ -309,11 +309,10 @@ class KernelDiTBlock(DiTBlock):
         else:
             qkv = self.attn.qkv(modulate(self.norm1(x), m.shift_msa, m.scale_msa))
         attended = self.attn.attend(qkv)
-        own_ranges = rows < self.proj_ranges_below_rows
         if gated:
-            x = self.attn.proj.gated(attended, x, m.gate_msa, own_ranges)
+            x = self.attn.proj.gated(attended, x, m.gate_msa, self.proj_own_ranges)
         else:
-            x = x + m.gate_msa.unsqueeze(1) * self.attn.proj(attended, own_ranges)
+            x = x + m.gate_msa.unsqueeze(1) * self.attn.proj(attended, self.proj_own_ranges)
         if fuse_norms:
             mlp_input, norm = x, NormModulation(m.shift_mlp, m.scale_mlp, self.norm2.eps)
         else:

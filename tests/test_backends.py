@@ -210,7 +210,7 @@ def test_kernel_blocks_compute_the_same_as_the_plain_block(act_granularity, monk
     assert isinstance(kernel_block, KernelDiTBlock)
     # a whole-tensor range needs the activation first: per tensor, the norms and ranges stay outside the pass
     assert kernel_block.fuse_norms_below_rows == (40 if act_granularity == "per_token" else 0)
-    assert kernel_block.proj_ranges_below_rows == (32768 if act_granularity == "per_token" else 0)
+    assert kernel_block.proj_own_ranges == (act_granularity == "per_token")
     got = kernel_block(x, c)
     assert ((got - expected).norm() / expected.norm()).item() < 1e-4
     # the packed weights unpacked by the quantize passes (norm-fused ones included) instead of in the GEMMs
@@ -221,7 +221,7 @@ def test_kernel_blocks_compute_the_same_as_the_plain_block(act_granularity, monk
     assert ((kernel_block(x, c) - expected).norm() / expected.norm()).item() < 1e-5
     kernel_block.gate_residuals_below_rows = 39  # the residual updates by torch; proj's ranges by its pass
     assert torch.equal(kernel_block(x, c), expected)  # the same ranges as torch's reduction, bit for bit
-    kernel_block.proj_ranges_below_rows = 39  # the plain block, on the same kernels
+    kernel_block.proj_own_ranges = False  # the plain block, on the same kernels
     assert torch.equal(kernel_block(x, c), expected)
     if act_granularity == "per_tensor":
         return
