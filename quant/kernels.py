@@ -1,5 +1,6 @@
-"""Triton kernels of the integer inference path: a quantize pass (also one that takes DiT's
-LayerNorm + modulation itself), an int8 GEMM, the W4 unpack and the 8-bit adaLN's weight-only GEMM.
+"""Triton kernels of the integer inference path: a quantize pass (also one that takes per-token
+ranges itself, with or without DiT's LayerNorm + modulation, and either can unpack the layer's W4
+weights beside its rows), an int8 GEMM, the W4 unpack and the 8-bit adaLN's weight-only GEMM.
 
 A DiTAS layer computes  y = Q_a(x ⊙ smooth_inv) · (Ŵ + L·R)ᵀ + b  with
     x̂ = s_x · (q − z_x)            (activation codes q in [0, 2^a − 1], a ≤ 8; one (s_x, z_x)
@@ -58,15 +59,16 @@ LORA_DTYPE = tl.constexpr(tl.float32 if INTERPRETED else tl.bfloat16)
 # bf16 rounding of the output); the interpreter has no inline PTX and uses exp instead.
 FAST_TANH = tl.constexpr(not INTERPRETED)
 # Packed weights of a layer called with at least this many rows are unpacked to int8 once per
-# call, by the layer's quantize pass (PackedWeight; by a kernel of their own when int8_gemm is
-# called directly), and multiplied by the int8 GEMM: unpacking inside the GEMM's main loop cost
-# more at every DiT-XL/2 batch measured, down to 512 rows (batch 1 with CFG; benchmarks/RESULTS.md).
-# Fewer rows: the GEMM reads the packed bytes itself.
+# call and multiplied by the int8 GEMM: unpacking inside the GEMM's main loop cost more at every
+# DiT-XL/2 batch measured, down to 512 rows (batch 1 with CFG; benchmarks/RESULTS.md). Fewer
+# rows: the GEMM reads the packed bytes itself.
 UNPACK_FROM_ROWS = 256
-# Calls of fewer rows unpack their packed weights in programs beside their quantize pass's row
-# blocks (PackedWeight): at 512 rows 0.2 ms faster per DiT-XL/2 forward than the unpack kernel
-# after it. From 4,096 rows it stays a kernel of its own: the norm pass's row blocks (255
-# registers a thread) leave the unpack's programs few slots, and batch 8 lost 0.7 ms per forward.
+# Calls of fewer rows unpack in programs beside their quantize pass's row blocks (PackedWeight):
+# at 512 rows the passes with the unpack took 0.95 ms per DiT-XL/2 forward, against 1.16 for the
+# passes and the unpack kernel (two calls). Larger calls (and direct int8_gemm calls) unpack by a
+# kernel of its own: in the model at batch 8 the norm pass with the unpack beside took 36 µs a
+# call (19-20 alone, with the weights in L2), its programs sharing the slots that the pass's
+# 255-register row blocks leave (benchmarks/RESULTS.md).
 UNPACK_BESIDE_PASS_BELOW_ROWS = 4096
 # Calls of at least this many rows on a Hopper GPU go to the persistent, warp-specialised Gluon
 # GEMM (quant/hopper_gemm.py), which measured faster than the GEMM here at all four DiT-XL/2
@@ -265,7 +267,8 @@ def _ranged_row_block(x_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes
                       BLOCK_K: tl.constexpr):
     """The ranged pass of one row block. Its tile loops are unrolled (tl.static_range), so that the
     compiler can issue a pass's independent tile loads before it waits on the first: the pass
-    waits on load latency (1.1-1.2x faster unrolled at 512 and 4,096 rows; benchmarks/RESULTS.md)."""
+    waits on load latency (alone, 1.1-1.2x faster unrolled at 512 and 4,096 rows; in the model at
+    batch 8 the unrolled passes took longer than the looped one had: benchmarks/RESULTS.md)."""
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     samples = rows // TOKENS
