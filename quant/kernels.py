@@ -509,6 +509,7 @@ def _weight_only_kernel(x_ptr, codes_ptr, zero_ptr, scale_ptr, bias_ptr, out_ptr
 
 @triton.jit
 def _unpack_kernel(packed_ptr, out_ptr, N, K: tl.constexpr, PACKED_K: tl.constexpr):
+    """unpack_signed's kernel: one _unpack_block per program."""
     _unpack_block(tl.program_id(0), packed_ptr, out_ptr, N, K, PACKED_K)
 
 
@@ -674,9 +675,9 @@ def quantize_rows(x: torch.Tensor, qparams: torch.Tensor, act_bits: int, smooth_
     codes = torch.empty(m, k, dtype=torch.int8, device=x.device)
     rowsum = torch.empty(splits, m, dtype=torch.int32, device=x.device)
     down = torch.empty(splits, m, max(rank, 1), dtype=torch.float32, device=x.device)
-    # the unpack's programs follow the row blocks, `splits` to a grid row
-    unpack_rows = 0 if unpack is None else triton.cdiv(unpack_programs(unpack.packed.shape[0], k), splits)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) + unpack_rows, splits)  # noqa: E731
+    # the unpack's programs follow the row blocks, `splits` to a row of the grid
+    unpack_grid_rows = 0 if unpack is None else triton.cdiv(unpack_programs(unpack.packed.shape[0], k), splits)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) + unpack_grid_rows, splits)  # noqa: E731
     _quantize_rows_kernel[grid](
         x, smooth_inv if smooth_inv is not None else qparams, qparams, right if right is not None else qparams,
         codes, rowsum, down, M=m, stride_xm=x.stride(0),
@@ -729,8 +730,8 @@ def _ranged_pass(x: torch.Tensor, act_bits: int, right: torch.Tensor | None, unp
     down = torch.empty(1, m, max(rank, 1), dtype=torch.float32, device=x.device)
     qparams = torch.empty(2, m, dtype=torch.float32, device=x.device)
     placeholders = dict(shift_ptr=x, scale_ptr=x, stride_mod=0, TOKENS=1, EPS_NORM=0.0)  # never read without NORM
-    unpack_rows = 0 if unpack is None else unpack_programs(unpack.packed.shape[0], k)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) + unpack_rows,)  # noqa: E731
+    unpack_blocks = 0 if unpack is None else unpack_programs(unpack.packed.shape[0], k)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) + unpack_blocks,)  # noqa: E731
     _ranged_quantize_rows_kernel[grid](
         x_ptr=x, qparams_ptr=qparams, right_ptr=right if right is not None else qparams, codes_ptr=codes,
         rowsum_ptr=rowsum, down_ptr=down, M=m, stride_xm=x.stride(0), K=k, QMAX=float(largest_code(act_bits)),
