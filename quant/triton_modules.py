@@ -145,7 +145,10 @@ class TritonQuantLinear(KeepsKernelDtypes):
                                            **gated_arguments(gated, self.out_features))
 
     def input_qparams(self, x2d: torch.Tensor, own_ranges: bool) -> torch.Tensor | None:
-        """qparams(x2d), or None with own_ranges: the quantize pass takes the per-token ranges itself."""
+        """qparams(x2d), or None with own_ranges: the quantize pass takes the per-token ranges itself
+        (only where ranges_in_pass: the pass applies no smoothing and no static range)."""
+        if own_ranges and not self.ranges_in_pass:
+            raise ValueError("own_ranges needs dynamic per-token ranges of an unsmoothed input (ranges_in_pass)")
         return None if own_ranges else self.qparams(x2d)
 
     def gated(self, x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor,

@@ -274,6 +274,22 @@ def test_ranged_pass_takes_the_per_token_ranges_the_layer_would_and_the_same_cod
     torch.testing.assert_close(down, expected[2], rtol=1e-6, atol=1e-5)
 
 
+def test_a_layer_refuses_own_ranges_its_pass_would_compute_wrongly():
+    """The ranged pass takes per-token ranges of x itself, without smoothing: asking it of a
+    smoothed or per-tensor (possibly static) layer fails loudly rather than quantizing the wrong
+    activation."""
+    register_kernel_op()
+    x = torch.randn(2, 5, 48)
+    for fake in (random_quant_linear(48, 40, smooth=True, act_granularity="per_token"),
+                 random_quant_linear(48, 40, static=True), random_quant_linear(48, 40)):
+        kernel = TritonQuantLinear(fake)
+        assert not kernel.ranges_in_pass
+        with pytest.raises(ValueError, match="own_ranges"):
+            kernel(x, own_ranges=True)
+    kernel = TritonQuantLinear(random_quant_linear(48, 40, act_granularity="per_token"))
+    torch.testing.assert_close(kernel(x, own_ranges=True), kernel(x), rtol=0, atol=0)
+
+
 def test_norm_pass_statistics_hold_for_a_partial_last_tile_and_a_large_mean():
     """The one-pass (merged per tile) mean and variance: 80 columns are two and a half interpreted
     tiles, and a mean 100× the spread is where a plain sum-of-squares variance would cancel."""
