@@ -1,0 +1,60 @@
+"""The row passes compiled for a CUDA GPU, at DiT-XL/2's shapes: the pass that takes proj's per-token
+ranges itself against torch's reduction + the plain pass, and the W4 unpack beside a pass against
+the unpack kernel. Run alone on a CUDA machine (`python -m pytest tests/test_gpu_row_passes.py`):
+in the full suite test_backends turns on Triton's CPU interpreter first, which these tests skip."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+pytestmark = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and Triton's compiler (not its interpreter)")
+
+XL_HIDDEN = 1152
+
+
+@pytest.mark.parametrize("rows", [512, 4096])
+def test_on_the_gpu_the_ranged_pass_takes_the_layers_ranges_and_codes(rows):
+    from benchmarks.synthetic import outlier_input, quantized_layer_pair
+    from quant.kernels import quantize_rows, ranged_quantize_rows
+
+    device = torch.device("cuda")
+    _, layer = quantized_layer_pair(XL_HIDDEN, XL_HIDDEN, 4, False, device, act_granularity="per_token")
+    x = outlier_input(rows, XL_HIDDEN, device, torch.bfloat16, seed=2)
+    codes, rowsum, down, qparams = ranged_quantize_rows(x, 8, layer.lora_right)
+    expected = layer.qparams(x)
+    # the same ranges; scales may differ in the last bit (float division), and a code by one at a tie
+    torch.testing.assert_close(qparams, expected, rtol=1e-6, atol=0)
+    reference = quantize_rows(x, qparams, 8, None, layer.lora_right, splits=1)
+    assert torch.equal(codes, reference[0]) and torch.equal(rowsum, reference[1])
+    torch.testing.assert_close(down, reference[2], rtol=1e-3, atol=1e-2)
+    plain = quantize_rows(x, expected, 8, None, layer.lora_right, splits=1)[0]
+    assert (codes.int() - plain.int()).abs().max() <= 1 and (codes != plain).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("role", ["qkv", "proj", "fc1", "fc2"])
+def test_on_the_gpu_the_unpack_beside_a_pass_equals_the_unpack_kernel(role):
+    from benchmarks.synthetic import layer_shapes, outlier_input, quantized_layer_pair
+    from quant.kernels import PackedWeight, norm_quantize_rows, quantize_rows, unpack_signed
+
+    device = torch.device("cuda")
+    k, n = layer_shapes(XL_HIDDEN)[role]
+    _, layer = quantized_layer_pair(k, n, 4, role == "fc2", device, act_granularity="per_token")
+    assert layer.packed
+    x = outlier_input(512, k, device, torch.bfloat16, seed=k)
+    if role in ("qkv", "fc1"):  # the norm pass (2 samples of 256 tokens)
+        modulation = torch.randn(2, 6 * k, device=device, dtype=torch.bfloat16) * 0.3
+        run = lambda unpack: norm_quantize_rows(x, modulation[:, :k], modulation[:, k:2 * k], 256, 1e-6, 8,  # noqa: E731
+                                                layer.lora_right, unpack)
+    else:
+        qparams = layer.qparams(x)
+        run = lambda unpack: quantize_rows(x, qparams, 8, layer.smooth_inv, layer.lora_right, unpack=unpack)  # noqa: E731
+    unpack = PackedWeight(layer.weight, torch.full((n, k), 99, dtype=torch.int8, device=device))
+    beside, alone = run(unpack), run(None)
+    assert all(torch.equal(a, b) for a, b in zip(beside, alone) if a is not None)
+    assert torch.equal(unpack.unpacked, unpack_signed(layer.weight, k))
