@@ -1,8 +1,11 @@
-"""Benchmark plumbing that runs without a GPU: the row log every benchmark script writes."""
+"""Benchmark plumbing that runs without a GPU: the row log every benchmark script writes, and the
+FP8 benchmark's rounding."""
 
 from __future__ import annotations
 
 import json
+
+import torch
 
 from benchmarks.rowlog import RowLog
 
@@ -24,3 +27,20 @@ def test_row_log_can_start_the_file_empty_or_print_only(tmp_path):
     RowLog(path, start_empty=True).add({"b": 3})
     assert path.read_text() == '{"b": 3}\n'
     assert RowLog().add({"c": 4}) == {"c": 4}
+
+
+def test_fp8_rows_map_their_amax_to_e4m3s_largest_value_and_w4_codes_are_exact():
+    """benchmarks/fp8_gemm.py's pricing of the FP8 format: each activation row scaled so its
+    largest magnitude is e4m3's 448, rounded to 3 mantissa bits (half a step: 1/16 of a value,
+    or half the smallest subnormal), and W4 codes minus zero points exact in e4m3."""
+    from benchmarks.fp8_gemm import E4M3_MAX, rowwise_e4m3
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 64, generator=generator) * torch.tensor([1.0, 10.0, 100.0, 0.01, 1e-3])[:, None]
+    codes, scale = rowwise_e4m3(x)
+    assert codes.dtype == torch.float8_e4m3fn and scale.shape == (5, 1)
+    assert torch.equal(codes.float().abs().amax(dim=1), torch.full((5,), E4M3_MAX))
+    error = (codes.float() * scale - x).abs()
+    assert (error <= x.abs() / 16 + scale * 2.0**-10 * 1.0001).all()
+    signed = torch.arange(-15, 16).float()
+    assert torch.equal(signed.to(torch.float8_e4m3fn).float(), signed)
