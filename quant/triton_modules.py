@@ -1,7 +1,7 @@
 """The `triton` backend's modules: a QuantLinear computed by the int8 kernels (quant/kernels.py),
 DiT's Mlp with GELU and fc2's range fused into fc1's epilogue, DiT blocks whose qkv and fc1 take
-their LayerNorm + modulation in the quantize pass and whose proj and fc2 apply the gated residual
-update in their epilogues, the 8-bit adaLN on a weight-only kernel, the kernels as torch custom
+their LayerNorm + modulation in the quantize pass, whose proj's pass takes its own ranges and whose
+proj and fc2 apply the gated residual update in their epilogues, the 8-bit adaLN on a weight-only kernel, the kernels as torch custom
 ops (opaque to torch.compile), and the swap of a model's layers for them (install_kernels, laid
 out by KernelOptions)."""
 
@@ -374,6 +374,8 @@ def register_kernel_op() -> None:
     def run(x, qparams, *, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
             lora_left, act_bits, use_tma, group_table, norm_shift=None, norm_scale=None, norm_tokens=0,
             norm_eps=0.0, residual=None, gate=None, gate_tokens=0, **epilogue):
+        if qparams is None and smooth_inv is not None:
+            raise ValueError("a layer smoothed on the fly needs its qparams: the passes that take ranges do not smooth")
         unpack = unpacked_alongside(weight, packed, group_table, *x.shape)
         if norm_shift is not None:  # x: the residual stream; LayerNorm + modulation + quantize in one pass
             codes, rowsum, down, qparams = norm_quantize_rows(x, norm_shift, norm_scale, norm_tokens, norm_eps,

@@ -286,6 +286,9 @@ def test_a_layer_refuses_own_ranges_its_pass_would_compute_wrongly():
         assert not kernel.ranges_in_pass
         with pytest.raises(ValueError, match="own_ranges"):
             kernel(x, own_ranges=True)
+        if kernel.smooth_inv is not None:  # the op itself, called without qparams
+            with pytest.raises(ValueError, match="smoothed on the fly"):
+                torch.ops.ditas.int8_linear(x.reshape(-1, 48), None, **kernel.kernel_tensors()._asdict())
     kernel = TritonQuantLinear(random_quant_linear(48, 40, act_granularity="per_token"))
     torch.testing.assert_close(kernel(x, own_ranges=True), kernel(x), rtol=0, atol=0)
 
@@ -354,20 +357,21 @@ def test_kernel_op_schema_and_fake_tensor_rule():
         # by name, as the modules call them
         torch.library.opcheck(torch.ops.ditas.int8_linear.default, args[:2], kernel.kernel_tensors()._asdict(),
                               test_utils=("test_schema", "test_faketensor"))
-        # no qparams: LayerNorm + modulation + per-token ranges taken by the pass (5 samples of 4 tokens)
+        # no qparams (an unsmoothed per-token layer): LayerNorm + modulation + per-token ranges taken
+        # by the pass (5 samples of 4 tokens), or x's own per-token ranges taken by the pass
+        ranged = TritonQuantLinear(random_quant_linear(32, 16, rank=4, granularity=granularity,
+                                                       act_granularity="per_token")).kernel_tensors()._asdict()
         norm = dict(norm_shift=torch.randn(5, 32), norm_scale=torch.randn(5, 32), norm_tokens=4, norm_eps=1e-6)
-        torch.library.opcheck(torch.ops.ditas.int8_linear.default, (x, None),
-                              kernel.kernel_tensors()._asdict() | norm, test_utils=("test_schema", "test_faketensor"))
-        # no qparams and no norm: per-token ranges of x taken by the pass
-        torch.library.opcheck(torch.ops.ditas.int8_linear.default, (x, None), kernel.kernel_tensors()._asdict(),
+        torch.library.opcheck(torch.ops.ditas.int8_linear.default, (x, None), ranged | norm,
+                              test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(torch.ops.ditas.int8_linear.default, (x, None), ranged,
                               test_utils=("test_schema", "test_faketensor"))
         for per_row in (False, True):
             torch.library.opcheck(torch.ops.ditas.int8_linear_gelu.default,
                                   (*args, torch.rand(16) + 0.5, True, per_row),
                                   test_utils=("test_schema", "test_faketensor"))
             torch.library.opcheck(torch.ops.ditas.int8_linear_gelu.default, (x, None),
-                                  kernel.kernel_tensors()._asdict() | norm | dict(
-                                      bounds_scale=None, with_bounds=True, bounds_per_row=per_row),
+                                  ranged | norm | dict(bounds_scale=None, with_bounds=True, bounds_per_row=per_row),
                                   test_utils=("test_schema", "test_faketensor"))
 
 
