@@ -62,6 +62,12 @@ class TileConfig(NamedTuple):
 DEFAULT_CONFIG = TileConfig()
 
 
+def gate_tiles_fit(tokens: int, config: TileConfig = DEFAULT_CONFIG) -> bool:
+    """Whether a gated update's samples of `tokens` rows leave every row tile in one sample: the
+    epilogue reads one gate row per tile."""
+    return tokens % config.block_m == 0
+
+
 @gluon.jit
 def _tile_origin(tile, tiles_m, tiles_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
     """First row and column of a tile, GROUP_M row tiles sharing each column tile while it is in L2."""
@@ -346,7 +352,7 @@ def int8_gemm_ws(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tenso
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     placeholder = scale_w  # any float32 tensor, for pointers a kernel variant never reads
     if gated is not None:  # the residual's tiles as the output's
-        if gated.tokens % config.block_m:  # the epilogue reads one gate row per tile
+        if not gate_tiles_fit(gated.tokens, config):
             raise ValueError(f"a gated update needs whole row tiles per sample: {gated.tokens} tokens per sample, "
                              f"{config.block_m}-row tiles")
         residual_desc = TensorDescriptor.from_tensor(gated.residual, out_desc.block_shape, out_desc.layout)

@@ -611,9 +611,9 @@ def warp_specialised_suits(m: int, n: int, k: int, rank: int, packed: bool, gelu
     """Whether a call goes to quant/hopper_gemm.py's kernel (WARP_SPECIALISED_FROM_ROWS says why;
     a gated residual update only where each of its row tiles lies in one sample)."""
     if gated is not None:
-        from .hopper_gemm import DEFAULT_CONFIG
+        from .hopper_gemm import gate_tiles_fit
 
-        if gated.tokens % DEFAULT_CONFIG.block_m:
+        if not gate_tiles_fit(gated.tokens):
             return False
     range_suits = bounds is None or m >= WARP_SPECIALISED_RANGE_FROM_ROWS
     return (device.type == "cuda" and not packed and range_suits
