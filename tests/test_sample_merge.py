@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -37,7 +38,23 @@ def sampler(*args, nproc=None, env_extra=None):
                    *command[1:]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    if nproc and died_in_gloo_teardown(result):
+        # Rerunning resumes: every image is already on disk, so this only rebuilds the npz. Its
+        # stderr follows the first run's, which logged the sampling.
+        warnings.warn("a torchrun rank aborted in gloo's teardown after its work was done; rerun once",
+                      stacklevel=2)
+        first = result
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+        result.stderr = first.stderr + result.stderr
     return result
+
+
+def died_in_gloo_teardown(result: subprocess.CompletedProcess) -> bool:
+    """Whether a torchrun run failed only because a rank aborted while tearing down its gloo group
+    after writing the npz. torch 2.13's gloo does that on rare occasions (once in CI at ad0d1bd, never in
+    126 local runs of the same command), an abort from a C++ thread that no Python code can catch."""
+    return (result.returncode != 0 and "terminate called without an active exception" in result.stderr
+            and "wrote " in result.stderr)
 
 
 def fp_run(tiny_ckpt, sample_dir, *extra, nproc=None):
