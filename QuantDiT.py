@@ -29,6 +29,7 @@ from quant.calibrate import CalibrationRun, default_calibration_labels
 from quant.checkpoint import save_quantized
 from quant.config import (
     ACT_BITS_RANGE,
+    ACT_FORMATS,
     ACT_GRANULARITIES,
     ADALN_WEIGHT_BITS,
     DEFAULT_RECIPE,
@@ -63,7 +64,8 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
         return QuantConfig(
             weight_bits=args.weight_bit, act_bits=args.act_bit, weight_granularity=args.weight_granularity,
             weight_group_size=args.weight_group_size,
-            act_dynamic=not args.static_act, smooth=not args.no_smooth, alpha_grid=tuple(args.alpha_grid),
+            act_dynamic=not args.static_act, act_format=args.act_format, smooth=not args.no_smooth,
+            alpha_grid=tuple(args.alpha_grid),
             lora_rank=args.lora_rank, lora_iters=args.lora_iters, search_lora_iters=args.search_lora_iters,
             search_rows_per_step=args.search_rows_per_step, adaln_weight_bits=args.adaln_bit,
             **recipe_settings(args.recipe, rounding=args.rounding, lora_weighting=args.lora_weighting,
@@ -175,6 +177,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weight-group-size", type=positive_int, default=QuantConfig.weight_group_size, help="inputs per group for per_group")
     parser.add_argument("--act-granularity", choices=ACT_GRANULARITIES, default=None,
                         help="one activation range per tensor (the paper) or per token (default: the recipe's)")
+    parser.add_argument("--act-format", choices=ACT_FORMATS, default=QuantConfig.act_format,
+                        help="activation codes: int (integers with a zero point, the paper; the triton backend) or "
+                             "fp8_e4m3 (8-bit floats times a scale, symmetric; the fp8 backend's cuBLAS FP8 GEMMs, "
+                             "with --act-bit 8 and weights of at most 4 bits per channel)")
     parser.add_argument("--static-act", action="store_true",
                         help="fix activation ranges from calibration instead of computing them per forward")
     parser.add_argument("--no-smooth", action="store_true", help="skip TAS smoothing (round-to-nearest baseline)")

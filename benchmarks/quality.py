@@ -48,6 +48,9 @@ METHODS = {
     "best, per-group 64": {**RECIPES["best"], "weight_granularity": "per_group", "weight_group_size": 64},
     "best, two-level 64": {**RECIPES["best"], "weight_granularity": "two_level", "weight_group_size": 64},
     "default": RECIPES[DEFAULT_RECIPE],  # what QuantDiT.py does without flags (now: "best, per-token activations")
+    # issue 13's optional activation format: FP8 e4m3 codes instead of 8-bit integers
+    "default, FP8 activations": {**RECIPES[DEFAULT_RECIPE], "act_format": "fp8_e4m3"},
+    "DiTAS, FP8 activations": dict(act_format="fp8_e4m3"),
     "DiTAS per-group 64": dict(weight_granularity="per_group", weight_group_size=64),
     "DiTAS per-group 128": dict(weight_granularity="per_group", weight_group_size=128),
     # issue 17: two-level groups (a float scale per row, integer scales per group)

@@ -53,7 +53,7 @@ from benchmarks.synthetic import (
     synthetic_quantized_dit,
 )
 from diffusion import create_diffusion
-from quant.backends import cast_float_parts
+from quant.backends import cast_float_parts, prepare_for_inference
 from quant.triton_modules import EVERY_CALL, KernelOptions, install_kernels, register_kernel_op
 from runtime.checkpoints import spec_from_name
 from runtime.sampling import StepGraphs, compile_blocks, denoiser_step, generate
@@ -67,6 +67,7 @@ class Row(NamedTuple):
     act_granularity: str = "per_tensor"
     weight_granularity: str = "per_channel"  # two_level: groups of TWO_LEVEL_GROUP
     kernels: KernelOptions = KernelOptions()  # the triton backend's layout (default: the samplers')
+    act_format: str = "int"
 
 
 ROWS = {
@@ -95,6 +96,8 @@ ROWS = {
     "w4a8-token-proj-reduced-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
                                            kernels=KernelOptions(proj_own_ranges=False)),
     "w4a8-2level-compile": Row(4, "triton", torch.bfloat16, True, "per_tensor", "two_level"),
+    # issue 13's optional format: FP8 e4m3 activations on cuBLAS's row-scaled FP8 GEMM (backend fp8)
+    "w4a8-fp8-token-compile": Row(4, "fp8", torch.bfloat16, True, "per_token", act_format="fp8_e4m3"),
 }
 
 
@@ -153,10 +156,12 @@ def build_row(name: str, args, device) -> torch.nn.Module:
         model = random_dit(args.model, args.image_size, device).to(row.dtype)
     else:
         model = synthetic_quantized_dit(args.model, args.image_size, device, row.weight_bits, args.adaln_bit,
-                                        row.act_granularity, row.weight_granularity)
-        cast_float_parts(model, row.dtype)  # as prepare_for_inference, with the row's kernel layout
-        if row.backend == "triton":
+                                        row.act_granularity, row.weight_granularity, row.act_format)
+        if row.backend == "triton":  # as prepare_for_inference, with the row's kernel layout
+            cast_float_parts(model, row.dtype)
             install_kernels(model, print, row.kernels)
+        else:
+            prepare_for_inference(model, row.backend, row.dtype)
     if row.compiled:  # as the samplers compile: one compiled block serves all 28
         compile_blocks(model)
     return model

@@ -91,11 +91,12 @@ def quantized_mlp_pair(hidden: int, weight_bits: int, device,
 
 
 def synthetic_quantized_dit(name: str, image_size: int, device, weight_bits: int, adaln_bits: int | None,
-                            act_granularity: str = "per_tensor", weight_granularity: str = "per_channel"):
+                            act_granularity: str = "per_tensor", weight_granularity: str = "per_channel",
+                            act_format: str = "int"):
     model = random_dit(name, image_size, device)
     config = QuantConfig(weight_bits=weight_bits, act_bits=8, adaln_weight_bits=adaln_bits,
                          act_granularity=act_granularity, weight_granularity=weight_granularity,
-                         weight_group_size=TWO_LEVEL_GROUP)
+                         weight_group_size=TWO_LEVEL_GROUP, act_format=act_format)
     generator = torch.Generator().manual_seed(0)
     targets = quant_targets(model)
     layers, factors = {}, {}

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 
 WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group", "two_level")
 ACT_GRANULARITIES = ("per_tensor", "per_token")
+# How activations are coded: b-bit integers with a scale and zero point per range (the paper), or
+# float8 e4m3 values times one scale per range (8 bits; the weights' integer codes minus their zero
+# points, within ±15 for 4 bits, are exact e4m3 values, so a layer can run on an FP8 GEMM).
+ACT_FORMATS = ("int", "fp8_e4m3")
 LOW_RANK_METHODS = ("exact", "randomized")
 # How weight codes are rounded: to the nearest grid point (the paper), or column by column with
 # each column's rounding error pushed onto the columns not yet rounded through the inverse of the
@@ -48,7 +52,8 @@ class QuantConfig:
     channel ("per_channel"), per `weight_group_size` consecutive input channels of a row
     ("per_group"), per tensor, or "two_level": a float scale per row (int8 grid) and an integer
     scale and zero point per group (primitives.quantize_two_level). Activations: `act_bits`, asymmetric, one range per tensor (the
-    paper) or per token, computed on the fly ("dynamic") or fixed from calibration ("static").
+    paper) or per token, computed on the fly ("dynamic") or fixed from calibration ("static"),
+    as integer codes (the paper) or FP8 e4m3 codes (`act_format`).
     """
 
     weight_bits: int = 4
@@ -58,6 +63,7 @@ class QuantConfig:
     weight_symmetric: bool = False
     act_granularity: str = "per_tensor"
     act_dynamic: bool = True
+    act_format: str = "int"
     smooth: bool = True  # TAS smoothing; False gives round-to-nearest (+ LoRA if lora_rank > 0)
     alpha_grid: tuple[float, ...] = dataclasses.field(default_factory=default_alpha_grid)
     lora_rank: int = 32
@@ -101,6 +107,10 @@ class QuantConfig:
               f"weight group size must be a positive even number, got {self.weight_group_size}")
         check(self.act_granularity in ACT_GRANULARITIES,
               f"activation granularity must be one of {ACT_GRANULARITIES}, got {self.act_granularity!r}")
+        check(self.act_format in ACT_FORMATS,
+              f"activation format must be one of {ACT_FORMATS}, got {self.act_format!r}")
+        check(self.act_format == "int" or self.act_bits == 8,
+              f"{self.act_format} activations are 8-bit: set the activation bits to 8, got {self.act_bits}")
         check(not (self.act_granularity == "per_token" and not self.act_dynamic),
               "per-token activation ranges depend on the input: they can only be dynamic")
         check(len(self.alpha_grid) > 0 and all(0.0 <= a <= 1.0 for a in self.alpha_grid),
@@ -134,4 +144,4 @@ class QuantConfig:
 
     @property
     def label(self) -> str:
-        return f"W{self.weight_bits}A{self.act_bits}"
+        return f"W{self.weight_bits}A{self.act_bits}" + ("" if self.act_format == "int" else f"-{self.act_format}")

@@ -58,6 +58,7 @@ def quantize_layer(
         bias=bias,
         act_bits=config.act_bits,
         act_granularity=config.act_granularity,
+        act_format=config.act_format,
         smooth_inv=1.0 / factors,
         lora_left=fitted.left,
         lora_right=fitted.right,

@@ -12,6 +12,18 @@ from .primitives import QuantizedLayer, QuantizedWeight, dequantize_codes, quant
 PACKED_BITS = 4  # codes of at most this many bits are stored two per byte
 
 
+class KeepsDtypes(nn.Module):
+    """A backend's layer whose buffers keep their dtypes when the model is cast (model.to(bfloat16)
+    must not round the float32 scales); moving between devices still applies."""
+
+    def _apply(self, fn, recurse=True):
+        def same_dtype(t: torch.Tensor) -> torch.Tensor:
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(moved.device)
+
+        return super()._apply(same_dtype, recurse)
+
+
 class QuantLinear(nn.Module):
     """y = Q_a(x ⊙ smooth_inv) · (Ŵ + L·R)ᵀ + b with Ŵ = scale · (codes − zero).
 
@@ -28,6 +40,7 @@ class QuantLinear(nn.Module):
         self.weight_bits = config.weight_bits
         self.act_bits = config.act_bits
         self.act_granularity = config.act_granularity
+        self.act_format = config.act_format
         self.packed = config.weight_bits <= PACKED_BITS
         two_level = config.weight_granularity == "two_level"
         if config.weight_granularity in ("per_group", "two_level"):
@@ -84,11 +97,13 @@ class QuantLinear(nn.Module):
                                   group_scale=self.weight_group_scale)
         static = None if self.act_range is None else (self.act_range[0].float(), self.act_range[1].float())
         return quantized_linear(x.float(), weight, f32(self.bias), self.act_bits, self.act_granularity,
-                                f32(self.smooth_inv), f32(self.lora_left), f32(self.lora_right), static).to(x.dtype)
+                                f32(self.smooth_inv), f32(self.lora_left), f32(self.lora_right), static,
+                                act_format=self.act_format).to(x.dtype)
 
     def extra_repr(self) -> str:
         rank = 0 if self.lora_left is None else self.lora_left.shape[1]
-        return (f"in={self.in_features}, out={self.out_features}, W{self.weight_bits}A{self.act_bits}, "
+        activations = f"A{self.act_bits}" if self.act_format == "int" else f"A{self.act_bits} {self.act_format}"
+        return (f"in={self.in_features}, out={self.out_features}, W{self.weight_bits}{activations}, "
                 f"group={self.group_size}, act={self.act_granularity}/{'dynamic' if self.act_range is None else 'static'}, "
                 f"lora_rank={rank}, smooth_on_the_fly={self.smooth_inv is not None}")
 

@@ -14,6 +14,7 @@ import torch
 
 EPS = 1e-8
 INT8_MIN, INT8_MAX = -128, 127
+FP8_E4M3_MAX = 448.0  # the largest finite float8 e4m3fn value
 
 
 def largest_code(bits: int) -> int:
@@ -186,11 +187,27 @@ def quantize_activation(x: torch.Tensor, bits: int, lo: torch.Tensor, hi: torch.
     return codes, scale, zero
 
 
+def fp8_activation_scale(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """The scale mapping max(|lo|, |hi|) onto e4m3's largest value: FP8 codes are symmetric, the
+    format's exponent does what an integer grid's zero point does for a lopsided range."""
+    return (torch.maximum(-lo.float(), hi.float()) / FP8_E4M3_MAX).clamp(min=EPS)
+
+
+def to_fp8_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to the nearest float8 e4m3fn value, saturating at ±448 (the cast alone does not
+    promise to saturate on every device)."""
+    return x.float().clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+
+
 def fake_quant_activation(x: torch.Tensor, bits: int, granularity: str = "per_tensor",
                           static_range: tuple[torch.Tensor, torch.Tensor] | None = None,
-                          batch_dims: int = 0) -> torch.Tensor:
-    """x rounded to its b-bit asymmetric grid: dynamic range unless `static_range` is given."""
+                          batch_dims: int = 0, act_format: str = "int") -> torch.Tensor:
+    """x rounded to its b-bit asymmetric integer grid, or to FP8 e4m3 codes times one scale
+    (`act_format` "fp8_e4m3", 8 bits): dynamic range unless `static_range` is given."""
     lo, hi = static_range if static_range is not None else activation_range(x, granularity, batch_dims)
+    if act_format == "fp8_e4m3":
+        scale = fp8_activation_scale(lo, hi)
+        return (to_fp8_e4m3(x.float() / scale).float() * scale).to(x.dtype)
     codes, scale, zero = quantize_activation(x, bits, lo, hi)
     return ((codes - zero) * scale).to(x.dtype)
 
@@ -230,6 +247,7 @@ def quantized_linear(
     lora_right: torch.Tensor | None = None,
     static_range: tuple[torch.Tensor, torch.Tensor] | None = None,
     batch_dims: int = 0,
+    act_format: str = "int",
 ) -> torch.Tensor:
     """y = Q_a(x ⊙ smooth_inv) · (Ŵ + L·R)ᵀ + b, the reference numerics of a DiTAS layer.
 
@@ -240,7 +258,7 @@ def quantized_linear(
     """
     if smooth_inv is not None:
         x = x * smooth_inv.unsqueeze(-2) if batch_dims else x * smooth_inv
-    x_q = fake_quant_activation(x, act_bits, act_granularity, static_range, batch_dims)
+    x_q = fake_quant_activation(x, act_bits, act_granularity, static_range, batch_dims, act_format)
     y = torch.matmul(x_q, weight.transpose(-1, -2))
     if lora_left is not None:
         y = y + torch.matmul(torch.matmul(x_q, lora_right.transpose(-1, -2)), lora_left.transpose(-1, -2))
@@ -262,6 +280,7 @@ class QuantizedLayer:
     lora_left: torch.Tensor | None = None
     lora_right: torch.Tensor | None = None
     static_range: tuple[torch.Tensor, torch.Tensor] | None = None
+    act_format: str = "int"  # or "fp8_e4m3" (QuantConfig.act_format)
 
     def select(self, index: int) -> QuantizedLayer:
         """Candidate `index` of a layer whose tensors carry a leading candidate dimension."""
@@ -272,6 +291,7 @@ class QuantizedLayer:
             None if self.lora_left is None else self.lora_left[index],
             None if self.lora_right is None else self.lora_right[index],
             None if self.static_range is None else (self.static_range[0][index], self.static_range[1][index]),
+            self.act_format,
         )
 
     def __call__(self, x: torch.Tensor, dtype: torch.dtype = torch.float32, batch_dims: int = 0) -> torch.Tensor:
@@ -282,4 +302,5 @@ class QuantizedLayer:
             x.to(dtype), self.weight.dequantize(dtype), cast(self.bias), self.act_bits, self.act_granularity,
             cast(self.smooth_inv), cast(self.lora_left), cast(self.lora_right),
             None if self.static_range is None else tuple(cast(t) for t in self.static_range), batch_dims,
+            self.act_format,
         )

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 
 from models import DiTBlock, modulate
 
-from .modules import QuantLinear, WeightOnlyLinear
+from .backends import swap_covered_layers
+from .modules import KeepsDtypes, QuantLinear, WeightOnlyLinear
 from .primitives import activation_qparams, unpack_int4
-from .targets import set_module, swap_modules
+from .targets import swap_modules
 
 MAX_KERNEL_ACT_BITS = 8
 KERNEL_ACT_GRANULARITIES = ("per_tensor", "per_token")
@@ -47,6 +48,8 @@ def kernel_unsupported_reason(layer: QuantLinear) -> str | None:
     """Why the integer kernels cannot run `layer` (None: they can)."""
     if layer.group_size != layer.in_features and layer.weight_group_scale is None:
         return "per-group weight scales"
+    if layer.act_format != "int":
+        return f"{layer.act_format} activations (backend fp8)"
     if layer.act_granularity not in KERNEL_ACT_GRANULARITIES:
         return f"{layer.act_granularity} activation ranges"
     if layer.act_bits > MAX_KERNEL_ACT_BITS:
@@ -54,19 +57,7 @@ def kernel_unsupported_reason(layer: QuantLinear) -> str | None:
     return None
 
 
-class KeepsKernelDtypes(nn.Module):
-    """A kernel module whose buffers keep their dtypes when the model is cast (model.to(bfloat16)
-    must not round the float32 scales); moving between devices still applies."""
-
-    def _apply(self, fn, recurse=True):
-        def same_dtype(t: torch.Tensor) -> torch.Tensor:
-            moved = fn(t)
-            return moved if moved.dtype == t.dtype else t.to(moved.device)
-
-        return super()._apply(same_dtype, recurse)
-
-
-class TritonQuantLinear(KeepsKernelDtypes):
+class TritonQuantLinear(KeepsDtypes):
     """The same function as a QuantLinear, computed by the int8 kernels. Built from a QuantLinear;
     holds only what the kernels read (codes signed or packed, int32 column sums and zero points,
     float32 scales and bias, bf16 LoRA factors padded to a rank multiple of 16)."""
@@ -201,7 +192,7 @@ DEFAULT_KERNEL_OPTIONS = KernelOptions()
 EVERY_CALL = 1 << 40  # a row threshold of KernelOptions that no call reaches: that layout at every batch
 
 
-class TritonWeightOnlyLinear(KeepsKernelDtypes):
+class TritonWeightOnlyLinear(KeepsDtypes):
     """A WeightOnlyLinear (the 8-bit adaLN) computed by kernels.weight_only_linear: its codes
     read once per call instead of dequantised to a bf16 copy of the weight first."""
 
@@ -457,24 +448,15 @@ def install_kernels(model: nn.Module, log: Callable[[str], None],
     """Swap every quantized layer the kernels cover for a TritonQuantLinear, fuse the Mlps and, as
     `options` say, the blocks' norms, and put the weight-only layers on their kernel (in place);
     the others keep the fake numerics, said in one log line. CUDA models only."""
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
     device = next(model.parameters()).device
     if device.type != "cuda":
-        log(f"backend triton needs a CUDA device (the model is on {device}): all {len(layers)} quantized layers "
+        count = sum(isinstance(m, QuantLinear) for m in model.modules())
+        log(f"backend triton needs a CUDA device (the model is on {device}): all {count} quantized layers "
             "use the fake backend")
         return
     register_kernel_op()
-    fallbacks: dict[str, int] = {}
-    for name, layer in layers:
-        reason = kernel_unsupported_reason(layer)
-        if reason:
-            fallbacks[reason] = fallbacks.get(reason, 0) + 1
-            continue
-        set_module(model, name, TritonQuantLinear(layer))
+    swap_covered_layers(model, "triton", kernel_unsupported_reason, TritonQuantLinear, log)
     fuse_mlps(model)
     install_kernel_blocks(model, options)
     if options.weight_only_adaln:
         install_weight_only_kernels(model)
-    if fallbacks:
-        log(f"backend triton: {sum(fallbacks.values())} of {len(layers)} quantized layers use the fake backend "
-            f"(not covered by the kernels: {', '.join(f'{n} with {r}' for r, n in fallbacks.items())})")
