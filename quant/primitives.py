@@ -188,8 +188,8 @@ def quantize_activation(x: torch.Tensor, bits: int, lo: torch.Tensor, hi: torch.
 
 
 def fp8_activation_scale(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """The scale mapping max(|lo|, |hi|) onto e4m3's largest value: FP8 codes are symmetric, the
-    format's exponent does what an integer grid's zero point does for a lopsided range."""
+    """The scale mapping max(|lo|, |hi|) onto e4m3's largest value. FP8 codes are symmetric (no
+    zero point): a lopsided range leaves the codes of its shorter side partly unused."""
     return (torch.maximum(-lo.float(), hi.float()) / FP8_E4M3_MAX).clamp(min=EPS)
 
 
