@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .modules import KeepsDtypes, QuantLinear
-from .primitives import fp8_activation_scale, to_fp8_e4m3, unpack_int4
+from .primitives import fp8_activation_scale, row_first_range, to_fp8_e4m3, unpack_int4
 
 MAX_FP8_WEIGHT_BITS = 4  # codes minus zero points within ±15: exact in e4m3 (integers to 16 are)
 OUTPUT_DTYPE = torch.bfloat16  # cuBLAS's row-scaled FP8 GEMM writes bf16
@@ -57,15 +57,8 @@ class Fp8QuantLinear(KeepsDtypes):
     def activation_scales(self, x2d: torch.Tensor) -> torch.Tensor:
         """One float32 scale per row of the (smoothed) input, (rows, 1): its own range per token,
         or the tensor's (dynamic or calibrated) repeated, since the row-scaled GEMM takes a column."""
-        if self.act_range is not None:
-            scale = fp8_activation_scale(self.act_range[0], self.act_range[1])
-        else:
-            # row-wise first, as the int8 backend does: torch.compile fuses a reduction along the
-            # rows into the producer's row kernel
-            lo, hi = x2d.amin(dim=1, keepdim=True), x2d.amax(dim=1, keepdim=True)
-            scale = fp8_activation_scale(lo, hi) if self.act_granularity == "per_token" \
-                else fp8_activation_scale(lo.amin(), hi.amax())
-        return scale.expand(x2d.shape[0], 1).contiguous()
+        lo, hi = self.act_range if self.act_range is not None else row_first_range(x2d, self.act_granularity)
+        return fp8_activation_scale(lo, hi).expand(x2d.shape[0], 1).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features).float()

@@ -180,6 +180,17 @@ def activation_range(x: torch.Tensor, granularity: str, batch_dims: int = 0) -> 
     return flat.amin(dim=-1).reshape(shape), flat.amax(dim=-1).reshape(shape)
 
 
+def row_first_range(x2d: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """activation_range of 2-D x as (rows, 1) columns per token or (1, 1) per tensor, the
+    whole-tensor range taken from the row ranges: a reduction along the rows' axis, which
+    torch.compile fuses into the producer's row kernel (LayerNorm + modulation), instead of a slow
+    whole-tensor reduction."""
+    lo, hi = x2d.amin(dim=1, keepdim=True), x2d.amax(dim=1, keepdim=True)
+    if granularity == "per_token":
+        return lo, hi
+    return lo.amin(dim=0, keepdim=True), hi.amax(dim=0, keepdim=True)
+
+
 def quantize_activation(x: torch.Tensor, bits: int, lo: torch.Tensor, hi: torch.Tensor):
     """(codes as float, scale, zero) of x in the range [lo, hi] (asymmetric, round to nearest)."""
     scale, zero = activation_qparams(lo, hi, bits)

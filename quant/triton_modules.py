@@ -19,7 +19,7 @@ from models import DiTBlock, modulate
 
 from .backends import swap_covered_layers
 from .modules import KeepsDtypes, QuantLinear, WeightOnlyLinear
-from .primitives import activation_qparams, unpack_int4
+from .primitives import activation_qparams, row_first_range, unpack_int4
 from .targets import swap_modules
 
 MAX_KERNEL_ACT_BITS = 8
@@ -114,13 +114,10 @@ class TritonQuantLinear(KeepsDtypes):
         if self.act_range is not None:
             return self.qparams_of_range(self.act_range[:1], self.act_range[1:])
         smoothed = x2d if self.smooth_inv is None else x2d * self.smooth_inv
-        # Row-wise first: a reduction along the rows' axis, which torch.compile fuses into the
-        # producer's row kernel (LayerNorm + modulation) instead of a slow whole-tensor reduction.
-        lo, hi = smoothed.amin(dim=1), smoothed.amax(dim=1)
-        return self.qparams_of_range(lo, hi) if self.per_token else self.qparams_of_range(lo.amin(), hi.amax())
+        return self.qparams_of_range(*row_first_range(smoothed, self.act_granularity))
 
     def qparams_of_range(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        """(2, R) [scales; zeros] of R ranges (lo, hi: (R,) or scalars)."""
+        """(2, R) [scales; zeros] of R ranges (lo, hi: (R,), (R, 1) or scalars)."""
         return torch.stack(activation_qparams(lo, hi, self.act_bits)).reshape(2, -1)
 
     def kernel_tensors(self) -> KernelTensors:
