@@ -1,6 +1,6 @@
 """The `fp8` backend's layer: a QuantLinear with FP8 e4m3 activations (QuantConfig.act_format)
 computed by one scaled FP8 GEMM, `torch._scaled_mm` (cuBLAS on CUDA; torch has it on the CPU too),
-with a scale per activation row and per weight row.
+with a scale per activation row and per weight row (row_scaled_fp8_gemm).
 
 The weight operand is the integer codes minus their zero points. For weights of at most 4 bits
 these lie in −15..15, exact e4m3 values, so the GEMM computes exactly what the fake backend's
@@ -30,6 +30,19 @@ def fp8_unsupported_reason(layer: QuantLinear) -> str | None:
     if layer.group_size != layer.in_features:
         return "per-group weight scales"
     return None
+
+
+def row_scaled_fp8_gemm(a: torch.Tensor, b: torch.Tensor, row_scales: torch.Tensor,
+                        column_scales: torch.Tensor) -> torch.Tensor:
+    """(a @ b) · row_scales · column_scales in OUTPUT_DTYPE for e4m3 a (M, K), b (K, N) and float32
+    scales (M, 1), (1, N): one cuBLAS call with the scales in its epilogue on CUDA. On the CPU the
+    same FP8 GEMM runs with unit scales into float32 and the scales follow, because torch's CPU
+    _scaled_mm takes row scales only from 2.13 on (2.11, environment.yml's pin, has one per tensor)."""
+    if a.device.type == "cuda":
+        return torch._scaled_mm(a, b, scale_a=row_scales, scale_b=column_scales, out_dtype=OUTPUT_DTYPE)
+    unit = torch.ones((), device=a.device)
+    products = torch._scaled_mm(a, b, scale_a=unit, scale_b=unit, out_dtype=torch.float32)
+    return (products * row_scales * column_scales).to(OUTPUT_DTYPE)
 
 
 class Fp8QuantLinear(KeepsDtypes):
@@ -66,8 +79,7 @@ class Fp8QuantLinear(KeepsDtypes):
             x2d = x2d * self.smooth_inv
         scales = self.activation_scales(x2d)
         codes = to_fp8_e4m3(x2d / scales)
-        y = torch._scaled_mm(codes, self.weight.t(), scale_a=scales, scale_b=self.weight_scale,
-                             out_dtype=OUTPUT_DTYPE)
+        y = row_scaled_fp8_gemm(codes, self.weight.t(), scales, self.weight_scale)
         if self.lora_left is not None:  # from the quantized activation, as the reference numerics
             dequantized = (codes.float() * scales).to(OUTPUT_DTYPE)
             y = y + (dequantized @ self.lora_right.t()) @ self.lora_left.t()

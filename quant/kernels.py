@@ -230,9 +230,11 @@ def _lora_down_step(down, q, zero, mask, right_ptr, ranks, cols, col_ok, K: tl.c
 
 @triton.jit
 def _range_qparams(lo, hi, QMAX: tl.constexpr):
-    """(scale, zero point) of per-row ranges [lo, hi] that include 0: activation_qparams's arithmetic."""
-    scale = tl.maximum((hi - lo) / QMAX, SCALE_FLOOR)
-    return scale, tl.minimum(tl.maximum(((-lo / scale) + ROUND_MAGIC) - ROUND_MAGIC, 0.0), QMAX)
+    """(scale, zero point) of per-row ranges [lo, hi] that include 0: activation_qparams's arithmetic,
+    with its IEEE divisions (div_rn; Triton's `/` is approximate), so the results are bit-equal: a
+    symmetric range puts −lo/scale exactly on the tie 127.5, which must round the same way."""
+    scale = tl.maximum(tl.math.div_rn(hi - lo, tl.full(lo.shape, QMAX, tl.float32)), SCALE_FLOOR)
+    return scale, tl.minimum(tl.maximum((tl.math.div_rn(-lo, scale) + ROUND_MAGIC) - ROUND_MAGIC, 0.0), QMAX)
 
 
 @triton.autotune(configs=RANGED_QUANTIZE_CONFIGS, key=["M", "K", "RANK", "NORM", "UNPACK"])
@@ -265,10 +267,10 @@ def _ranged_row_block(x_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes
                       M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block, K: tl.constexpr, QMAX: tl.constexpr,
                       RANK: tl.constexpr, NORM: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_K: tl.constexpr):
-    """The ranged pass of one row block. Its tile loops are unrolled (tl.static_range), so that the
-    compiler can issue a pass's independent tile loads before it waits on the first: the pass
-    waits on load latency (alone, 1.1-1.2x faster unrolled at 512 and 4,096 rows; in the model at
-    batch 8 the unrolled passes took longer than the looped one had: benchmarks/RESULTS.md)."""
+    """The ranged pass of one row block. Its tile loops stay loops: unrolled (tl.static_range) the
+    pass ran 1.1-1.2x faster alone, but in the model at batch 8 sampling took 6 % longer (and a
+    software-pipelined loop 1 % longer) than looped; at batch 1 the three were within 1 %
+    (benchmarks/RESULTS.md, tenth session)."""
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     samples = rows // TOKENS
@@ -278,7 +280,7 @@ def _ranged_row_block(x_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes
         # mean and sum of squared deviations in one pass: each tile's own, merged into the running
         # ones (Chan et al.'s pairwise update), as exact as two passes
         squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in tl.static_range(0, K, BLOCK_K):
+        for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             mask = row_ok[:, None] & (cols < K)[None, :]
             x = _smoothed_tile(x_ptr, x_ptr, rows, cols, mask, cols < K, stride_xm, False)
@@ -291,7 +293,7 @@ def _ranged_row_block(x_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes
         rstd = 1.0 / tl.sqrt(squares / K + EPS_NORM)
     lo = tl.zeros([BLOCK_M], dtype=tl.float32)
     hi = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in tl.static_range(0, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (cols < K)[None, :]
         y = _pass_input_tile(x_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd, stride_xm, stride_mod,
@@ -306,7 +308,7 @@ def _ranged_row_block(x_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes
     if RANK > 0:
         down = tl.zeros([BLOCK_M, RANK], dtype=tl.float32)
         ranks = tl.arange(0, RANK)
-    for k0 in tl.static_range(0, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         mask = row_ok[:, None] & col_ok[None, :]
