@@ -28,13 +28,18 @@ def test_on_the_gpu_the_ranged_pass_takes_the_layers_ranges_and_codes(rows):
     x = outlier_input(rows, XL_HIDDEN, device, torch.bfloat16, seed=2)
     codes, rowsum, down, qparams = ranged_quantize_rows(x, 8, layer.lora_right)
     expected = layer.qparams(x)
-    # the same ranges; scales may differ in the last bit (float division), and a code by one at a tie
-    torch.testing.assert_close(qparams, expected, rtol=1e-6, atol=0)
+    # the same ranges: scales equal up to a division's last bit, so a zero point (−lo/scale rounded)
+    # may take the other neighbour in the few rows where −lo/scale sits on a tie (a symmetric range
+    # gives 127.5): torch on CUDA and the pass divide differently (scratch diagnosis, RESULTS)
+    torch.testing.assert_close(qparams[0], expected[0], rtol=1e-6, atol=0)
+    same_zero = qparams[1] == expected[1]
+    assert (qparams[1] - expected[1]).abs().max() <= 1 and same_zero.float().mean() > 0.95
     reference = quantize_rows(x, qparams, 8, None, layer.lora_right, splits=1)
     assert torch.equal(codes, reference[0]) and torch.equal(rowsum, reference[1])
     torch.testing.assert_close(down, reference[2], rtol=1e-3, atol=1e-2)
     plain = quantize_rows(x, expected, 8, None, layer.lora_right, splits=1)[0]
-    assert (codes.int() - plain.int()).abs().max() <= 1 and (codes != plain).float().mean() < 1e-3
+    differ = (codes.int() - plain.int())[same_zero]
+    assert differ.abs().max() <= 1 and (differ != 0).float().mean() < 1e-3
 
 
 @pytest.mark.parametrize("role", ["qkv", "proj", "fc1", "fc2"])
