@@ -11,8 +11,8 @@ fast accumulation, and the int8 GEMM that the `triton` backend runs (its epilogu
 points, LoRA, bias; from 256 rows also the W4 unpack before it), each with the same bias. It also reports the FP8 GEMM's relative difference from
 the same product in float32 (the activation rounded to e4m3 and the integer weight), and whether the
 weight survived e4m3 exactly. Rows are appended, as measured, to --output (benchmarks/results/gemm.jsonl).
-Not measured yet: the FP8 format's demo quality, the LoRA branch and the activation quantization
-(both outside these GEMMs).
+The LoRA branch and the activation quantization lie outside these GEMMs: the whole `fp8` layer is
+timed in the model by `speed.py` (row w4a8-fp8-token-compile), its demo quality by `quality.py`.
 """
 
 from __future__ import annotations
