@@ -267,7 +267,11 @@ def test_ranged_pass_takes_the_per_token_ranges_the_layer_would_and_the_same_cod
     kernel = TritonQuantLinear(random_quant_linear(200, 40, rank=8, act_granularity="per_token"))
     x = torch.randn(37, 200) * 3 + 0.5
     x[5] = x[5].abs()  # a row without negatives: its range starts at 0
+    bound = 255 / 64  # a symmetric range whose scale is 2^-5: −lo/scale is exactly the tie 127.5
+    x[6] = x[6].clamp(-bound, bound)
+    x[6, :2] = torch.tensor([-bound, bound])
     codes, rowsum, down, qparams = ranged_quantize_rows(x, 8, kernel.lora_right)
+    assert qparams[1, 6] == 128  # rounded half to even, as activation_qparams (torch.round)
     assert torch.equal(qparams, kernel.qparams(x))
     expected = quantize_rows(x, qparams, 8, None, kernel.lora_right, splits=1)
     assert torch.equal(codes, expected[0]) and torch.equal(rowsum, expected[1])
