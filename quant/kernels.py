@@ -234,7 +234,7 @@ def _range_qparams(lo, hi, QMAX: tl.constexpr):
     with IEEE divisions (div_rn), bit-equal to it on the CPU (the reference numerics). Triton's `/`
     rounds differently, and so does torch on CUDA, which divides by 255 through its reciprocal: the
     scales then differ in the last bit, and where −lo/scale sits on a tie (a symmetric range: 127.5)
-    the zero point takes the other neighbour (DiT-XL/2 rows: 13 of 4,096; RESULTS, tenth session)."""
+    the zero point takes the other neighbour (13 of the GPU test's 4,096 rows; RESULTS, tenth session)."""
     scale = tl.maximum(tl.math.div_rn(hi - lo, tl.full(lo.shape, QMAX, tl.float32)), SCALE_FLOOR)
     return scale, tl.minimum(tl.maximum((tl.math.div_rn(-lo, scale) + ROUND_MAGIC) - ROUND_MAGIC, 0.0), QMAX)
 
