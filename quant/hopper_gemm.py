@@ -41,7 +41,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 if TYPE_CHECKING:
     from .kernels import GatedResidual
@@ -274,7 +273,7 @@ def _int8_gemm_ws_kernel(
     K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr, BOUNDS: gl.constexpr,
     BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr, BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr,
     GATED: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, INSTR_N: gl.constexpr,
-    LEFT_RANK: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr,
+    LEFT_RANK: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr, num_warps: gl.constexpr,
 ):
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + a_desc.block_type.shape, a_desc.layout)
@@ -292,9 +291,6 @@ def _int8_gemm_ws_kernel(
     left_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, LEFT_RANK], gl.bfloat16)
     left_smem = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS, BLOCK_N, LEFT_RANK], left_layout)
     out_smem = gl.allocate_shared_memory(out_desc.dtype, [CONSUMERS] + out_desc.block_type.shape, out_desc.layout)
-    if PDL:  # the set-up above may overlap the previous kernel; nothing is read before this (kernels._wait_for_producers)
-        gdc_wait()
-        gdc_launch_dependents()
     # (gluon.jit code builds no lists by comprehension: the partitions are spelled out)
     if CONSUMERS == 2:
         gl.warp_specialize([
@@ -340,7 +336,7 @@ def int8_gemm_ws(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tenso
                  bounds: torch.Tensor | None = None, bounds_scale: torch.Tensor | None = None,
                  gated: GatedResidual | None = None, config: TileConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """`kernels.int8_gemm` for int8 (N, K) weights on Hopper (same arguments, no packed codes)."""
-    from .kernels import launch_options, multiprocessors, per_row
+    from .kernels import multiprocessors, per_row
 
     m, k = codes.shape
     n = weight.shape[0]
@@ -373,6 +369,5 @@ def int8_gemm_ws(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tenso
         BOUNDS_PER_ROW=bounds is not None and per_row(bounds), SPLITS=rowsum.shape[0], GATED=gated is not None,
         STAGES=config.stages, GROUP_M=config.group_m, CONSUMERS=config.consumers, INSTR_N=wgmma_instr_n(config.block_n),
         LEFT_RANK=max(rank, 16), CONSUMER_REGISTERS=config.consumer_registers, num_warps=warps,
-        **launch_options(codes.device),
     )
     return out

@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .primitives import EPS, largest_code
 
@@ -154,18 +153,6 @@ def _row_qparams(qparams_ptr, rows, row_ok, M, PER_ROW: tl.constexpr):
     return scale, zero
 
 
-@triton.jit
-def _wait_for_producers(PDL: tl.constexpr):
-    """Every kernel's first step. With programmatic dependent launch (PDL, launch_options) a kernel
-    is launched while the kernel before it is still running, so that its launch and set-up overlap
-    that kernel's last tiles: here it waits until the kernels it depends on have finished and their
-    writes are visible, then lets the next kernel launch in turn. No load or store comes before it
-    (a write could race with the previous kernel's reads of a reused buffer)."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-
-
 @triton.autotune(configs=QUANTIZE_CONFIGS,
                  key=["M", "K", "K_PER_SPLIT", "RANK", "HAS_SMOOTH", "PER_ROW", "UNPACK"],
                  prune_configs_by=dict(early_config_prune=_whole_chunk_tiles))
@@ -174,10 +161,9 @@ def _quantize_rows_kernel(
     x_ptr, smooth_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr, packed_ptr, unpacked_ptr,
     M, stride_xm, UNPACK_N,
     K: tl.constexpr, K_PER_SPLIT: tl.constexpr, QMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr,
-    PER_ROW: tl.constexpr, UNPACK: tl.constexpr, PACKED_K: tl.constexpr, PDL: tl.constexpr, BLOCK_M: tl.constexpr,
+    PER_ROW: tl.constexpr, UNPACK: tl.constexpr, PACKED_K: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    _wait_for_producers(PDL)
     # program (i, j): rows i·BLOCK_M … and columns j·K_PER_SPLIT …; its row sums and LoRA
     # down-projection are partial sums, written to slice j of rowsum (splits, M) and down (splits, M, rank).
     # With UNPACK, the programs past the row blocks unpack the layer's packed weights (_unpack_block).
@@ -259,7 +245,7 @@ def _ranged_quantize_rows_kernel(
     x_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr, packed_ptr, unpacked_ptr,
     M, stride_xm, stride_mod, TOKENS, EPS_NORM, UNPACK_N,
     K: tl.constexpr, QMAX: tl.constexpr, RANK: tl.constexpr, NORM: tl.constexpr, ROUND_BF16: tl.constexpr,
-    UNPACK: tl.constexpr, PACKED_K: tl.constexpr, PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    UNPACK: tl.constexpr, PACKED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The quantize pass of an activation with per-token ranges that the pass takes itself: of x,
     or with NORM of LayerNorm(x)·(1 + scale) + shift (DiT's norm + adaLN modulation; no affine;
@@ -269,7 +255,6 @@ def _ranged_quantize_rows_kernel(
     bf16 first with ROUND_BF16, as the model would store them. Writes codes − 128, row sums, the
     LoRA down-projection (one split) and each row's [scale; zero] to qparams (2, M).
     With UNPACK, the programs past the row blocks unpack the layer's packed weights (_unpack_block)."""
-    _wait_for_producers(PDL)
     row_block = tl.program_id(0)
     if row_block < tl.cdiv(M, BLOCK_M):
         _ranged_row_block(x_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr,
@@ -401,10 +386,8 @@ def _int8_gemm_kernel(
     K: tl.constexpr, PACKED_K: tl.constexpr, PACKED: tl.constexpr, USE_TMA: tl.constexpr,
     HAS_BIAS: tl.constexpr, RANK: tl.constexpr, GELU: tl.constexpr, BOUNDS: tl.constexpr,
     BOUNDS_SCALED: tl.constexpr, PER_ROW: tl.constexpr, BOUNDS_PER_ROW: tl.constexpr, SPLITS: tl.constexpr,
-    GATED: tl.constexpr, PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    _wait_for_producers(PDL)
     # grouped tile order: GROUP_M row tiles share each column tile while it is in L2
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -506,10 +489,9 @@ def _gated_residual(y, residual_ptr, gate_ptr, rows, cols, in_bounds, stride_rm,
 @triton.autotune(configs=WEIGHT_ONLY_CONFIGS, key=["M", "N", "K", "BLOCK_M"])
 @triton.jit
 def _weight_only_kernel(x_ptr, codes_ptr, zero_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K: tl.constexpr,
-                        PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out = x · (s·(q − z))ᵀ + b for few rows (adaLN's per-sample conditioning): the uint8 codes are
     read once, (q − z) is exact in bf16 for the tensor cores, and s scales the float32 sums."""
-    _wait_for_producers(PDL)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
@@ -530,9 +512,8 @@ def _weight_only_kernel(x_ptr, codes_ptr, zero_ptr, scale_ptr, bias_ptr, out_ptr
 
 
 @triton.jit
-def _unpack_kernel(packed_ptr, out_ptr, N, K: tl.constexpr, PACKED_K: tl.constexpr, PDL: tl.constexpr):
+def _unpack_kernel(packed_ptr, out_ptr, N, K: tl.constexpr, PACKED_K: tl.constexpr):
     """unpack_signed's kernel: one _unpack_block per program."""
-    _wait_for_producers(PDL)
     _unpack_block(tl.program_id(0), packed_ptr, out_ptr, N, K, PACKED_K)
 
 
@@ -564,10 +545,9 @@ def _store_two_level(codes, ks, rows, row_ok, table_ptr, out_ptr, K: tl.constexp
 
 @triton.jit
 def _unpack_two_level_kernel(packed_ptr, table_ptr, out_ptr, N, K: tl.constexpr, PACKED_K: tl.constexpr,
-                             GROUPS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                             GROUPS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
     """Split-packed two-level codes -> int8 (c − z_g)·k_g, (N, K) row-major: one span of BLOCK_N
     rows per program; table is (N, GROUPS, 2) uint8 [k, z]."""
-    _wait_for_producers(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * 2 * HALF_SPAN
     half = tl.arange(0, HALF_SPAN)
@@ -618,20 +598,6 @@ def quantize_splits(m: int, k: int, device: torch.device) -> int:
 @functools.cache
 def _is_hopper(device: torch.device) -> bool:
     return not INTERPRETED and torch.cuda.get_device_capability(device) == (9, 0)
-
-
-@functools.cache
-def _programmatic_launch(device: torch.device) -> bool:
-    return not INTERPRETED and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def launch_options(device: torch.device) -> dict:
-    """The launch arguments of every kernel here on `device`: programmatic dependent launch on
-    sm_90 and newer (the kernel's PDL argument and Triton's launch_pdl; _wait_for_producers says
-    what it overlaps), nothing of it elsewhere (older GPUs lack the instructions, the interpreter
-    the launch option)."""
-    pdl = _programmatic_launch(device)
-    return dict(PDL=True, launch_pdl=True) if pdl else dict(PDL=False)
 
 
 class GatedResidual(NamedTuple):
@@ -720,7 +686,7 @@ def quantize_rows(x: torch.Tensor, qparams: torch.Tensor, act_bits: int, smooth_
         x, smooth_inv if smooth_inv is not None else qparams, qparams, right if right is not None else qparams,
         codes, rowsum, down, M=m, stride_xm=x.stride(0),
         K=k, K_PER_SPLIT=k_per_split, QMAX=float(largest_code(act_bits)), HAS_SMOOTH=smooth_inv is not None, RANK=rank,
-        PER_ROW=per_row(qparams), **_unpack_arguments(unpack, codes), **launch_options(x.device),
+        PER_ROW=per_row(qparams), **_unpack_arguments(unpack, codes),
     )
     return codes, rowsum, down if rank else None
 
@@ -734,7 +700,7 @@ def weight_only_linear(x: torch.Tensor, codes: torch.Tensor, zero: torch.Tensor,
     block_m = min(WEIGHT_ONLY_MAX_BLOCK_M, max(16, triton.next_power_of_2(m)))
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
-    _weight_only_kernel[grid](x, codes, zero, scale, bias, out, m, n, K=k, BLOCK_M=block_m, **launch_options(x.device))
+    _weight_only_kernel[grid](x, codes, zero, scale, bias, out, m, n, K=k, BLOCK_M=block_m)
     return out
 
 
@@ -774,7 +740,7 @@ def _ranged_pass(x: torch.Tensor, act_bits: int, right: torch.Tensor | None, unp
         x_ptr=x, qparams_ptr=qparams, right_ptr=right if right is not None else qparams, codes_ptr=codes,
         rowsum_ptr=rowsum, down_ptr=down, M=m, stride_xm=x.stride(0), K=k, QMAX=float(largest_code(act_bits)),
         RANK=rank, NORM=norm is not None, ROUND_BF16=x.dtype == torch.bfloat16, **(norm or placeholders),
-        **_unpack_arguments(unpack, codes), **launch_options(x.device),
+        **_unpack_arguments(unpack, codes),
     )
     return codes, rowsum, down if rank else None, qparams
 
@@ -783,8 +749,7 @@ def unpack_signed(packed: torch.Tensor, k: int) -> torch.Tensor:
     """Split-packed (N, K'/2) codes -> (N, k) int8 codes − 8, the int8 GEMM's weight operand."""
     n = packed.shape[0]
     out = torch.empty(n, k, dtype=torch.int8, device=packed.device)
-    _unpack_kernel[(unpack_programs(n, k),)](packed, out, n, K=k, PACKED_K=packed.shape[1],
-                                             **launch_options(packed.device))
+    _unpack_kernel[(unpack_programs(n, k),)](packed, out, n, K=k, PACKED_K=packed.shape[1])
     return out
 
 
@@ -795,7 +760,7 @@ def unpack_two_level(packed: torch.Tensor, table: torch.Tensor, k: int) -> torch
     out = torch.empty(n, k, dtype=torch.int8, device=packed.device)
     _unpack_two_level_kernel[(triton.cdiv(n, UNPACK_ROWS.value), triton.cdiv(k, PACK_SPAN))](
         packed, table, out, n, K=k, PACKED_K=packed.shape[1], GROUPS=groups, GROUP=k // groups,
-        BLOCK_N=UNPACK_ROWS.value, **launch_options(packed.device))
+        BLOCK_N=UNPACK_ROWS.value)
     return out
 
 
@@ -849,6 +814,5 @@ def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, 
         K=k, PACKED_K=weight.shape[1], PACKED=packed, USE_TMA=use_tma, HAS_BIAS=bias is not None, RANK=rank,
         GELU=gelu, BOUNDS=bounds is not None, BOUNDS_SCALED=bounds_scale is not None, PER_ROW=per_row(qparams),
         BOUNDS_PER_ROW=bounds is not None and per_row(bounds), SPLITS=rowsum.shape[0], GATED=gated is not None,
-        **launch_options(codes.device),
     )
     return out

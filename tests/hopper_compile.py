@@ -33,8 +33,7 @@ from quant import hopper_gemm, kernels  # noqa: E402
 HOPPER = GPUTarget("cuda", 90, 32)
 
 
-def compile_for_hopper(config: hopper_gemm.TileConfig, rank: int, gelu: bool, per_row: bool, gated: bool,
-                       pdl: bool = False):
+def compile_for_hopper(config: hopper_gemm.TileConfig, rank: int, gelu: bool, per_row: bool, gated: bool):
     """triton.compile of the kernel for sm_90a with DiT-XL/2's qkv shape (host tensors stand in
     for the device ones: only dtypes and alignment enter the signature)."""
     m, k, n = 4096, 1152, 3456
@@ -59,8 +58,7 @@ def compile_for_hopper(config: hopper_gemm.TileConfig, rank: int, gelu: bool, pe
     constants = dict(K=k, HAS_BIAS=True, RANK=rank, GELU=gelu, BOUNDS=gelu, BOUNDS_SCALED=gelu, PER_ROW=per_row,
                      BOUNDS_PER_ROW=gelu and per_row, SPLITS=1, GATED=gated, STAGES=config.stages,
                      GROUP_M=config.group_m, CONSUMERS=config.consumers, INSTR_N=hopper_gemm.wgmma_instr_n(config.block_n),
-                     LEFT_RANK=max(rank, 16), CONSUMER_REGISTERS=config.consumer_registers, PDL=pdl,
-                     num_warps=warps)
+                     LEFT_RANK=max(rank, 16), CONSUMER_REGISTERS=config.consumer_registers, num_warps=warps)
     source = gluon_runtime.GluonASTSource(kernel, **_signature(kernel.fn, values, constants))
     return triton.compile(source, target=HOPPER, options=dict(num_warps=warps))
 
@@ -86,24 +84,24 @@ TRITON_KERNELS = {
         stride_gate=6 * 3456, GATE_TOKENS=256),
         dict(K=1152, PACKED_K=1152, PACKED=False, USE_TMA=False, HAS_BIAS=True, RANK=32, GELU=False, BOUNDS=False,
              BOUNDS_SCALED=False, PER_ROW=False, BOUNDS_PER_ROW=False, SPLITS=1, GATED=False, BLOCK_M=64,
-             BLOCK_N=128, BLOCK_K=128, GROUP_M=8, PDL=False)),
+             BLOCK_N=128, BLOCK_K=128, GROUP_M=8)),
     "quantize": (kernels._quantize_rows_kernel, dict(
         x_ptr=torch.bfloat16, smooth_ptr=torch.float32, qparams_ptr=torch.float32, right_ptr=torch.bfloat16,
         codes_ptr=torch.int8, rowsum_ptr=torch.int32, down_ptr=torch.float32, packed_ptr=torch.uint8,
         unpacked_ptr=torch.int8, M=4096, stride_xm=4608, UNPACK_N=1152),
         dict(K=4608, K_PER_SPLIT=4608, QMAX=255.0, HAS_SMOOTH=True, RANK=32, PER_ROW=True, UNPACK=True,
-             PACKED_K=2304, PDL=False, BLOCK_M=32, BLOCK_K=128)),
+             PACKED_K=2304, BLOCK_M=32, BLOCK_K=128)),
     "ranged_quantize": (kernels._ranged_quantize_rows_kernel, dict(
         x_ptr=torch.bfloat16, shift_ptr=torch.bfloat16, scale_ptr=torch.bfloat16, qparams_ptr=torch.float32,
         right_ptr=torch.bfloat16, codes_ptr=torch.int8, rowsum_ptr=torch.int32, down_ptr=torch.float32,
         packed_ptr=torch.uint8, unpacked_ptr=torch.int8, M=4096, stride_xm=1152, stride_mod=6912, TOKENS=256,
         EPS_NORM=1e-6, UNPACK_N=3456),
-        dict(K=1152, QMAX=255.0, RANK=32, NORM=True, ROUND_BF16=True, UNPACK=True, PACKED_K=576, PDL=False,
-             BLOCK_M=32, BLOCK_K=128)),
+        dict(K=1152, QMAX=255.0, RANK=32, NORM=True, ROUND_BF16=True, UNPACK=True, PACKED_K=576, BLOCK_M=32,
+             BLOCK_K=128)),
     "weight_only": (kernels._weight_only_kernel, dict(
         x_ptr=torch.bfloat16, codes_ptr=torch.uint8, zero_ptr=torch.uint8, scale_ptr=torch.float32,
         bias_ptr=torch.float32, out_ptr=torch.bfloat16, M=16, N=6912),
-        dict(K=1152, PDL=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128)),
+        dict(K=1152, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128)),
 }
 
 
@@ -119,7 +117,8 @@ def compile_triton_kernel(name: str, constants: dict, tensor_dtypes: dict):
 
 def main(kind: str, cases: list) -> None:
     if kind == "gluon":
-        compiled = [compile_for_hopper(hopper_gemm.TileConfig(**config), *epilogue) for config, *epilogue in cases]
+        compiled = [compile_for_hopper(hopper_gemm.TileConfig(**config), rank, gelu, per_row, gated)
+                    for config, rank, gelu, per_row, gated in cases]
     else:
         compiled = [compile_triton_kernel(name, constants, dtypes) for name, constants, dtypes in cases]
     print(json.dumps([{"ptx": c.asm["ptx"], "shared": c.metadata.shared} for c in compiled]))

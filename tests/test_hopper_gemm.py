@@ -71,31 +71,6 @@ def test_triton_kernel_variants_compile_for_hopper():
         assert result["shared"] <= 232448, name
 
 
-# Each kernel launched with programmatic dependent launch (kernels.launch_options on sm_90+)
-PDL_VARIANTS = {"gemm": ["gemm", {"PDL": True, "GATED": True}, {}],
-                "quantize pass": ["quantize", {"PDL": True}, {}],
-                "ranged quantize pass": ["ranged_quantize", {"PDL": True}, {}],
-                "weight-only layer": ["weight_only", {"PDL": True}, {}]}
-GLOBAL_MEMORY = ("ld.global", "st.global", "atom.global", "cp.async")  # every way a kernel here touches it
-
-
-def first_global_access(ptx: str) -> int:
-    return min(i for i in (ptx.find(op) for op in GLOBAL_MEMORY) if i >= 0)
-
-
-def test_with_programmatic_launch_every_kernel_waits_for_its_producers_before_touching_memory():
-    """Launched early, a kernel may only set up: a load before the wait could read its producer's
-    output half-written, a store could overwrite a buffer the previous kernel still reads."""
-    triton_cases = list(PDL_VARIANTS.values()) + [["gemm", {"GATED": True}, {}]]
-    *with_pdl, without = compile_in_own_process("triton", triton_cases)
-    gluon_cases = [[hopper_gemm.DEFAULT_CONFIG._asdict(), 32, True, True, False, True]]
-    for name, compiled in [*zip(PDL_VARIANTS, with_pdl), ("gluon GEMM", *compile_in_own_process("gluon", gluon_cases))]:
-        ptx = compiled["ptx"]
-        assert "griddepcontrol.launch_dependents" in ptx, name
-        assert 0 <= ptx.find("griddepcontrol.wait") < first_global_access(ptx), name
-    assert "griddepcontrol" not in without["ptx"]  # PDL=False (older GPUs have no such instruction)
-
-
 @pytest.mark.parametrize("config", list(COMPILE_CONFIGS))
 @pytest.mark.parametrize("epilogue", COMPILE_EPILOGUES)
 def test_the_kernel_compiles_for_hopper_with_warp_specialised_partitions(compiled_for_hopper, config, epilogue):
