@@ -239,36 +239,39 @@ def _range_qparams(lo, hi, QMAX: tl.constexpr):
     return scale, tl.minimum(tl.maximum((tl.math.div_rn(-lo, scale) + ROUND_MAGIC) - ROUND_MAGIC, 0.0), QMAX)
 
 
-@triton.autotune(configs=RANGED_QUANTIZE_CONFIGS, key=["M", "K", "RANK", "NORM", "UNPACK"])
+@triton.autotune(configs=RANGED_QUANTIZE_CONFIGS, key=["M", "K", "RANK", "NORM", "HAS_SMOOTH", "UNPACK"])
 @triton.jit
 def _ranged_quantize_rows_kernel(
-    x_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr, packed_ptr, unpacked_ptr,
-    M, stride_xm, stride_mod, TOKENS, EPS_NORM, UNPACK_N,
+    x_ptr, smooth_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr, packed_ptr,
+    unpacked_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, UNPACK_N,
     K: tl.constexpr, QMAX: tl.constexpr, RANK: tl.constexpr, NORM: tl.constexpr, ROUND_BF16: tl.constexpr,
-    UNPACK: tl.constexpr, PACKED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, UNPACK: tl.constexpr, PACKED_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """The quantize pass of an activation with per-token ranges that the pass takes itself: of x,
     or with NORM of LayerNorm(x)·(1 + scale) + shift (DiT's norm + adaLN modulation; no affine;
     shift and scale (N, K) per sample, row r of x in sample r // TOKENS), from x itself: the
     modulated activation is never stored. Passes over each row block: (with NORM) mean and
     variance, the range, the codes, the last two from L2; the modulated values are rounded to
-    bf16 first with ROUND_BF16, as the model would store them. Writes codes − 128, row sums, the
-    LoRA down-projection (one split) and each row's [scale; zero] to qparams (2, M).
+    bf16 first with ROUND_BF16, as the model would store them. With HAS_SMOOTH the activation
+    (modulated or not) is multiplied by the layer's on-the-fly smoothing factors in float32, as
+    quantize_rows does, before its range and codes. Writes codes − 128, row sums, the LoRA
+    down-projection (one split) and each row's [scale; zero] to qparams (2, M).
     With UNPACK, the programs past the row blocks unpack the layer's packed weights (_unpack_block)."""
     row_block = tl.program_id(0)
     if row_block < tl.cdiv(M, BLOCK_M):
-        _ranged_row_block(x_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr,
-                          M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block, K, QMAX, RANK, NORM, ROUND_BF16,
-                          BLOCK_M, BLOCK_K)
+        _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr,
+                          down_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block, K, QMAX, RANK, NORM,
+                          ROUND_BF16, HAS_SMOOTH, BLOCK_M, BLOCK_K)
     elif UNPACK:
         _unpack_block(row_block - tl.cdiv(M, BLOCK_M), packed_ptr, unpacked_ptr, UNPACK_N, K, PACKED_K)
 
 
 @triton.jit
-def _ranged_row_block(x_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr,
-                      M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block, K: tl.constexpr, QMAX: tl.constexpr,
-                      RANK: tl.constexpr, NORM: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+def _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr,
+                      down_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block, K: tl.constexpr,
+                      QMAX: tl.constexpr, RANK: tl.constexpr, NORM: tl.constexpr, ROUND_BF16: tl.constexpr,
+                      HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """The ranged pass of one row block. Its tile loops stay loops: unrolled (tl.static_range) the
     pass ran 1.1-1.2x faster alone, but in the model at batch 8 sampling took 6 % longer (and a
     software-pipelined loop 1 % longer) than looped; at batch 1 the three were within 1 %
@@ -298,8 +301,8 @@ def _ranged_row_block(x_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (cols < K)[None, :]
-        y = _pass_input_tile(x_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd, stride_xm, stride_mod,
-                             K, NORM, ROUND_BF16)
+        y = _pass_input_tile(x_ptr, smooth_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd,
+                             stride_xm, stride_mod, K, NORM, ROUND_BF16, HAS_SMOOTH)
         lo = tl.minimum(lo, tl.min(y, axis=1))
         hi = tl.maximum(hi, tl.max(y, axis=1))
     scale, zero = _range_qparams(lo, hi, QMAX)
@@ -314,8 +317,8 @@ def _ranged_row_block(x_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         mask = row_ok[:, None] & col_ok[None, :]
-        y = _pass_input_tile(x_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd, stride_xm, stride_mod,
-                             K, NORM, ROUND_BF16)
+        y = _pass_input_tile(x_ptr, smooth_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd,
+                             stride_xm, stride_mod, K, NORM, ROUND_BF16, HAS_SMOOTH)
         q, shifted = _quantized_tile(y, scale, zero, mask, QMAX)
         tl.store(codes_ptr + rows[:, None] * K + cols[None, :], shifted.to(tl.int8), mask=mask)
         rowsum += tl.sum(shifted, axis=1)
@@ -327,14 +330,18 @@ def _ranged_row_block(x_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes
 
 
 @triton.jit
-def _pass_input_tile(x_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd, stride_xm, stride_mod,
-                     K: tl.constexpr, NORM: tl.constexpr, ROUND_BF16: tl.constexpr):
+def _pass_input_tile(x_ptr, smooth_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd, stride_xm,
+                     stride_mod, K: tl.constexpr, NORM: tl.constexpr, ROUND_BF16: tl.constexpr,
+                     HAS_SMOOTH: tl.constexpr):
     """The ranged pass's input for a tile in float32, 0 outside `mask`: x, or with NORM its
-    LayerNorm + modulation (_modulated_tile)."""
+    LayerNorm + modulation (_modulated_tile); times the smoothing factors with HAS_SMOOTH."""
     if NORM:
-        return _modulated_tile(x_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd, stride_xm,
-                               stride_mod, K, ROUND_BF16)
-    return _smoothed_tile(x_ptr, x_ptr, rows, cols, mask, cols < K, stride_xm, False)
+        y = _modulated_tile(x_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd, stride_xm,
+                            stride_mod, K, ROUND_BF16)
+        if HAS_SMOOTH:
+            y = y * tl.load(smooth_ptr + cols, mask=cols < K, other=0.0)[None, :]
+        return y
+    return _smoothed_tile(x_ptr, smooth_ptr, rows, cols, mask, cols < K, stride_xm, HAS_SMOOTH)
 
 
 @triton.jit
@@ -705,27 +712,29 @@ def weight_only_linear(x: torch.Tensor, codes: torch.Tensor, zero: torch.Tensor,
 
 
 def norm_quantize_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tokens: int, eps: float,
-                       act_bits: int, right: torch.Tensor | None, unpack: PackedWeight | None = None
+                       act_bits: int, right: torch.Tensor | None, unpack: PackedWeight | None = None,
+                       smooth_inv: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """quantize_rows of LayerNorm(x)·(1 + scale) + shift with per-token ranges, from x (M, K) and
-    the per-sample shift and scale (N, K) (rows of sample i: i·tokens …): (codes − 128,
-    row sums (1, M), (q − z)·Rᵀ (1, M, rank) or None, qparams (2, M)). `unpack`: the layer's
+    """quantize_rows of LayerNorm(x)·(1 + scale) + shift (× smooth_inv) with per-token ranges, from
+    x (M, K) and the per-sample shift and scale (N, K) (rows of sample i: i·tokens …): (codes −
+    128, row sums (1, M), (q − z)·Rᵀ (1, M, rank) or None, qparams (2, M)). `unpack`: the layer's
     packed weights, unpacked by the same launch."""
-    return _ranged_pass(x, act_bits, right, unpack, norm=dict(shift_ptr=shift, scale_ptr=scale,
-                                                               stride_mod=shift.stride(0), TOKENS=tokens, EPS_NORM=eps))
+    return _ranged_pass(x, act_bits, right, unpack, smooth_inv, norm=dict(
+        shift_ptr=shift, scale_ptr=scale, stride_mod=shift.stride(0), TOKENS=tokens, EPS_NORM=eps))
 
 
 def ranged_quantize_rows(x: torch.Tensor, act_bits: int, right: torch.Tensor | None,
-                         unpack: PackedWeight | None = None
+                         unpack: PackedWeight | None = None, smooth_inv: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """quantize_rows of x (M, K) with per-token ranges that the pass takes itself (the range from
-    one read of x, the codes from a second, in L2), instead of a reduction beforehand: as
-    norm_quantize_rows, without the norm."""
-    return _ranged_pass(x, act_bits, right, unpack, norm=None)
+    """quantize_rows of x (M, K) (× smooth_inv) with per-token ranges that the pass takes itself
+    (the range from one read of x, the codes from a second, in L2), instead of a reduction
+    beforehand: as norm_quantize_rows, without the norm."""
+    return _ranged_pass(x, act_bits, right, unpack, smooth_inv, norm=None)
 
 
 def _ranged_pass(x: torch.Tensor, act_bits: int, right: torch.Tensor | None, unpack: PackedWeight | None,
-                 norm: dict | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                 smooth_inv: torch.Tensor | None, norm: dict | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """_ranged_quantize_rows_kernel's launch; `norm`: its norm arguments, or None (no norm)."""
     m, k = x.shape
     rank = 0 if right is None else right.shape[0]
@@ -737,9 +746,10 @@ def _ranged_pass(x: torch.Tensor, act_bits: int, right: torch.Tensor | None, unp
     unpack_blocks = 0 if unpack is None else unpack_programs(unpack.packed.shape[0], k)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) + unpack_blocks,)  # noqa: E731
     _ranged_quantize_rows_kernel[grid](
-        x_ptr=x, qparams_ptr=qparams, right_ptr=right if right is not None else qparams, codes_ptr=codes,
-        rowsum_ptr=rowsum, down_ptr=down, M=m, stride_xm=x.stride(0), K=k, QMAX=float(largest_code(act_bits)),
-        RANK=rank, NORM=norm is not None, ROUND_BF16=x.dtype == torch.bfloat16, **(norm or placeholders),
+        x_ptr=x, smooth_ptr=qparams if smooth_inv is None else smooth_inv, qparams_ptr=qparams,
+        right_ptr=right if right is not None else qparams, codes_ptr=codes, rowsum_ptr=rowsum, down_ptr=down, M=m,
+        stride_xm=x.stride(0), K=k, QMAX=float(largest_code(act_bits)), RANK=rank, NORM=norm is not None,
+        ROUND_BF16=x.dtype == torch.bfloat16, HAS_SMOOTH=smooth_inv is not None, **(norm or placeholders),
         **_unpack_arguments(unpack, codes),
     )
     return codes, rowsum, down if rank else None, qparams

@@ -134,9 +134,9 @@ class TritonQuantLinear(KeepsDtypes):
 
     def input_qparams(self, x2d: torch.Tensor, own_ranges: bool) -> torch.Tensor | None:
         """qparams(x2d), or None with own_ranges: the quantize pass takes the per-token ranges itself
-        (only where ranges_in_pass: the pass applies no smoothing and no static range)."""
+        (only where ranges_in_pass: the pass computes no whole-tensor and no static range)."""
         if own_ranges and not self.ranges_in_pass:
-            raise ValueError("own_ranges needs dynamic per-token ranges of an unsmoothed input (ranges_in_pass)")
+            raise ValueError("own_ranges needs dynamic per-token ranges (ranges_in_pass)")
         return None if own_ranges else self.qparams(x2d)
 
     def gated(self, x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor,
@@ -160,14 +160,17 @@ class TritonQuantLinear(KeepsDtypes):
     @property
     def ranges_in_pass(self) -> bool:
         """Whether the quantize pass can take this layer's input ranges itself (`normed`, or qparams
-        None): dynamic per-token ranges of an unsmoothed input."""
-        return self.per_token and self.act_range is None and self.smooth_inv is None
+        None): dynamic per-token ranges (of the input times smooth_inv, where it has one)."""
+        return self.per_token and self.act_range is None
 
     def extra_repr(self) -> str:
         rank = 0 if self.lora_left is None else self.lora_left.shape[1]
         return (f"in={self.in_features}, out={self.out_features}, W{self.weight_bits}A{self.act_bits} int8 GEMM, "
                 f"packed={self.packed}, tma={self.use_tma}, act={self.act_granularity}, lora_rank(padded)={rank}, "
                 f"smooth_on_the_fly={self.smooth_inv is not None}")
+
+
+EVERY_CALL = 1 << 40  # a row threshold of KernelOptions that no call reaches: that layout at every batch
 
 
 class KernelOptions(NamedTuple):
@@ -183,10 +186,12 @@ class KernelOptions(NamedTuple):
     gate_residuals_below_rows: int = 32768
     # proj's quantize pass takes its per-token ranges itself (KernelDiTBlock), not a reduction beforehand
     proj_own_ranges: bool = True
+    # calls of fewer rows have fc1's epilogue take fc2's per-token input ranges; larger calls store
+    # GELU's output only and fc2's quantize pass takes them (KernelDiTBlock; 0: the pass always)
+    fc2_range_in_epilogue_below_rows: int = EVERY_CALL
 
 
 DEFAULT_KERNEL_OPTIONS = KernelOptions()
-EVERY_CALL = 1 << 40  # a row threshold of KernelOptions that no call reaches: that layout at every batch
 
 
 class TritonWeightOnlyLinear(KeepsDtypes):
@@ -248,23 +253,28 @@ class TritonQuantMlp(nn.Module):
     """DiT's Mlp (fc1 -> tanh GELU -> fc2) on the kernels with fewer passes over the hidden
     activations: fc1's GEMM epilogue applies GELU and, where fc2's input range is dynamic, takes
     it (per tensor or per token, of GELU output × fc2's smoothing factors) while it stores the
-    output."""
+    output; or, with `fc2_own_ranges`, fc2's quantize pass takes its per-token ranges itself."""
 
     def __init__(self, fc1: TritonQuantLinear, fc2: TritonQuantLinear):
         super().__init__()
         self.fc1, self.fc2 = fc1, fc2
 
     def forward(self, x: torch.Tensor, norm: NormModulation | None = None,
-                gated: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                gated: tuple[torch.Tensor, torch.Tensor] | None = None, fc2_own_ranges: bool = False) -> torch.Tensor:
         """The Mlp of x, or with `norm` of LayerNorm(x)·(1 + scale) + shift (TritonQuantLinear.normed);
-        with gated = (residual, gate), residual + gate ⊙ the Mlp (TritonQuantLinear.gated)."""
+        with gated = (residual, gate), residual + gate ⊙ the Mlp (TritonQuantLinear.gated); with
+        fc2_own_ranges, fc1's epilogue stores GELU's output only and fc2's quantize pass takes its
+        per-token ranges (TritonQuantLinear.input_qparams)."""
         x2d = rows_of(x, self.fc1.in_features)
-        dynamic = self.fc2.act_range is None
+        in_epilogue = self.fc2.act_range is None and not fc2_own_ranges
         first = dict(qparams=None, **norm.op_arguments(x)) if norm else dict(qparams=self.fc1.qparams(x2d))
         hidden, bounds = torch.ops.ditas.int8_linear_gelu(x2d, **first, **self.fc1.kernel_tensors()._asdict(),
-                                                          bounds_scale=self.fc2.smooth_inv, with_bounds=dynamic,
+                                                          bounds_scale=self.fc2.smooth_inv, with_bounds=in_epilogue,
                                                           bounds_per_row=self.fc2.per_token)
-        qparams = self.fc2.qparams_of_range(bounds[0], -bounds[1]) if dynamic else self.fc2.qparams(hidden)
+        if in_epilogue:
+            qparams = self.fc2.qparams_of_range(bounds[0], -bounds[1])
+        else:
+            qparams = self.fc2.input_qparams(hidden, fc2_own_ranges)
         return self.fc2.linear_2d(hidden, qparams, gated).reshape(*x.shape[:-1], self.fc2.out_features)
 
 
@@ -279,7 +289,9 @@ class KernelDiTBlock(DiTBlock):
       apply the gated residual update x + gate ⊙ y (TritonQuantLinear.gated), so y is never stored
       either; larger calls leave it to torch.compile, which fuses it into the next norm;
     - with `proj_own_ranges`, proj's quantize pass takes its per-token ranges itself (qparams
-      None), instead of a reduction over the attention's output first.
+      None), instead of a reduction over the attention's output first;
+    - in calls of at least `fc2_range_in_epilogue_below_rows` rows, fc2's quantize pass takes its
+      per-token ranges itself, instead of fc1's epilogue (TritonQuantMlp).
     Same submodules (and state-dict keys) as the DiTBlock it is built from."""
 
     def __init__(self, block: nn.Module, options: KernelOptions):
@@ -290,6 +302,8 @@ class KernelDiTBlock(DiTBlock):
         self.fuse_norms_below_rows = options.fuse_norms_below_rows if takes_norms else 0
         self.gate_residuals_below_rows = options.gate_residuals_below_rows
         self.proj_own_ranges = options.proj_own_ranges and self.attn.proj.ranges_in_pass
+        self.fc2_range_in_epilogue_below_rows = (options.fc2_range_in_epilogue_below_rows
+                                                 if self.mlp.fc2.ranges_in_pass else EVERY_CALL)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         m = self.modulation(c)
@@ -308,9 +322,10 @@ class KernelDiTBlock(DiTBlock):
             mlp_input, norm = x, NormModulation(m.shift_mlp, m.scale_mlp, self.norm2.eps)
         else:
             mlp_input, norm = modulate(self.norm2(x), m.shift_mlp, m.scale_mlp), None
+        fc2_own_ranges = rows >= self.fc2_range_in_epilogue_below_rows
         if gated:
-            return self.mlp(mlp_input, norm, gated=(x, m.gate_mlp))
-        return x + m.gate_mlp.unsqueeze(1) * self.mlp(mlp_input, norm)
+            return self.mlp(mlp_input, norm, gated=(x, m.gate_mlp), fc2_own_ranges=fc2_own_ranges)
+        return x + m.gate_mlp.unsqueeze(1) * self.mlp(mlp_input, norm, fc2_own_ranges=fc2_own_ranges)
 
 
 def kernel_block(module: nn.Module) -> bool:
@@ -362,14 +377,12 @@ def register_kernel_op() -> None:
     def run(x, qparams, *, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
             lora_left, act_bits, use_tma, group_table, norm_shift=None, norm_scale=None, norm_tokens=0,
             norm_eps=0.0, residual=None, gate=None, gate_tokens=0, **epilogue):
-        if qparams is None and smooth_inv is not None:
-            raise ValueError("a layer smoothed on the fly needs its qparams: the passes that take ranges do not smooth")
         unpack = unpacked_alongside(weight, packed, group_table, *x.shape)
         if norm_shift is not None:  # x: the residual stream; LayerNorm + modulation + quantize in one pass
             codes, rowsum, down, qparams = norm_quantize_rows(x, norm_shift, norm_scale, norm_tokens, norm_eps,
-                                                              act_bits, lora_right, unpack)
+                                                              act_bits, lora_right, unpack, smooth_inv)
         elif qparams is None:  # per-token ranges taken by the pass
-            codes, rowsum, down, qparams = ranged_quantize_rows(x, act_bits, lora_right, unpack)
+            codes, rowsum, down, qparams = ranged_quantize_rows(x, act_bits, lora_right, unpack, smooth_inv)
         else:
             codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right, unpack=unpack)
         if unpack is not None:

@@ -92,12 +92,13 @@ TRITON_KERNELS = {
         dict(K=4608, K_PER_SPLIT=4608, QMAX=255.0, HAS_SMOOTH=True, RANK=32, PER_ROW=True, UNPACK=True,
              PACKED_K=2304, BLOCK_M=32, BLOCK_K=128)),
     "ranged_quantize": (kernels._ranged_quantize_rows_kernel, dict(
-        x_ptr=torch.bfloat16, shift_ptr=torch.bfloat16, scale_ptr=torch.bfloat16, qparams_ptr=torch.float32,
+        x_ptr=torch.bfloat16, smooth_ptr=torch.float32, shift_ptr=torch.bfloat16, scale_ptr=torch.bfloat16,
+        qparams_ptr=torch.float32,
         right_ptr=torch.bfloat16, codes_ptr=torch.int8, rowsum_ptr=torch.int32, down_ptr=torch.float32,
         packed_ptr=torch.uint8, unpacked_ptr=torch.int8, M=4096, stride_xm=1152, stride_mod=6912, TOKENS=256,
         EPS_NORM=1e-6, UNPACK_N=3456),
-        dict(K=1152, QMAX=255.0, RANK=32, NORM=True, ROUND_BF16=True, UNPACK=True, PACKED_K=576, BLOCK_M=32,
-             BLOCK_K=128)),
+        dict(K=1152, QMAX=255.0, RANK=32, NORM=True, ROUND_BF16=True, HAS_SMOOTH=False, UNPACK=True, PACKED_K=576,
+             BLOCK_M=32, BLOCK_K=128)),
     "weight_only": (kernels._weight_only_kernel, dict(
         x_ptr=torch.bfloat16, codes_ptr=torch.uint8, zero_ptr=torch.uint8, scale_ptr=torch.float32,
         bias_ptr=torch.float32, out_ptr=torch.bfloat16, M=16, N=6912),

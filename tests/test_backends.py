@@ -191,7 +191,7 @@ def test_kernel_blocks_compute_the_same_as_the_plain_block(act_granularity, monk
     qkv's and fc1's norms taken by the quantize pass, against the plain block of the same layers."""
     from models import DiTBlock
     from quant.kernels import norm_quantize_rows
-    from quant.triton_modules import KernelDiTBlock, KernelOptions, install_kernel_blocks
+    from quant.triton_modules import EVERY_CALL, KernelDiTBlock, KernelOptions, install_kernel_blocks
 
     register_kernel_op()
     torch.manual_seed(0)
@@ -213,6 +213,12 @@ def test_kernel_blocks_compute_the_same_as_the_plain_block(act_granularity, monk
     assert kernel_block.proj_own_ranges == (act_granularity == "per_token")
     got = kernel_block(x, c)
     assert ((got - expected).norm() / expected.norm()).item() < 1e-4
+    # fc2's per-token ranges (of its smoothed input) taken by its pass instead of fc1's epilogue: the same ranges
+    assert kernel_block.fc2_range_in_epilogue_below_rows == EVERY_CALL
+    if act_granularity == "per_token":
+        kernel_block.fc2_range_in_epilogue_below_rows = 39
+        assert torch.equal(kernel_block(x, c), got)
+        kernel_block.fc2_range_in_epilogue_below_rows = EVERY_CALL
     # the packed weights unpacked by the quantize passes (norm-fused ones included) instead of in the GEMMs
     monkeypatch.setattr("quant.kernels.UNPACK_FROM_ROWS", 0)
     assert torch.equal(kernel_block(x, c), got)
@@ -234,6 +240,12 @@ def test_kernel_blocks_compute_the_same_as_the_plain_block(act_granularity, monk
     reference = quantize_rows(modulated, qparams, 8, None, kernel.lora_right, splits=1)
     assert (codes.int() - reference[0].int()).abs().max() <= 1 and (codes != reference[0]).float().mean() < 1e-3
     torch.testing.assert_close(down, reference[2], rtol=1e-3, atol=1e-2)
+    # … of a layer smoothed on the fly: the modulated activation times its factors
+    smooth_inv = torch.rand(64) + 0.5
+    codes, _, _, qparams = norm_quantize_rows(x.reshape(-1, 64), shift, scale, 13, 1e-6, 8, None, smooth_inv=smooth_inv)
+    torch.testing.assert_close(qparams, kernel.qparams(modulated * smooth_inv), rtol=1e-5, atol=1e-6)
+    reference = quantize_rows(modulated, qparams, 8, smooth_inv, None, splits=1)
+    assert (codes.int() - reference[0].int()).abs().max() <= 1 and (codes != reference[0]).float().mean() < 1e-3
 
 
 @pytest.mark.parametrize("splits", [1, 3])
@@ -276,25 +288,30 @@ def test_ranged_pass_takes_the_per_token_ranges_the_layer_would_and_the_same_cod
     expected = quantize_rows(x, qparams, 8, None, kernel.lora_right, splits=1)
     assert torch.equal(codes, expected[0]) and torch.equal(rowsum, expected[1])
     torch.testing.assert_close(down, expected[2], rtol=1e-6, atol=1e-5)
+    # a layer smoothed on the fly (fc2): the ranges and codes of x × smooth_inv
+    smoothed = TritonQuantLinear(random_quant_linear(200, 40, rank=8, smooth=True, act_granularity="per_token"))
+    codes, rowsum, down, qparams = ranged_quantize_rows(x, 8, smoothed.lora_right, smooth_inv=smoothed.smooth_inv)
+    assert torch.equal(qparams, smoothed.qparams(x))
+    expected = quantize_rows(x, qparams, 8, smoothed.smooth_inv, smoothed.lora_right, splits=1)
+    assert torch.equal(codes, expected[0]) and torch.equal(rowsum, expected[1])
+    torch.testing.assert_close(down, expected[2], rtol=1e-6, atol=1e-5)
 
 
 def test_a_layer_refuses_own_ranges_its_pass_would_compute_wrongly():
-    """The ranged pass takes per-token ranges of x itself, without smoothing: asking it of a
-    smoothed or per-tensor (possibly static) layer fails loudly rather than quantizing the wrong
-    activation."""
+    """The ranged pass takes per-token ranges of x (times the smoothing factors) itself: asking it
+    of a per-tensor (possibly static) layer fails loudly rather than quantizing with other ranges;
+    per token, smoothed or not, it gives the layer's output to the bit."""
     register_kernel_op()
     x = torch.randn(2, 5, 48)
-    for fake in (random_quant_linear(48, 40, smooth=True, act_granularity="per_token"),
-                 random_quant_linear(48, 40, static=True), random_quant_linear(48, 40)):
+    for fake in (random_quant_linear(48, 40, static=True), random_quant_linear(48, 40)):
         kernel = TritonQuantLinear(fake)
         assert not kernel.ranges_in_pass
         with pytest.raises(ValueError, match="own_ranges"):
             kernel(x, own_ranges=True)
-        if kernel.smooth_inv is not None:  # the op itself, called without qparams
-            with pytest.raises(ValueError, match="smoothed on the fly"):
-                torch.ops.ditas.int8_linear(x.reshape(-1, 48), None, **kernel.kernel_tensors()._asdict())
-    kernel = TritonQuantLinear(random_quant_linear(48, 40, act_granularity="per_token"))
-    torch.testing.assert_close(kernel(x, own_ranges=True), kernel(x), rtol=0, atol=0)
+    for smooth in (False, True):
+        kernel = TritonQuantLinear(random_quant_linear(48, 40, smooth=smooth, act_granularity="per_token"))
+        assert kernel.ranges_in_pass
+        torch.testing.assert_close(kernel(x, own_ranges=True), kernel(x), rtol=0, atol=0)
 
 
 def test_norm_pass_statistics_hold_for_a_partial_last_tile_and_a_large_mean():

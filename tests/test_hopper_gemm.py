@@ -57,6 +57,7 @@ TRITON_VARIANTS = {
     "… 512-wide tiles": ["ranged_quantize", {"BLOCK_M": 16, "BLOCK_K": 512}, {}],
     "… 2 rows a program": ["ranged_quantize", {"BLOCK_M": 2, "BLOCK_K": 256}, {}],
     "quantize pass taking its own per-token ranges (no norm)": ["ranged_quantize", {"NORM": False}, {}],
+    "… of fc2's input, smoothed on the fly": ["ranged_quantize", {"NORM": False, "HAS_SMOOTH": True, "K": 4608}, {}],
     "quantize pass, 4 rows a program": ["quantize", {"BLOCK_M": 4, "BLOCK_K": 256}, {}],
     "… no weights to unpack beside the rows": ["quantize", {"UNPACK": False}, {}],
     "8-bit weight-only layer (adaLN), 16 rows": ["weight_only", {}, {}],
