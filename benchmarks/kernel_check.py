@@ -96,15 +96,11 @@ def check_kernels(device, models: list[str], layers: list[str], emit) -> bool:
     return ok
 
 
-# KernelDiTBlock layouts the block check runs (install_kernels's default, batch 64's, and fc2's
-# ranges taken by its quantize pass)
+# KernelDiTBlock layouts the block check runs (install_kernels's default, and batch 64's)
 BLOCK_LAYOUTS = {"norms fused, proj's own ranges, gated residuals": KernelOptions(
                      fuse_norms_below_rows=EVERY_CALL, gate_residuals_below_rows=EVERY_CALL),
                  "proj's own ranges, gated residuals": KernelOptions(fuse_norms_below_rows=0,
-                                                                     gate_residuals_below_rows=EVERY_CALL),
-                 "norms fused, proj's and fc2's own ranges, gated residuals": KernelOptions(
-                     fuse_norms_below_rows=EVERY_CALL, gate_residuals_below_rows=EVERY_CALL,
-                     fc2_range_in_epilogue_below_rows=0)}
+                                                                     gate_residuals_below_rows=EVERY_CALL)}
 
 
 @torch.no_grad()

@@ -95,9 +95,6 @@ ROWS = {
     # proj's per-token ranges by a reduction before its quantize pass, not taken by the pass
     "w4a8-token-proj-reduced-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
                                            kernels=KernelOptions(proj_own_ranges=False)),
-    # fc2's per-token ranges taken by its quantize pass at every batch (fc1's epilogue: GELU only)
-    "w4a8-token-fc2-pass-ranges-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
-                                              kernels=KernelOptions(fc2_range_in_epilogue_below_rows=0)),
     "w4a8-2level-compile": Row(4, "triton", torch.bfloat16, True, "per_tensor", "two_level"),
     # issue 13's optional format: FP8 e4m3 activations on cuBLAS's row-scaled FP8 GEMM (backend fp8)
     "w4a8-fp8-token-compile": Row(4, "fp8", torch.bfloat16, True, "per_token", act_format="fp8_e4m3"),

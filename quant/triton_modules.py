@@ -170,9 +170,6 @@ class TritonQuantLinear(KeepsDtypes):
                 f"smooth_on_the_fly={self.smooth_inv is not None}")
 
 
-EVERY_CALL = 1 << 40  # a row threshold of KernelOptions that no call reaches: that layout at every batch
-
-
 class KernelOptions(NamedTuple):
     """How install_kernels lays a model onto the kernels. The defaults measured fastest on an H100
     at batch 1, 8 and 64 (benchmarks/RESULTS.md); benchmarks/speed.py's rows vary them."""
@@ -186,12 +183,10 @@ class KernelOptions(NamedTuple):
     gate_residuals_below_rows: int = 32768
     # proj's quantize pass takes its per-token ranges itself (KernelDiTBlock), not a reduction beforehand
     proj_own_ranges: bool = True
-    # calls of fewer rows have fc1's epilogue take fc2's per-token input ranges; larger calls store
-    # GELU's output only and fc2's quantize pass takes them (KernelDiTBlock; 0: the pass always)
-    fc2_range_in_epilogue_below_rows: int = EVERY_CALL
 
 
 DEFAULT_KERNEL_OPTIONS = KernelOptions()
+EVERY_CALL = 1 << 40  # a row threshold of KernelOptions that no call reaches: that layout at every batch
 
 
 class TritonWeightOnlyLinear(KeepsDtypes):
@@ -253,28 +248,23 @@ class TritonQuantMlp(nn.Module):
     """DiT's Mlp (fc1 -> tanh GELU -> fc2) on the kernels with fewer passes over the hidden
     activations: fc1's GEMM epilogue applies GELU and, where fc2's input range is dynamic, takes
     it (per tensor or per token, of GELU output × fc2's smoothing factors) while it stores the
-    output; or, with `fc2_own_ranges`, fc2's quantize pass takes its per-token ranges itself."""
+    output."""
 
     def __init__(self, fc1: TritonQuantLinear, fc2: TritonQuantLinear):
         super().__init__()
         self.fc1, self.fc2 = fc1, fc2
 
     def forward(self, x: torch.Tensor, norm: NormModulation | None = None,
-                gated: tuple[torch.Tensor, torch.Tensor] | None = None, fc2_own_ranges: bool = False) -> torch.Tensor:
+                gated: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The Mlp of x, or with `norm` of LayerNorm(x)·(1 + scale) + shift (TritonQuantLinear.normed);
-        with gated = (residual, gate), residual + gate ⊙ the Mlp (TritonQuantLinear.gated); with
-        fc2_own_ranges, fc1's epilogue stores GELU's output only and fc2's quantize pass takes its
-        per-token ranges (TritonQuantLinear.input_qparams)."""
+        with gated = (residual, gate), residual + gate ⊙ the Mlp (TritonQuantLinear.gated)."""
         x2d = rows_of(x, self.fc1.in_features)
-        in_epilogue = self.fc2.act_range is None and not fc2_own_ranges
+        dynamic = self.fc2.act_range is None
         first = dict(qparams=None, **norm.op_arguments(x)) if norm else dict(qparams=self.fc1.qparams(x2d))
         hidden, bounds = torch.ops.ditas.int8_linear_gelu(x2d, **first, **self.fc1.kernel_tensors()._asdict(),
-                                                          bounds_scale=self.fc2.smooth_inv, with_bounds=in_epilogue,
+                                                          bounds_scale=self.fc2.smooth_inv, with_bounds=dynamic,
                                                           bounds_per_row=self.fc2.per_token)
-        if in_epilogue:
-            qparams = self.fc2.qparams_of_range(bounds[0], -bounds[1])
-        else:
-            qparams = self.fc2.input_qparams(hidden, fc2_own_ranges)
+        qparams = self.fc2.qparams_of_range(bounds[0], -bounds[1]) if dynamic else self.fc2.qparams(hidden)
         return self.fc2.linear_2d(hidden, qparams, gated).reshape(*x.shape[:-1], self.fc2.out_features)
 
 
@@ -289,9 +279,7 @@ class KernelDiTBlock(DiTBlock):
       apply the gated residual update x + gate ⊙ y (TritonQuantLinear.gated), so y is never stored
       either; larger calls leave it to torch.compile, which fuses it into the next norm;
     - with `proj_own_ranges`, proj's quantize pass takes its per-token ranges itself (qparams
-      None), instead of a reduction over the attention's output first;
-    - in calls of at least `fc2_range_in_epilogue_below_rows` rows, fc2's quantize pass takes its
-      per-token ranges itself, instead of fc1's epilogue (TritonQuantMlp).
+      None), instead of a reduction over the attention's output first.
     Same submodules (and state-dict keys) as the DiTBlock it is built from."""
 
     def __init__(self, block: nn.Module, options: KernelOptions):
@@ -302,8 +290,6 @@ class KernelDiTBlock(DiTBlock):
         self.fuse_norms_below_rows = options.fuse_norms_below_rows if takes_norms else 0
         self.gate_residuals_below_rows = options.gate_residuals_below_rows
         self.proj_own_ranges = options.proj_own_ranges and self.attn.proj.ranges_in_pass
-        self.fc2_range_in_epilogue_below_rows = (options.fc2_range_in_epilogue_below_rows
-                                                 if self.mlp.fc2.ranges_in_pass else EVERY_CALL)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         m = self.modulation(c)
@@ -322,10 +308,9 @@ class KernelDiTBlock(DiTBlock):
             mlp_input, norm = x, NormModulation(m.shift_mlp, m.scale_mlp, self.norm2.eps)
         else:
             mlp_input, norm = modulate(self.norm2(x), m.shift_mlp, m.scale_mlp), None
-        fc2_own_ranges = rows >= self.fc2_range_in_epilogue_below_rows
         if gated:
-            return self.mlp(mlp_input, norm, gated=(x, m.gate_mlp), fc2_own_ranges=fc2_own_ranges)
-        return x + m.gate_mlp.unsqueeze(1) * self.mlp(mlp_input, norm, fc2_own_ranges=fc2_own_ranges)
+            return self.mlp(mlp_input, norm, gated=(x, m.gate_mlp))
+        return x + m.gate_mlp.unsqueeze(1) * self.mlp(mlp_input, norm)
 
 
 def kernel_block(module: nn.Module) -> bool:
