@@ -60,6 +60,17 @@ class TileConfig(NamedTuple):
 
 
 DEFAULT_CONFIG = TileConfig()
+# Calls of fewer rows take 64-row tiles (twice the tiles for the multiprocessors; 6 slots fit):
+# at 512 rows (batch 1 with CFG), graphed, 1.5x (qkv's shape) and 2.4x (fc2's) the rate of the
+# 128-row tiles, which lose there to kernels.int8_gemm (benchmarks/RESULTS.md, eighth session);
+# at 32,768 rows 64-row tiles were slower (751 against 917 TOPS on qkv's shape).
+SMALL_CALL_CONFIG = TileConfig(block_m=64, stages=6)
+LARGE_TILES_FROM_ROWS = 4096
+
+
+def tile_config(m: int) -> TileConfig:
+    """The tiles of a call of m rows."""
+    return DEFAULT_CONFIG if m >= LARGE_TILES_FROM_ROWS else SMALL_CALL_CONFIG
 
 
 def gate_tiles_fit(tokens: int, config: TileConfig = DEFAULT_CONFIG) -> bool:
@@ -334,11 +345,13 @@ def int8_gemm_ws(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tenso
                  colsum: torch.Tensor, zero_w: torch.Tensor, scale_w: torch.Tensor, bias: torch.Tensor | None,
                  down: torch.Tensor | None, left: torch.Tensor | None, out_dtype: torch.dtype, gelu: bool = False,
                  bounds: torch.Tensor | None = None, bounds_scale: torch.Tensor | None = None,
-                 gated: GatedResidual | None = None, config: TileConfig = DEFAULT_CONFIG) -> torch.Tensor:
-    """`kernels.int8_gemm` for int8 (N, K) weights on Hopper (same arguments, no packed codes)."""
+                 gated: GatedResidual | None = None, config: TileConfig | None = None) -> torch.Tensor:
+    """`kernels.int8_gemm` for int8 (N, K) weights on Hopper (same arguments, no packed codes);
+    `config`: the tiles (None: tile_config's for the call's rows)."""
     from .kernels import multiprocessors, per_row
 
     m, k = codes.shape
+    config = config or tile_config(m)
     n = weight.shape[0]
     warps = math_warps(config)
     a_desc = TensorDescriptor.from_tensor(codes, [config.block_m, config.block_k],

@@ -73,14 +73,16 @@ UNPACK_BESIDE_PASS_BELOW_ROWS = 4096
 # Calls of at least this many rows on a Hopper GPU go to the persistent, warp-specialised Gluon
 # GEMM (quant/hopper_gemm.py), which measured faster than the GEMM here at all four DiT-XL/2
 # shapes at 4,096 and 32,768 rows, timed as the samplers run them (CUDA graphs;
-# benchmarks/RESULTS.md). An output range in the epilogue (fc1's GELU + fc2's range) goes there
+# benchmarks/RESULTS.md), and at 512 rows on its 64-row tiles (hopper_gemm.tile_config) 1.13x
+# (qkv's shape) and 1.18x (fc2's), proj's equal; GELU (fc1) stays here below its large tiles'
+# rows (0.9x at 512 rows). An output range in the epilogue (fc1's GELU + fc2's range) goes there
 # only from WARP_SPECIALISED_RANGE_FROM_ROWS rows: per tensor it was slower at 4,096 rows (314
 # against 433 TOPS); at 32,768 rows, with relaxed range atomics, it is faster per tensor (638
 # against 577) and per row (683 against 556, qkv's shape). Not there either: layers narrower than
 # WARP_SPECIALISED_MIN_SIDE in N or K (the demo's 256-wide ones: not measured there, and the Triton
 # GEMM is what the demo's FD was checked with), float32 output (its staging tiles do not fit
 # beside the slots) and packed weights unpacked in the main loop.
-WARP_SPECIALISED_FROM_ROWS = 4096
+WARP_SPECIALISED_FROM_ROWS = 512
 WARP_SPECIALISED_RANGE_FROM_ROWS = 32768
 WARP_SPECIALISED_MIN_SIDE = 1152  # DiT-XL/2's narrowest layer (proj)
 # The quantize pass splits K into chunks of this many columns over programs when its rows alone
@@ -621,16 +623,15 @@ def warp_specialised_suits(m: int, n: int, k: int, rank: int, packed: bool, gelu
                            device: torch.device, gated: GatedResidual | None = None) -> bool:
     """Whether a call goes to quant/hopper_gemm.py's kernel (WARP_SPECIALISED_FROM_ROWS says why;
     a gated residual update only where each of its row tiles lies in one sample)."""
-    if gated is not None:
-        from .hopper_gemm import gate_tiles_fit
+    if not (device.type == "cuda" and not packed and out_dtype in (torch.bfloat16, torch.float16)
+            and m >= WARP_SPECIALISED_FROM_ROWS and min(n, k) >= WARP_SPECIALISED_MIN_SIDE
+            and rank in (0, 16, 32, 64) and n % 8 == 0 and k % 16 == 0 and _is_hopper(device)):
+        return False
+    from .hopper_gemm import LARGE_TILES_FROM_ROWS, gate_tiles_fit, tile_config
 
-        if not gate_tiles_fit(gated.tokens):
-            return False
-    range_suits = bounds is None or m >= WARP_SPECIALISED_RANGE_FROM_ROWS
-    return (device.type == "cuda" and not packed and range_suits
-            and out_dtype in (torch.bfloat16, torch.float16) and m >= WARP_SPECIALISED_FROM_ROWS
-            and min(n, k) >= WARP_SPECIALISED_MIN_SIDE and rank in (0, 16, 32, 64) and n % 8 == 0 and k % 16 == 0
-            and _is_hopper(device))
+    if (gelu and m < LARGE_TILES_FROM_ROWS) or (bounds is not None and m < WARP_SPECIALISED_RANGE_FROM_ROWS):
+        return False
+    return gated is None or gate_tiles_fit(gated.tokens, tile_config(m))
 
 
 def per_row(qparams: torch.Tensor) -> bool:

@@ -23,7 +23,8 @@ pytest.importorskip("triton.experimental.gluon._runtime")
 from quant import hopper_gemm  # noqa: E402
 
 COMPILE_CONFIGS = {"ping-pong": hopper_gemm.DEFAULT_CONFIG,
-                   "one-math-partition": hopper_gemm.TileConfig(consumers=1, stages=5)}
+                   "one-math-partition": hopper_gemm.TileConfig(consumers=1, stages=5),
+                   "small calls' 64-row tiles": hopper_gemm.SMALL_CALL_CONFIG}
 # (LoRA rank, GELU + range, per-row ranges, gated residual update)
 COMPILE_EPILOGUES = [(32, False, False, False), (0, True, True, False), (32, False, True, True)]
 
@@ -92,21 +93,23 @@ def test_instruction_width_divides_the_tile():
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="needs a Hopper GPU")
 @pytest.mark.parametrize(("per_token", "gated"), [(False, False), (True, False), (True, True)])
-def test_on_hopper_the_gluon_gemm_equals_the_triton_gemm(per_token, gated):
+@pytest.mark.parametrize("rows", [4096, 512])  # 128-row tiles, and a small call's 64-row tiles
+def test_on_hopper_the_gluon_gemm_equals_the_triton_gemm(per_token, gated, rows):
     from benchmarks.synthetic import outlier_input, quantized_layer_pair
     from quant.kernels import GatedResidual, int8_gemm, quantize_rows
 
     device = torch.device("cuda")
     _, layer = quantized_layer_pair(1152, 3456, 8, False, device, act_granularity="per_token" if per_token else
                                     "per_tensor")
-    x = outlier_input(4096, 1152, device, torch.bfloat16, seed=0)
+    x = outlier_input(rows, 1152, device, torch.bfloat16, seed=0)
     qparams = layer.qparams(x)
     codes, rowsum, down = quantize_rows(x, qparams, 8, layer.smooth_inv, layer.lora_right)
     tail = (layer.column_sums, layer.weight_zero, layer.weight_scale, layer.bias, down, layer.lora_left, torch.bfloat16)
     update = None
-    if gated:  # a block's residual update: 16 samples of 256 tokens, the gate a chunk of the adaLN output
-        update = GatedResidual(outlier_input(4096, 3456, device, torch.bfloat16, seed=1),
-                               torch.randn(16, 6 * 3456, device=device, dtype=torch.bfloat16)[:, 3456:6912], 256)
+    if gated:  # a block's residual update: samples of 256 tokens, the gate a chunk of the adaLN output
+        update = GatedResidual(outlier_input(rows, 3456, device, torch.bfloat16, seed=1),
+                               torch.randn(rows // 256, 6 * 3456, device=device, dtype=torch.bfloat16)[:, 3456:6912],
+                               256)
     expected = int8_gemm(codes, rowsum, qparams, layer.weight, False, *tail, warp_specialised=False, gated=update)
     assert torch.equal(hopper_gemm.int8_gemm_ws(codes, rowsum, qparams, layer.weight, *tail, gated=update), expected)
 
@@ -117,8 +120,9 @@ def test_large_calls_on_hopper_go_to_the_gluon_gemm_where_it_measured_faster(mon
     monkeypatch.setattr(kernels, "_is_hopper", lambda device: True)
     cuda = torch.device("cuda")
 
-    def suits(m, n, k, bounds=None, out_dtype=torch.bfloat16, device=cuda):
-        return kernels.warp_specialised_suits(m, n, k, 32, False, bounds is not None, bounds, out_dtype, device)
+    def suits(m, n, k, bounds=None, out_dtype=torch.bfloat16, device=cuda, gelu=None):
+        gelu = bounds is not None if gelu is None else gelu
+        return kernels.warp_specialised_suits(m, n, k, 32, False, gelu, bounds, out_dtype, device)
 
     assert suits(32768, 3456, 1152) and suits(32768, 1152, 4608) and suits(4096, 3456, 1152)  # qkv, fc2, batch 8
     assert suits(32768, 1152, 1152)  # proj
@@ -126,7 +130,9 @@ def test_large_calls_on_hopper_go_to_the_gluon_gemm_where_it_measured_faster(mon
     assert suits(32768, 4608, 1152, bounds=torch.zeros(2, 32768))  # … per token
     assert not suits(4096, 4608, 1152, bounds=torch.zeros(2, 1))  # … at batch 8: slower there
     assert not suits(4096, 4608, 1152, bounds=torch.zeros(2, 4096))
-    assert not suits(512, 3456, 1152)  # small calls
+    assert suits(512, 3456, 1152) and suits(512, 1152, 4608) and suits(512, 1152, 1152)  # batch 1, on 64-row tiles
+    assert not suits(512, 4608, 1152, gelu=True)  # … but not fc1's GELU there
+    assert not suits(256, 3456, 1152)  # smaller calls
     assert not suits(512_000, 768, 256)  # the demo's narrow layers: not measured there
     assert not suits(32768, 3456, 1152, out_dtype=torch.float32)  # its staging tile would not fit
     assert not suits(32768, 3456, 1152, device=torch.device("cpu"))
