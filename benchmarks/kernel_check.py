@@ -25,8 +25,8 @@ from quant.triton_modules import (
 )
 
 CHECK_TOLERANCES = ((torch.float32, 2e-3), (torch.bfloat16, 8e-3))  # input dtype, relative error
-# A large call: at least hopper_gemm.LARGE_TILES_FROM_ROWS (bf16 calls of DiT-XL/2's qkv, proj and
-# fc2 then run the Gluon GEMM's 128-row tiles on Hopper; at 512 rows its 64-row tiles), and a
+# A large call: more than batch 8's 4,096 rows (bf16 calls of DiT-XL/2's qkv, proj and fc2 run the
+# Gluon GEMM on Hopper, here and at 512 rows on its 64-row tiles: hopper_gemm.tile_config), and a
 # multiple of no tile height (the last tile is partial).
 LARGE_ROWS = 4196
 

@@ -63,9 +63,11 @@ DEFAULT_CONFIG = TileConfig()
 # Calls of fewer rows take 64-row tiles (twice the tiles for the multiprocessors; 6 slots fit):
 # at 512 rows (batch 1 with CFG), graphed, 1.5x (qkv's shape) and 2.4x (fc2's) the rate of the
 # 128-row tiles, which lose there to kernels.int8_gemm (benchmarks/RESULTS.md, eighth session);
-# at 32,768 rows 64-row tiles were slower (751 against 917 TOPS on qkv's shape).
+# in the model at 4,096 rows (batch 8) sampling took 1.7 % (W4A8) and 2.1 % (W8A8) less time
+# with them (eleventh session); at 32,768 rows they were slower (751 against 917 TOPS on qkv's
+# shape). Between 4,096 and 32,768 rows nothing was measured.
 SMALL_CALL_CONFIG = TileConfig(block_m=64, stages=6)
-LARGE_TILES_FROM_ROWS = 4096
+LARGE_TILES_FROM_ROWS = 8192
 
 
 def tile_config(m: int) -> TileConfig:

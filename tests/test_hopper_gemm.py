@@ -93,7 +93,7 @@ def test_instruction_width_divides_the_tile():
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="needs a Hopper GPU")
 @pytest.mark.parametrize(("per_token", "gated"), [(False, False), (True, False), (True, True)])
-@pytest.mark.parametrize("rows", [4096, 512])  # 128-row tiles, and a small call's 64-row tiles
+@pytest.mark.parametrize("rows", [8192, 512])  # 128-row tiles, and a small call's 64-row tiles
 def test_on_hopper_the_gluon_gemm_equals_the_triton_gemm(per_token, gated, rows):
     from benchmarks.synthetic import outlier_input, quantized_layer_pair
     from quant.kernels import GatedResidual, int8_gemm, quantize_rows
@@ -125,6 +125,7 @@ def test_large_calls_on_hopper_go_to_the_gluon_gemm_where_it_measured_faster(mon
         return kernels.warp_specialised_suits(m, n, k, 32, False, gelu, bounds, out_dtype, device)
 
     assert suits(32768, 3456, 1152) and suits(32768, 1152, 4608) and suits(4096, 3456, 1152)  # qkv, fc2, batch 8
+    assert not suits(4096, 4608, 1152, gelu=True) and suits(8192, 4608, 1152, gelu=True)  # fc1's GELU: large tiles
     assert suits(32768, 1152, 1152)  # proj
     assert suits(32768, 4608, 1152, bounds=torch.zeros(2, 1))  # fc1 with GELU and fc2's range per tensor
     assert suits(32768, 4608, 1152, bounds=torch.zeros(2, 32768))  # … per token
