@@ -282,7 +282,7 @@ def test_ranged_pass_takes_the_per_token_ranges_the_layer_would_and_the_same_cod
     expected = quantize_rows(x, qparams, 8, None, kernel.lora_right, splits=1)
     assert torch.equal(codes, expected[0]) and torch.equal(rowsum, expected[1])
     torch.testing.assert_close(down, expected[2], rtol=1e-6, atol=1e-5)
-    # a layer smoothed on the fly (fc2): the ranges and codes of x × smooth_inv
+    # a layer smoothed on the fly (as fc2 is): the ranges and codes of x × smooth_inv
     smoothed = TritonQuantLinear(random_quant_linear(200, 40, rank=8, smooth=True, act_granularity="per_token"))
     codes, rowsum, down, qparams = ranged_quantize_rows(x, 8, smoothed.lora_right, smooth_inv=smoothed.smooth_inv)
     assert torch.equal(qparams, smoothed.qparams(x))
