@@ -75,7 +75,7 @@ def tile_config(m: int) -> TileConfig:
     return DEFAULT_CONFIG if m >= LARGE_TILES_FROM_ROWS else SMALL_CALL_CONFIG
 
 
-def gate_tiles_fit(tokens: int, config: TileConfig = DEFAULT_CONFIG) -> bool:
+def gate_tiles_fit(tokens: int, config: TileConfig) -> bool:
     """Whether a gated update's samples of `tokens` rows leave every row tile in one sample: the
     epilogue reads one gate row per tile."""
     return tokens % config.block_m == 0
@@ -353,7 +353,7 @@ def int8_gemm_ws(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tenso
     from .kernels import multiprocessors, per_row
 
     m, k = codes.shape
-    config = config or tile_config(m)
+    config = tile_config(m) if config is None else config
     n = weight.shape[0]
     warps = math_warps(config)
     a_desc = TensorDescriptor.from_tensor(codes, [config.block_m, config.block_k],

@@ -210,6 +210,12 @@ def _quantize_row_block(x_ptr, smooth_ptr, qparams_ptr, right_ptr, codes_ptr, ro
 def _smoothed_tile(x_ptr, smooth_ptr, rows, cols, mask, col_ok, stride_xm, HAS_SMOOTH: tl.constexpr):
     """x[rows, cols] in float32 (0 outside `mask`), times the smoothing factors with HAS_SMOOTH."""
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return _times_smoothing(x, smooth_ptr, cols, col_ok, HAS_SMOOTH)
+
+
+@triton.jit
+def _times_smoothing(x, smooth_ptr, cols, col_ok, HAS_SMOOTH: tl.constexpr):
+    """A float32 tile times the layer's on-the-fly smoothing factors of its columns (HAS_SMOOTH), else itself."""
     if HAS_SMOOTH:
         x = x * tl.load(smooth_ptr + cols, mask=col_ok, other=0.0)[None, :]
     return x
@@ -340,10 +346,9 @@ def _pass_input_tile(x_ptr, smooth_ptr, shift_ptr, scale_ptr, rows, samples, col
     if NORM:
         y = _modulated_tile(x_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd, stride_xm,
                             stride_mod, K, ROUND_BF16)
-        if HAS_SMOOTH:
-            y = y * tl.load(smooth_ptr + cols, mask=cols < K, other=0.0)[None, :]
-        return y
-    return _smoothed_tile(x_ptr, smooth_ptr, rows, cols, mask, cols < K, stride_xm, HAS_SMOOTH)
+    else:
+        y = _smoothed_tile(x_ptr, x_ptr, rows, cols, mask, cols < K, stride_xm, False)
+    return _times_smoothing(y, smooth_ptr, cols, cols < K, HAS_SMOOTH)
 
 
 @triton.jit
