@@ -133,18 +133,32 @@ def measure(config_name: str, batch: int, log: RowLog, device) -> None:
 
 @torch.no_grad()
 def run_once(config_name: str, batch: int, device) -> None:
-    """One launch of the kernel per layer shape and nothing else: what a profiler (ncu) should see."""
+    """Two launches of the kernel per layer shape and nothing else, what a profiler (ncu) should
+    see: the plain epilogue (per-tensor ranges, bias and LoRA), then the layer's epilogue in a DiT
+    block with per-token ranges (qkv plain; proj and fc2 a gated residual update; fc1 GELU and
+    fc2's per-token range, scaled by fc2's smoothing)."""
     from quant.hopper_gemm import int8_gemm_ws
-    from quant.kernels import quantize_rows
+    from quant.kernels import GatedResidual, quantize_rows
 
     m = 2 * batch * TOKENS
     for role, (k, n) in layer_shapes(HIDDEN["DiT-XL/2"]).items():
         x = outlier_input(m, k, device, torch.bfloat16, seed=k)
         _, layer = quantized_layer_pair(k, n, 8, role == "fc2", device)
-        qparams = layer.qparams(x)
-        codes, rowsum, down = quantize_rows(x, qparams, 8, layer.smooth_inv, layer.lora_right)
-        int8_gemm_ws(codes, rowsum, qparams, layer.weight, layer.column_sums, layer.weight_zero, layer.weight_scale,
-                     layer.bias, down, layer.lora_left, torch.bfloat16, config=CONFIGS[config_name])
+        for granularity in ("per_tensor", "per_token"):
+            layer.act_granularity = granularity
+            qparams = layer.qparams(x)
+            codes, rowsum, down = quantize_rows(x, qparams, 8, layer.smooth_inv, layer.lora_right)
+            extra = {}
+            if granularity == "per_token" and role == "fc1":
+                extra = dict(gelu=True, bounds=torch.full((2, m), float("inf"), device=device),
+                             bounds_scale=layer.column_sums.float())
+            elif granularity == "per_token" and role in ("proj", "fc2"):
+                extra = dict(gated=GatedResidual(torch.randn(m, n, device=device, dtype=torch.bfloat16),
+                                                 torch.randn(2 * batch, n, device=device, dtype=torch.bfloat16),
+                                                 TOKENS))
+            int8_gemm_ws(codes, rowsum, qparams, layer.weight, layer.column_sums, layer.weight_zero,
+                         layer.weight_scale, layer.bias, down, layer.lora_left, torch.bfloat16,
+                         config=CONFIGS[config_name], **extra)
     torch.cuda.synchronize()
 
 
@@ -155,7 +169,7 @@ def main() -> None:
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "gemm.jsonl"),
                         help="JSON lines file every row is appended to as it is measured")
     parser.add_argument("--once", action="store_true",
-                        help="launch each configuration's kernel once per layer shape, no checks or timing (for ncu)")
+                        help="launch each configuration's kernel twice per layer shape (run_once), no checks or timing (for ncu)")
     args = parser.parse_args()
     device = torch.device("cuda")
     if args.once:

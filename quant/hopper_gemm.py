@@ -115,6 +115,16 @@ def _loader(a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K: gl.constexpr, 
 
 
 @gluon.jit
+def _load(pointers, mask, other, WHOLE: gl.constexpr):
+    """gl.load(pointers, mask, other); WHOLE: the mask is known to be all true, so the load has no
+    predicates (it vectorises, and the epilogue keeps no mask bits in its registers)."""
+    if WHOLE:
+        return gl.load(pointers)
+    else:
+        return gl.load(pointers, mask=mask, other=other)
+
+
+@gluon.jit
 def _gelu_tanh(y):
     """nn.GELU(approximate="tanh") with the GPU's one-instruction tanh (kernels._gelu_tanh)."""
     u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
@@ -124,7 +134,8 @@ def _gelu_tanh(y):
 
 @gluon.jit
 def _lora_update(y, off_m, off_n, M, N, qparams_ptr, down_ptr, left_ptr, left_smem, PER_ROW: gl.constexpr,
-                 SPLITS: gl.constexpr, RANK: gl.constexpr, WARPS: gl.constexpr, INSTR_N: gl.constexpr):
+                 SPLITS: gl.constexpr, RANK: gl.constexpr, WARPS: gl.constexpr, INSTR_N: gl.constexpr,
+                 WHOLE_M: gl.constexpr, WHOLE_N: gl.constexpr):
     """y + s_x·down·Lᵀ for one tile: down (the quantize pass's partial sums, added in a fixed
     order) as the register operand of a bf16 wgmma, the tile's rows of L through shared memory."""
     BLOCK_M: gl.constexpr = y.shape[0]
@@ -138,16 +149,15 @@ def _lora_update(y, off_m, off_n, M, N, qparams_ptr, down_ptr, left_ptr, left_sm
     row_ok = (rows < M)[:, None]
     down = gl.zeros([BLOCK_M, RANK], gl.float32, operand_layout)
     for split in gl.static_range(SPLITS):
-        down += gl.load(down_ptr + (split * M + rows[:, None]) * RANK + ranks[None, :], mask=row_ok, other=0.0)
+        down += _load(down_ptr + (split * M + rows[:, None]) * RANK + ranks[None, :], row_ok, 0.0, WHOLE_M)
     if PER_ROW:
-        down = down * gl.load(qparams_ptr + rows, mask=rows < M, other=1.0)[:, None]
+        down = down * _load(qparams_ptr + rows, rows < M, 1.0, WHOLE_M)[:, None]
     else:
         down = down * gl.load(qparams_ptr)
     left_layout: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [WARPS, 1], [1, 0])
     left_ranks = gl.arange(0, RANK, layout=gl.SliceLayout(0, left_layout))
     cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, left_layout))
-    left_smem.store(gl.load(left_ptr + cols[:, None] * RANK + left_ranks[None, :], mask=(cols < N)[:, None],
-                            other=0.0))
+    left_smem.store(_load(left_ptr + cols[:, None] * RANK + left_ranks[None, :], (cols < N)[:, None], 0.0, WHOLE_N))
     fence_async_shared()
     summed = warpgroup_mma(down.to(gl.bfloat16), left_smem.permute((1, 0)), gl.convert_layout(y, lora_layout))
     return gl.convert_layout(summed, y.type.layout)
@@ -160,7 +170,7 @@ def _epilogue(acc, off_m, off_n, M, N, rowsum_ptr, colsum_ptr, wzero_ptr, wscale
               K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr,
               BOUNDS: gl.constexpr, BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr,
               BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr, GATED: gl.constexpr, WARPS: gl.constexpr,
-              INSTR_N: gl.constexpr):
+              INSTR_N: gl.constexpr, WHOLE_M: gl.constexpr, WHOLE_N: gl.constexpr):
     layout: gl.constexpr = acc.type.layout
     BLOCK_M: gl.constexpr = acc.shape[0]
     BLOCK_N: gl.constexpr = acc.shape[1]
@@ -169,30 +179,30 @@ def _epilogue(acc, off_m, off_n, M, N, rowsum_ptr, colsum_ptr, wzero_ptr, wscale
     row_ok = rows < M
     col_ok = cols < N
     if PER_ROW:
-        scale_x = gl.load(qparams_ptr + rows, mask=row_ok, other=1.0)[:, None]
-        zero_x = gl.load(qparams_ptr + M + rows, mask=row_ok, other=0.0).to(gl.int32)[:, None] - ACT_SHIFT
+        scale_x = _load(qparams_ptr + rows, row_ok, 1.0, WHOLE_M)[:, None]
+        zero_x = _load(qparams_ptr + M + rows, row_ok, 0.0, WHOLE_M).to(gl.int32)[:, None] - ACT_SHIFT
     else:
         scale_x = gl.load(qparams_ptr)
         zero_x = gl.load(qparams_ptr + 1).to(gl.int32) - ACT_SHIFT
     rowsum = gl.zeros([BLOCK_M], gl.int32, gl.SliceLayout(1, layout))
     for split in gl.static_range(SPLITS):
-        rowsum += gl.load(rowsum_ptr + split * M + rows, mask=row_ok, other=0)
-    colsum = gl.load(colsum_ptr + cols, mask=col_ok, other=0)[None, :]
-    zero_w = gl.load(wzero_ptr + cols, mask=col_ok, other=0)[None, :]
+        rowsum += _load(rowsum_ptr + split * M + rows, row_ok, 0, WHOLE_M)
+    colsum = _load(colsum_ptr + cols, col_ok, 0, WHOLE_N)[None, :]
+    zero_w = _load(wzero_ptr + cols, col_ok, 0, WHOLE_N)[None, :]
     exact = acc - zero_x * colsum - zero_w * rowsum[:, None] + K * zero_x * zero_w
-    y = exact.to(gl.float32) * scale_x * gl.load(wscale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    y = exact.to(gl.float32) * scale_x * _load(wscale_ptr + cols, col_ok, 0.0, WHOLE_N)[None, :]
     if RANK > 0:
         y = _lora_update(y, off_m, off_n, M, N, qparams_ptr, down_ptr, left_ptr, left_smem, PER_ROW, SPLITS, RANK,
-                         WARPS, INSTR_N)
+                         WARPS, INSTR_N, WHOLE_M, WHOLE_N)
     if HAS_BIAS:
-        y += gl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        y += _load(bias_ptr + cols, col_ok, 0.0, WHOLE_N)[None, :]
     if GELU:
         y = _gelu_tanh(y)
     if GATED:
         # residual + gate ⊙ y (kernels._gated_residual): the residual tile, prefetched into
         # out_smem (_prefetch_residual); the tile's rows are in one sample (GATE_TOKENS is a
         # multiple of BLOCK_M), whose gate is one row
-        gate = gl.load(gate_ptr + (off_m // GATE_TOKENS) * stride_gate + cols, mask=col_ok, other=0.0)
+        gate = _load(gate_ptr + (off_m // GATE_TOKENS) * stride_gate + cols, col_ok, 0.0, WHOLE_N)
         mbarrier.wait(loaded, phase)
         y = out_smem.load(layout).to(gl.float32) + gate.to(gl.float32)[None, :] * y
         gl.thread_barrier()  # every warp has read the residual before out_smem is overwritten
@@ -202,12 +212,16 @@ def _epilogue(acc, off_m, off_n, M, N, rowsum_ptr, colsum_ptr, wzero_ptr, wscale
     fence_async_shared()
     tma.async_copy_shared_to_global(out_desc, [off_m, off_n], out_smem)
     if BOUNDS:
-        in_bounds = row_ok[:, None] & col_ok[None, :]  # the next layer's range, as kernels.int8_gemm reduces it
-        v = out.to(gl.float32)
+        v = out.to(gl.float32)  # the next layer's range, as kernels.int8_gemm reduces it
         if BOUNDS_SCALED:
-            v = v * gl.load(bounds_scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
-        low = gl.min(gl.where(in_bounds, v, float("inf")), axis=1)
-        high = gl.max(gl.where(in_bounds, v, float("-inf")), axis=1)
+            v = v * _load(bounds_scale_ptr + cols, col_ok, 0.0, WHOLE_N)[None, :]
+        if WHOLE_M and WHOLE_N:
+            low = gl.min(v, axis=1)
+            high = gl.max(v, axis=1)
+        else:
+            in_bounds = row_ok[:, None] & col_ok[None, :]
+            low = gl.min(gl.where(in_bounds, v, float("inf")), axis=1)
+            high = gl.max(gl.where(in_bounds, v, float("-inf")), axis=1)
         # relaxed: only a later kernel reads the bounds (acq_rel, the default, fences every atomic)
         if BOUNDS_PER_ROW:
             gl.atomic_min(bounds_ptr + rows, low, mask=row_ok, sem="relaxed")
@@ -234,7 +248,8 @@ def _math(a_bufs, b_bufs, ready, free, turn, left_smem, rowsum_ptr, colsum_ptr, 
           K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr, BOUNDS: gl.constexpr,
           BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr, BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr,
           GATED: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr,
-          FIRST: gl.constexpr, WARPS: gl.constexpr, INSTR_N: gl.constexpr):
+          FIRST: gl.constexpr, WARPS: gl.constexpr, INSTR_N: gl.constexpr, WHOLE_M: gl.constexpr,
+          WHOLE_N: gl.constexpr):
     """Tiles FIRST, FIRST + CONSUMERS, … of this program: main loop, then epilogue."""
     BLOCK_M: gl.constexpr = a_bufs.shape[1]
     BLOCK_K: gl.constexpr = a_bufs.shape[2]
@@ -275,7 +290,7 @@ def _math(a_bufs, b_bufs, ready, free, turn, left_smem, rowsum_ptr, colsum_ptr, 
         _epilogue(acc, off_m, off_n, M, N, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
                   qparams_ptr, down_ptr, left_ptr, out_desc, out_smem, bounds_ptr, bounds_scale_ptr, left_smem,
                   residual_desc, loaded, (turns + 1) & 1, gate_ptr, stride_gate, GATE_TOKENS, K, HAS_BIAS, RANK,
-                  GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, GATED, WARPS, INSTR_N)
+                  GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, GATED, WARPS, INSTR_N, WHOLE_M, WHOLE_N)
     tma.store_wait(0)
 
 
@@ -286,7 +301,8 @@ def _int8_gemm_ws_kernel(
     K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr, BOUNDS: gl.constexpr,
     BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr, BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr,
     GATED: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, INSTR_N: gl.constexpr,
-    LEFT_RANK: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr, num_warps: gl.constexpr,
+    LEFT_RANK: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr, WHOLE_M: gl.constexpr, WHOLE_N: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + a_desc.block_type.shape, a_desc.layout)
@@ -311,12 +327,12 @@ def _int8_gemm_ws_kernel(
                      wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem.index(0), bounds_ptr,
                      bounds_scale_ptr, residual_desc, loaded.index(0), gate_ptr, M, N, stride_gate, GATE_TOKENS, K,
                      HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, GATED, STAGES,
-                     GROUP_M, CONSUMERS, 0, num_warps, INSTR_N)),
+                     GROUP_M, CONSUMERS, 0, num_warps, INSTR_N, WHOLE_M, WHOLE_N)),
             (_math, (a_bufs, b_bufs, ready, free, turn, left_smem.index(1), rowsum_ptr, colsum_ptr, wzero_ptr,
                      wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem.index(1), bounds_ptr,
                      bounds_scale_ptr, residual_desc, loaded.index(1), gate_ptr, M, N, stride_gate, GATE_TOKENS, K,
                      HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, GATED, STAGES,
-                     GROUP_M, CONSUMERS, 1, num_warps, INSTR_N)),
+                     GROUP_M, CONSUMERS, 1, num_warps, INSTR_N, WHOLE_M, WHOLE_N)),
             (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M)),
         ], [num_warps, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
     else:
@@ -325,7 +341,7 @@ def _int8_gemm_ws_kernel(
                      wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem.index(0), bounds_ptr,
                      bounds_scale_ptr, residual_desc, loaded.index(0), gate_ptr, M, N, stride_gate, GATE_TOKENS, K,
                      HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, GATED, STAGES,
-                     GROUP_M, CONSUMERS, 0, num_warps, INSTR_N)),
+                     GROUP_M, CONSUMERS, 0, num_warps, INSTR_N, WHOLE_M, WHOLE_N)),
             (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M)),
         ], [1], [LOADER_REGISTERS])
 
@@ -383,6 +399,7 @@ def int8_gemm_ws(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tenso
         BOUNDS_SCALED=bounds_scale is not None, PER_ROW=per_row(qparams),
         BOUNDS_PER_ROW=bounds is not None and per_row(bounds), SPLITS=rowsum.shape[0], GATED=gated is not None,
         STAGES=config.stages, GROUP_M=config.group_m, CONSUMERS=config.consumers, INSTR_N=wgmma_instr_n(config.block_n),
-        LEFT_RANK=max(rank, 16), CONSUMER_REGISTERS=config.consumer_registers, num_warps=warps,
+        LEFT_RANK=max(rank, 16), CONSUMER_REGISTERS=config.consumer_registers, WHOLE_M=m % config.block_m == 0,
+        WHOLE_N=n % config.block_n == 0, num_warps=warps,
     )
     return out

@@ -4,7 +4,7 @@ by test_hopper_gemm in a process of its own: Triton decides at import time wheth
 functions (its own library's included) are interpreted, and the tests of the Triton kernels run
 the interpreter, which neither compiler can use (and which does not compile at all).
 
-    python tests/hopper_compile.py gluon '[[{"consumers": 1, "stages": 5}, 32, false, false, false], ...]'
+    python tests/hopper_compile.py gluon '[[{"consumers": 1, "stages": 5}, 32, false, false, false, false], ...]'
     python tests/hopper_compile.py triton '[["gemm", {"GELU": true}, {}], ["quantize", {"BLOCK_M": 4}, {}]]'
 
 prints, per case, the PTX and the shared memory the kernel takes, as JSON.
@@ -33,10 +33,12 @@ from quant import hopper_gemm, kernels  # noqa: E402
 HOPPER = GPUTarget("cuda", 90, 32)
 
 
-def compile_for_hopper(config: hopper_gemm.TileConfig, rank: int, gelu: bool, per_row: bool, gated: bool):
-    """triton.compile of the kernel for sm_90a with DiT-XL/2's qkv shape (host tensors stand in
-    for the device ones: only dtypes and alignment enter the signature)."""
-    m, k, n = 4096, 1152, 3456
+def compile_for_hopper(config: hopper_gemm.TileConfig, rank: int, gelu: bool, per_row: bool, gated: bool,
+                       partial: bool = False):
+    """triton.compile of the kernel for sm_90a with DiT-XL/2's qkv shape, or with `partial`, one
+    whose last row and column tiles are partial (host tensors stand in for the device ones: only
+    dtypes and alignment enter the signature)."""
+    m, k, n = (4000, 1152, 3400) if partial else (4096, 1152, 3456)
     kernel = hopper_gemm._int8_gemm_ws_kernel
     descriptors = {
         "a_desc": TensorDescriptor.from_tensor(torch.empty(m, k, dtype=torch.int8), [config.block_m, config.block_k],
@@ -58,20 +60,26 @@ def compile_for_hopper(config: hopper_gemm.TileConfig, rank: int, gelu: bool, pe
     constants = dict(K=k, HAS_BIAS=True, RANK=rank, GELU=gelu, BOUNDS=gelu, BOUNDS_SCALED=gelu, PER_ROW=per_row,
                      BOUNDS_PER_ROW=gelu and per_row, SPLITS=1, GATED=gated, STAGES=config.stages,
                      GROUP_M=config.group_m, CONSUMERS=config.consumers, INSTR_N=hopper_gemm.wgmma_instr_n(config.block_n),
-                     LEFT_RANK=max(rank, 16), CONSUMER_REGISTERS=config.consumer_registers, num_warps=warps)
+                     LEFT_RANK=max(rank, 16), CONSUMER_REGISTERS=config.consumer_registers,
+                     WHOLE_M=m % config.block_m == 0, WHOLE_N=n % config.block_n == 0, num_warps=warps)
     source = gluon_runtime.GluonASTSource(kernel, **_signature(kernel.fn, values, constants))
     return triton.compile(source, target=HOPPER, options=dict(num_warps=warps))
 
 
 def _signature(python_fn, values: dict, constants: dict) -> dict:
-    """An AST source's `signature` and `constexprs` for a kernel's arguments: values (a dtype
-    stands for a pointer of that dtype; host tensors do, as only dtypes enter the signature) and
-    constants (its constexprs, num_warps included)."""
+    """An AST source's `signature`, `constexprs` and `attrs` for a kernel's arguments: values (a
+    dtype stands for a pointer of that dtype; host tensors do, as only dtypes enter the signature)
+    and constants (its constexprs, num_warps included). As at a launch on the GPU, pointers (CUDA
+    allocations are 256-byte aligned) and integers divisible by 16 are specialised as such, which
+    decides whether loads vectorise."""
     names = list(inspect.signature(python_fn).parameters)
     types = {name: mangle_type(torch.empty(8, dtype=value) if isinstance(value, torch.dtype) else value)
              for name, value in values.items()}
+    aligned = [name for name, value in values.items()
+               if isinstance(value, torch.dtype) or (type(value) is int and value % 16 == 0)]
     return dict(signature=types | dict.fromkeys(constants, "constexpr"),
-                constexprs={(names.index(name),): value for name, value in constants.items()})
+                constexprs={(names.index(name),): value for name, value in constants.items()},
+                attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned})
 
 
 # DiT-XL/2-like arguments of quant/kernels.py's kernels, a case's constexprs overriding the defaults
@@ -117,8 +125,7 @@ def compile_triton_kernel(name: str, constants: dict, tensor_dtypes: dict):
 
 def main(kind: str, cases: list) -> None:
     if kind == "gluon":
-        compiled = [compile_for_hopper(hopper_gemm.TileConfig(**config), rank, gelu, per_row, gated)
-                    for config, rank, gelu, per_row, gated in cases]
+        compiled = [compile_for_hopper(hopper_gemm.TileConfig(**config), *epilogue) for config, *epilogue in cases]
     else:
         compiled = [compile_triton_kernel(name, constants, dtypes) for name, constants, dtypes in cases]
     print(json.dumps([{"ptx": c.asm["ptx"], "shared": c.metadata.shared} for c in compiled]))

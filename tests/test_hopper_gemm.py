@@ -25,13 +25,14 @@ from quant import hopper_gemm  # noqa: E402
 COMPILE_CONFIGS = {"ping-pong": hopper_gemm.DEFAULT_CONFIG,
                    "one-math-partition": hopper_gemm.TileConfig(consumers=1, stages=5),
                    "small calls' 64-row tiles": hopper_gemm.SMALL_CALL_CONFIG}
-# (LoRA rank, GELU + range, per-row ranges, gated residual update)
-COMPILE_EPILOGUES = [(32, False, False, False), (0, True, True, False), (32, False, True, True)]
+# (LoRA rank, GELU + range, per-row ranges, gated residual update, partial tiles)
+COMPILE_EPILOGUES = [(32, False, False, False, False), (0, True, True, False, False), (32, False, True, True, False),
+                     (32, True, True, False, True)]
 
 
 @pytest.fixture(scope="module")
 def compiled_for_hopper() -> dict:
-    """{(config name, rank, gelu, per_row, gated): {"ptx", "shared"}}, compiled by tests/hopper_compile.py
+    """{(config name, rank, gelu, per_row, gated, partial): {"ptx", "shared"}}, compiled by tests/hopper_compile.py
     in a process without Triton's CPU interpreter (test_backends turns it on in this one)."""
     cases = [(name, *epilogue) for name in COMPILE_CONFIGS for epilogue in COMPILE_EPILOGUES]
     arguments = [[COMPILE_CONFIGS[name]._asdict(), *epilogue] for name, *epilogue in cases]
@@ -93,23 +94,26 @@ def test_instruction_width_divides_the_tile():
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="needs a Hopper GPU")
 @pytest.mark.parametrize(("per_token", "gated"), [(False, False), (True, False), (True, True)])
-@pytest.mark.parametrize("rows", [8192, 512])  # 128-row tiles, and a small call's 64-row tiles
-def test_on_hopper_the_gluon_gemm_equals_the_triton_gemm(per_token, gated, rows):
+# 128-row tiles, a small call's 64-row tiles, and partial tiles in both directions (the masked loads)
+@pytest.mark.parametrize(("rows", "out_features"), [(8192, 3456), (512, 3456), (8000, 1000)])
+def test_on_hopper_the_gluon_gemm_equals_the_triton_gemm(per_token, gated, rows, out_features):
     from benchmarks.synthetic import outlier_input, quantized_layer_pair
     from quant.kernels import GatedResidual, int8_gemm, quantize_rows
 
+    if gated and rows % 256:
+        pytest.skip("a gated update needs whole samples of 256 rows")
     device = torch.device("cuda")
-    _, layer = quantized_layer_pair(1152, 3456, 8, False, device, act_granularity="per_token" if per_token else
-                                    "per_tensor")
+    _, layer = quantized_layer_pair(1152, out_features, 8, False, device,
+                                    act_granularity="per_token" if per_token else "per_tensor")
     x = outlier_input(rows, 1152, device, torch.bfloat16, seed=0)
     qparams = layer.qparams(x)
     codes, rowsum, down = quantize_rows(x, qparams, 8, layer.smooth_inv, layer.lora_right)
     tail = (layer.column_sums, layer.weight_zero, layer.weight_scale, layer.bias, down, layer.lora_left, torch.bfloat16)
     update = None
     if gated:  # a block's residual update: samples of 256 tokens, the gate a chunk of the adaLN output
-        update = GatedResidual(outlier_input(rows, 3456, device, torch.bfloat16, seed=1),
-                               torch.randn(rows // 256, 6 * 3456, device=device, dtype=torch.bfloat16)[:, 3456:6912],
-                               256)
+        update = GatedResidual(outlier_input(rows, out_features, device, torch.bfloat16, seed=1),
+                               torch.randn(rows // 256, 6 * out_features, device=device,
+                                           dtype=torch.bfloat16)[:, out_features:2 * out_features], 256)
     expected = int8_gemm(codes, rowsum, qparams, layer.weight, False, *tail, warp_specialised=False, gated=update)
     assert torch.equal(hopper_gemm.int8_gemm_ws(codes, rowsum, qparams, layer.weight, *tail, gated=update), expected)
 
