@@ -33,6 +33,7 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -133,69 +134,110 @@ def _gelu_tanh(y):
 
 
 @gluon.jit
-def _lora_update(y, off_m, off_n, M, N, qparams_ptr, down_ptr, left_ptr, left_smem, PER_ROW: gl.constexpr,
-                 SPLITS: gl.constexpr, RANK: gl.constexpr, WARPS: gl.constexpr, INSTR_N: gl.constexpr,
-                 WHOLE_M: gl.constexpr, WHOLE_N: gl.constexpr):
-    """y + s_x·down·Lᵀ for one tile: down (the quantize pass's partial sums, added in a fixed
-    order) as the register operand of a bf16 wgmma, the tile's rows of L through shared memory."""
-    BLOCK_M: gl.constexpr = y.shape[0]
-    BLOCK_N: gl.constexpr = y.shape[1]
-    lora_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                          instr_shape=[16, INSTR_N, 16])
-    # down is loaded straight into the register-operand layout of the wgmma (no shuffle through shared memory)
-    operand_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=lora_layout, k_width=2)
-    ranks = gl.arange(0, RANK, layout=gl.SliceLayout(0, operand_layout))
-    rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, operand_layout))
-    row_ok = (rows < M)[:, None]
-    down = gl.zeros([BLOCK_M, RANK], gl.float32, operand_layout)
-    for split in gl.static_range(SPLITS):
-        down += _load(down_ptr + (split * M + rows[:, None]) * RANK + ranks[None, :], row_ok, 0.0, WHOLE_M)
-    if PER_ROW:
-        down = down * _load(qparams_ptr + rows, rows < M, 1.0, WHOLE_M)[:, None]
-    else:
-        down = down * gl.load(qparams_ptr)
-    left_layout: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [WARPS, 1], [1, 0])
-    left_ranks = gl.arange(0, RANK, layout=gl.SliceLayout(0, left_layout))
-    cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, left_layout))
-    left_smem.store(_load(left_ptr + cols[:, None] * RANK + left_ranks[None, :], (cols < N)[:, None], 0.0, WHOLE_N))
-    fence_async_shared()
-    summed = warpgroup_mma(down.to(gl.bfloat16), left_smem.permute((1, 0)), gl.convert_layout(y, lora_layout))
-    return gl.convert_layout(summed, y.type.layout)
+def _prefetch_columns(columns_i32, columns_f32, left_smem, off_n, N, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
+                      bounds_scale_ptr, left_ptr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr,
+                      BOUNDS_SCALED: gl.constexpr, WARPS: gl.constexpr, WHOLE_N: gl.constexpr):
+    """Starts the copies of a tile's column vectors (column sums, weight zero points and scales,
+    bias, the next layer's range scales) and of its rows of L into the partition's shared memory,
+    to land during the tile's main loop: loaded in the epilogue, their latency came in waves (the
+    registers do not hold them all at once) and outlasted the other partition's main loop."""
+    gl.thread_barrier()  # every warp of the partition has read the previous tile's
+    BLOCK_N: gl.constexpr = columns_i32.shape[0] // 2
+    vector_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    cols = off_n + gl.arange(0, BLOCK_N, layout=vector_layout)
+    _copy(columns_i32.slice(0 * BLOCK_N, BLOCK_N), colsum_ptr + cols, cols < N, WHOLE_N)
+    _copy(columns_i32.slice(1 * BLOCK_N, BLOCK_N), wzero_ptr + cols, cols < N, WHOLE_N)
+    _copy(columns_f32.slice(0 * BLOCK_N, BLOCK_N), wscale_ptr + cols, cols < N, WHOLE_N)
+    if HAS_BIAS:
+        _copy(columns_f32.slice(1 * BLOCK_N, BLOCK_N), bias_ptr + cols, cols < N, WHOLE_N)
+    if BOUNDS_SCALED:
+        _copy(columns_f32.slice(2 * BLOCK_N, BLOCK_N), bounds_scale_ptr + cols, cols < N, WHOLE_N)
+    if RANK > 0:
+        left_layout: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [WARPS, 1], [1, 0])
+        ranks = gl.arange(0, RANK, layout=gl.SliceLayout(0, left_layout))
+        left_cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, left_layout))
+        _copy(left_smem, left_ptr + left_cols[:, None] * RANK + ranks[None, :], (left_cols < N)[:, None], WHOLE_N)
+    async_copy.commit_group()
 
 
 @gluon.jit
-def _epilogue(acc, off_m, off_n, M, N, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
-              qparams_ptr, down_ptr, left_ptr, out_desc, out_smem, bounds_ptr, bounds_scale_ptr, left_smem,
-              residual_desc, loaded, phase, gate_ptr, stride_gate, GATE_TOKENS,
-              K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr,
-              BOUNDS: gl.constexpr, BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr,
-              BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr, GATED: gl.constexpr, WARPS: gl.constexpr,
-              INSTR_N: gl.constexpr, WHOLE_M: gl.constexpr, WHOLE_N: gl.constexpr):
-    layout: gl.constexpr = acc.type.layout
-    BLOCK_M: gl.constexpr = acc.shape[0]
-    BLOCK_N: gl.constexpr = acc.shape[1]
+def _copy(smem, pointers, mask, WHOLE: gl.constexpr):
+    """async_copy_global_to_shared, masked unless WHOLE (masked-off elements are zero-filled)."""
+    if WHOLE:
+        async_copy.async_copy_global_to_shared(smem, pointers)
+    else:
+        async_copy.async_copy_global_to_shared(smem, pointers, mask=mask)
+
+
+@gluon.jit
+def _load_rows(off_m, M, qparams_ptr, rowsum_ptr, down_ptr, layout: gl.constexpr, lora_operand: gl.constexpr,
+               BLOCK_M: gl.constexpr, PER_ROW: gl.constexpr, SPLITS: gl.constexpr, RANK: gl.constexpr,
+               WHOLE_M: gl.constexpr):
+    """A tile's row values, loaded into registers before its main loop (which they outlast, for
+    the same reason as _prefetch_columns): the activation scales and zero points, the row sums of
+    the codes, and for the LoRA, `down` in the register-operand layout of its wgmma with the
+    scales of its rows."""
     rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
-    cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
-    row_ok = rows < M
-    col_ok = cols < N
     if PER_ROW:
-        scale_x = _load(qparams_ptr + rows, row_ok, 1.0, WHOLE_M)[:, None]
-        zero_x = _load(qparams_ptr + M + rows, row_ok, 0.0, WHOLE_M).to(gl.int32)[:, None] - ACT_SHIFT
+        scale_x = _load(qparams_ptr + rows, rows < M, 1.0, WHOLE_M)[:, None]
+        zero_x = _load(qparams_ptr + M + rows, rows < M, 0.0, WHOLE_M).to(gl.int32)[:, None] - ACT_SHIFT
     else:
         scale_x = gl.load(qparams_ptr)
         zero_x = gl.load(qparams_ptr + 1).to(gl.int32) - ACT_SHIFT
     rowsum = gl.zeros([BLOCK_M], gl.int32, gl.SliceLayout(1, layout))
     for split in gl.static_range(SPLITS):
-        rowsum += _load(rowsum_ptr + split * M + rows, row_ok, 0, WHOLE_M)
-    colsum = _load(colsum_ptr + cols, col_ok, 0, WHOLE_N)[None, :]
-    zero_w = _load(wzero_ptr + cols, col_ok, 0, WHOLE_N)[None, :]
-    exact = acc - zero_x * colsum - zero_w * rowsum[:, None] + K * zero_x * zero_w
-    y = exact.to(gl.float32) * scale_x * _load(wscale_ptr + cols, col_ok, 0.0, WHOLE_N)[None, :]
+        rowsum += _load(rowsum_ptr + split * M + rows, rows < M, 0, WHOLE_M)
+    down = 0.0
+    down_scale = 0.0
     if RANK > 0:
-        y = _lora_update(y, off_m, off_n, M, N, qparams_ptr, down_ptr, left_ptr, left_smem, PER_ROW, SPLITS, RANK,
-                         WARPS, INSTR_N, WHOLE_M, WHOLE_N)
+        ranks = gl.arange(0, RANK, layout=gl.SliceLayout(0, lora_operand))
+        down_rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, lora_operand))
+        row_ok = (down_rows < M)[:, None]
+        down = gl.zeros([BLOCK_M, RANK], gl.float32, lora_operand)
+        for split in gl.static_range(SPLITS):
+            down += _load(down_ptr + (split * M + down_rows[:, None]) * RANK + ranks[None, :], row_ok, 0.0, WHOLE_M)
+        if PER_ROW:
+            down_scale = _load(qparams_ptr + down_rows, down_rows < M, 1.0, WHOLE_M)[:, None]
+        else:
+            down_scale = gl.load(qparams_ptr)
+    return scale_x, zero_x, rowsum, down, down_scale
+
+
+@gluon.jit
+def _lora_update(y, down, down_scale, left_smem, lora_layout: gl.constexpr):
+    """y + s_x·down·Lᵀ for one tile: down (the quantize pass's partial sums, added in a fixed
+    order, times s_x) as the register operand of a bf16 wgmma, the tile's rows of L in shared
+    memory (_prefetch_columns)."""
+    fence_async_shared()  # the rows of L, copied by the generic proxy, are read by the wgmma's
+    summed = warpgroup_mma((down * down_scale).to(gl.bfloat16), left_smem.permute((1, 0)),
+                           gl.convert_layout(y, lora_layout))
+    return gl.convert_layout(summed, y.type.layout)
+
+
+@gluon.jit
+def _epilogue(acc, off_m, off_n, M, N, scale_x, zero_x, rowsum, down, down_scale, columns_i32, columns_f32,
+              out_desc, out_smem, bounds_ptr, left_smem, loaded, phase, gate_ptr, stride_gate, GATE_TOKENS,
+              lora_layout: gl.constexpr, K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr,
+              GELU: gl.constexpr, BOUNDS: gl.constexpr, BOUNDS_SCALED: gl.constexpr, BOUNDS_PER_ROW: gl.constexpr,
+              GATED: gl.constexpr, WHOLE_M: gl.constexpr, WHOLE_N: gl.constexpr):
+    layout: gl.constexpr = acc.type.layout
+    BLOCK_M: gl.constexpr = acc.shape[0]
+    BLOCK_N: gl.constexpr = acc.shape[1]
+    column_layout: gl.constexpr = gl.SliceLayout(0, layout)
+    rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+    cols = off_n + gl.arange(0, BLOCK_N, layout=column_layout)
+    row_ok = rows < M
+    col_ok = cols < N
+    async_copy.wait_group(0)  # this tile's columns (_prefetch_columns) ...
+    gl.thread_barrier()  # ... copied by every thread of the partition
+    colsum = columns_i32.slice(0 * BLOCK_N, BLOCK_N).load(column_layout)[None, :]
+    zero_w = columns_i32.slice(1 * BLOCK_N, BLOCK_N).load(column_layout)[None, :]
+    exact = acc - zero_x * colsum - zero_w * rowsum[:, None] + K * zero_x * zero_w
+    y = exact.to(gl.float32) * scale_x * columns_f32.slice(0 * BLOCK_N, BLOCK_N).load(column_layout)[None, :]
+    if RANK > 0:
+        y = _lora_update(y, down, down_scale, left_smem, lora_layout)
     if HAS_BIAS:
-        y += _load(bias_ptr + cols, col_ok, 0.0, WHOLE_N)[None, :]
+        y += columns_f32.slice(1 * BLOCK_N, BLOCK_N).load(column_layout)[None, :]
     if GELU:
         y = _gelu_tanh(y)
     if GATED:
@@ -214,7 +256,7 @@ def _epilogue(acc, off_m, off_n, M, N, rowsum_ptr, colsum_ptr, wzero_ptr, wscale
     if BOUNDS:
         v = out.to(gl.float32)  # the next layer's range, as kernels.int8_gemm reduces it
         if BOUNDS_SCALED:
-            v = v * _load(bounds_scale_ptr + cols, col_ok, 0.0, WHOLE_N)[None, :]
+            v = v * columns_f32.slice(2 * BLOCK_N, BLOCK_N).load(column_layout)[None, :]
         if WHOLE_M and WHOLE_N:
             low = gl.min(v, axis=1)
             high = gl.max(v, axis=1)
@@ -242,8 +284,9 @@ def _prefetch_residual(residual_desc, out_smem, loaded, off_m, off_n):
 
 
 @gluon.jit
-def _math(a_bufs, b_bufs, ready, free, turn, left_smem, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
-          qparams_ptr, down_ptr, left_ptr, out_desc, out_smem, bounds_ptr, bounds_scale_ptr, residual_desc, loaded,
+def _math(a_bufs, b_bufs, ready, free, turn, left_smem, columns_i32, columns_f32, rowsum_ptr, colsum_ptr, wzero_ptr,
+          wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem, bounds_ptr, bounds_scale_ptr,
+          residual_desc, loaded,
           gate_ptr, M, N, stride_gate, GATE_TOKENS,
           K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr, BOUNDS: gl.constexpr,
           BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr, BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr,
@@ -257,6 +300,10 @@ def _math(a_bufs, b_bufs, ready, free, turn, left_smem, rowsum_ptr, colsum_ptr, 
     K_STEPS: gl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                      instr_shape=[16, INSTR_N, 32])
+    lora_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                          instr_shape=[16, INSTR_N, 16])
+    # down is loaded straight into the register-operand layout of the LoRA's wgmma
+    lora_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=lora_layout, k_width=2)
     tiles_m = gl.cdiv(M, BLOCK_M)
     tiles_n = gl.cdiv(N, BLOCK_N)
     programs = gl.num_programs(0)
@@ -266,6 +313,10 @@ def _math(a_bufs, b_bufs, ready, free, turn, left_smem, rowsum_ptr, colsum_ptr, 
         off_m, off_n = _tile_origin(tile, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
         if GATED:
             _prefetch_residual(residual_desc, out_smem, loaded, off_m, off_n)
+        _prefetch_columns(columns_i32, columns_f32, left_smem, off_n, N, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
+                          bounds_scale_ptr, left_ptr, HAS_BIAS, RANK, BOUNDS_SCALED, WARPS, WHOLE_N)
+        scale_x, zero_x, rowsum, down, down_scale = _load_rows(off_m, M, qparams_ptr, rowsum_ptr, down_ptr, layout,
+                                                               lora_operand, BLOCK_M, PER_ROW, SPLITS, RANK, WHOLE_M)
         if CONSUMERS == 2:
             # Main loops take turns (partition 0 first: parity 1 of a fresh barrier passes at
             # once). Besides keeping the tensor cores for one main loop at a time, this keeps
@@ -287,10 +338,10 @@ def _math(a_bufs, b_bufs, ready, free, turn, left_smem, rowsum_ptr, colsum_ptr, 
         mbarrier.arrive(free.index((step + STAGES - 1) % STAGES))
         step += (CONSUMERS - 1) * K_STEPS  # the other partition's tile
         turns += 1
-        _epilogue(acc, off_m, off_n, M, N, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
-                  qparams_ptr, down_ptr, left_ptr, out_desc, out_smem, bounds_ptr, bounds_scale_ptr, left_smem,
-                  residual_desc, loaded, (turns + 1) & 1, gate_ptr, stride_gate, GATE_TOKENS, K, HAS_BIAS, RANK,
-                  GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, GATED, WARPS, INSTR_N, WHOLE_M, WHOLE_N)
+        _epilogue(acc, off_m, off_n, M, N, scale_x, zero_x, rowsum, down, down_scale, columns_i32, columns_f32,
+                  out_desc, out_smem, bounds_ptr, left_smem, loaded, (turns + 1) & 1, gate_ptr, stride_gate,
+                  GATE_TOKENS, lora_layout, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, BOUNDS_PER_ROW, GATED,
+                  WHOLE_M, WHOLE_N)
     tma.store_wait(0)
 
 
@@ -320,28 +371,36 @@ def _int8_gemm_ws_kernel(
     left_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, LEFT_RANK], gl.bfloat16)
     left_smem = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS, BLOCK_N, LEFT_RANK], left_layout)
     out_smem = gl.allocate_shared_memory(out_desc.dtype, [CONSUMERS] + out_desc.block_type.shape, out_desc.layout)
+    # each partition's column vectors (_prefetch_columns): colsum and zero_w; the scales, bias and
+    # range scales (shapes are powers of 2: one row spare)
+    vector_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    columns_i32 = gl.allocate_shared_memory(gl.int32, [CONSUMERS * 2 * BLOCK_N], vector_layout)
+    columns_f32 = gl.allocate_shared_memory(gl.float32, [CONSUMERS * 4 * BLOCK_N], vector_layout)
     # (gluon.jit code builds no lists by comprehension: the partitions are spelled out)
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (_math, (a_bufs, b_bufs, ready, free, turn, left_smem.index(0), rowsum_ptr, colsum_ptr, wzero_ptr,
-                     wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem.index(0), bounds_ptr,
-                     bounds_scale_ptr, residual_desc, loaded.index(0), gate_ptr, M, N, stride_gate, GATE_TOKENS, K,
-                     HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, GATED, STAGES,
-                     GROUP_M, CONSUMERS, 0, num_warps, INSTR_N, WHOLE_M, WHOLE_N)),
-            (_math, (a_bufs, b_bufs, ready, free, turn, left_smem.index(1), rowsum_ptr, colsum_ptr, wzero_ptr,
-                     wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem.index(1), bounds_ptr,
-                     bounds_scale_ptr, residual_desc, loaded.index(1), gate_ptr, M, N, stride_gate, GATE_TOKENS, K,
-                     HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, GATED, STAGES,
-                     GROUP_M, CONSUMERS, 1, num_warps, INSTR_N, WHOLE_M, WHOLE_N)),
+            (_math, (a_bufs, b_bufs, ready, free, turn, left_smem.index(0),
+                     columns_i32.slice(0 * 2 * BLOCK_N, 2 * BLOCK_N), columns_f32.slice(0 * 4 * BLOCK_N, 4 * BLOCK_N),
+                     rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc,
+                     out_smem.index(0), bounds_ptr, bounds_scale_ptr, residual_desc, loaded.index(0), gate_ptr, M, N,
+                     stride_gate, GATE_TOKENS, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW,
+                     SPLITS, GATED, STAGES, GROUP_M, CONSUMERS, 0, num_warps, INSTR_N, WHOLE_M, WHOLE_N)),
+            (_math, (a_bufs, b_bufs, ready, free, turn, left_smem.index(1),
+                     columns_i32.slice(1 * 2 * BLOCK_N, 2 * BLOCK_N), columns_f32.slice(1 * 4 * BLOCK_N, 4 * BLOCK_N),
+                     rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc,
+                     out_smem.index(1), bounds_ptr, bounds_scale_ptr, residual_desc, loaded.index(1), gate_ptr, M, N,
+                     stride_gate, GATE_TOKENS, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW,
+                     SPLITS, GATED, STAGES, GROUP_M, CONSUMERS, 1, num_warps, INSTR_N, WHOLE_M, WHOLE_N)),
             (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M)),
         ], [num_warps, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
     else:
         gl.warp_specialize([
-            (_math, (a_bufs, b_bufs, ready, free, turn, left_smem.index(0), rowsum_ptr, colsum_ptr, wzero_ptr,
-                     wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem.index(0), bounds_ptr,
-                     bounds_scale_ptr, residual_desc, loaded.index(0), gate_ptr, M, N, stride_gate, GATE_TOKENS, K,
-                     HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, GATED, STAGES,
-                     GROUP_M, CONSUMERS, 0, num_warps, INSTR_N, WHOLE_M, WHOLE_N)),
+            (_math, (a_bufs, b_bufs, ready, free, turn, left_smem.index(0),
+                     columns_i32.slice(0 * 2 * BLOCK_N, 2 * BLOCK_N), columns_f32.slice(0 * 4 * BLOCK_N, 4 * BLOCK_N),
+                     rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc,
+                     out_smem.index(0), bounds_ptr, bounds_scale_ptr, residual_desc, loaded.index(0), gate_ptr, M, N,
+                     stride_gate, GATE_TOKENS, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW,
+                     SPLITS, GATED, STAGES, GROUP_M, CONSUMERS, 0, num_warps, INSTR_N, WHOLE_M, WHOLE_N)),
             (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M)),
         ], [1], [LOADER_REGISTERS])
 
