@@ -7,19 +7,24 @@ the interpreter, which neither compiler can use (and which does not compile at a
     python tests/hopper_compile.py gluon '[[{"consumers": 1, "stages": 5}, 32, false, false, false, false], ...]'
     python tests/hopper_compile.py triton '[["gemm", {"GELU": true}, {}], ["quantize", {"BLOCK_M": 4}, {}]]'
 
-prints, per case, the PTX and the shared memory the kernel takes, as JSON.
+prints, per case, the PTX, the shared memory the kernel takes and, for the Gluon GEMM, the bytes
+ptxas spills to local memory, as JSON.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from triton.experimental.gluon import _runtime as gluon_runtime
 from triton.experimental.gluon import language as gl
@@ -123,12 +128,25 @@ def compile_triton_kernel(name: str, constants: dict, tensor_dtypes: dict):
     return triton.compile(source, target=HOPPER, options=dict(num_warps=4))
 
 
+def spill_stores(ptx: str) -> int:
+    """Bytes of registers that ptxas (Triton's own, as at a launch) spills to local memory in the
+    kernel: its `-v` report, which triton.compile does not keep."""
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "kernel.ptx"
+        source.write_text(ptx)
+        report = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", str(source), "-o",
+                                 str(Path(folder) / "kernel.cubin")], capture_output=True, text=True, check=True).stderr
+    return sum(int(found) for found in re.findall(r"(\d+) bytes spill stores", report))
+
+
 def main(kind: str, cases: list) -> None:
     if kind == "gluon":
         compiled = [compile_for_hopper(hopper_gemm.TileConfig(**config), *epilogue) for config, *epilogue in cases]
+        print(json.dumps([{"ptx": c.asm["ptx"], "shared": c.metadata.shared, "spill_stores": spill_stores(c.asm["ptx"])}
+                          for c in compiled]))
     else:
         compiled = [compile_triton_kernel(name, constants, dtypes) for name, constants, dtypes in cases]
-    print(json.dumps([{"ptx": c.asm["ptx"], "shared": c.metadata.shared} for c in compiled]))
+        print(json.dumps([{"ptx": c.asm["ptx"], "shared": c.metadata.shared} for c in compiled]))
 
 
 if __name__ == "__main__":
