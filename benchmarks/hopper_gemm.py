@@ -1,6 +1,6 @@
 """The warp-specialised Gluon int8 GEMM (quant/hopper_gemm.py) against the Triton one and cuBLAS bf16.
 
-    python -m benchmarks.hopper_gemm --configs default one-consumer-256
+    python -m benchmarks.hopper_gemm --configs default ping-pong-m64
 
 For each tile configuration and each of DiT-XL/2's four quantized layer shapes (M = --batch × 2
 (CFG) × 256 tokens): the relative difference of its output from `kernels.int8_gemm` on the same
@@ -24,14 +24,14 @@ import torch
 from benchmarks.rowlog import RowLog, card_of, provenance
 from benchmarks.speed import bench_ms
 from benchmarks.synthetic import HIDDEN, TOKENS, layer_shapes, outlier_input, quantized_layer_pair
-from quant.hopper_gemm import TileConfig
+from quant.hopper_gemm import TileConfig, tile_config
 
 CONFIGS = {  # each fits the 227 KB of shared memory with the output's staging tiles
-    "default": TileConfig(),  # two math partitions of one warpgroup taking turns (ping-pong), 4 slots
+    "default": None,  # the model's: hopper_gemm.tile_config of the call's rows
+    "ping-pong": TileConfig(),  # two math partitions of one warpgroup taking turns, 128-row tiles, 4 slots
     "one-math-partition": TileConfig(consumers=1, stages=5),  # two warpgroups share each 128×128 tile
     "ping-pong-k64": TileConfig(consumers=2, block_k=64, stages=8),
     "ping-pong-m64": TileConfig(consumers=2, block_m=64, stages=6),
-    "one-consumer-256": TileConfig(block_n=256, stages=3),
 }
 GRAPHED_CALLS = 10  # calls per CUDA graph in graphed_ms
 
@@ -66,8 +66,8 @@ def measure(config_name: str, batch: int, log: RowLog, device) -> None:
     from quant.hopper_gemm import int8_gemm_ws
     from quant.kernels import int8_gemm, quantize_rows
 
-    config = CONFIGS[config_name]
     m = 2 * batch * TOKENS
+    config = CONFIGS[config_name] or tile_config(m)
     for role, (k, n) in layer_shapes(HIDDEN["DiT-XL/2"]).items():
         flops = 2 * m * n * k
         x = outlier_input(m, k, device, torch.bfloat16, seed=k)

@@ -16,6 +16,13 @@ Here one program per multiprocessor walks its tiles in grouped order, split into
 - the epilogue writes its bf16 tile to shared memory and stores it by TMA, which finishes while
   the next tile's main loop runs.
 
+For the ping-pong to hide it, an epilogue must end within the other partition's main loop, which
+at K = 1,152 it did not while it waited on its own global loads (in waves: the registers do not
+hold every vector at once) and spilled registers. So each tile's inputs to the epilogue are on
+their way before its main loop: column vectors and rows of L copied into shared memory
+(_prefetch_columns), row values and the LoRA's operand loaded into registers (_load_rows); and
+calls whose tiles are all whole load without predicates (WHOLE_M, WHOLE_N).
+
 `kernels.int8_gemm` sends it the calls it measured faster on (`kernels.warp_specialised_suits`).
 
 Same arithmetic as `kernels.int8_gemm` (the module docstring there derives the corrections):

@@ -78,10 +78,11 @@ UNPACK_BESIDE_PASS_BELOW_ROWS = 4096
 # rows (0.9x at 512 rows). An output range in the epilogue (fc1's GELU + fc2's range) goes there
 # only from WARP_SPECIALISED_RANGE_FROM_ROWS rows: per tensor it was slower at 4,096 rows (314
 # against 433 TOPS); at 32,768 rows, with relaxed range atomics, it is faster per tensor (638
-# against 577) and per row (683 against 556, qkv's shape). Not there either: layers narrower than
-# WARP_SPECIALISED_MIN_SIDE in N or K (the demo's 256-wide ones: not measured there, and the Triton
-# GEMM is what the demo's FD was checked with), float32 output (its staging tiles do not fit
-# beside the slots) and packed weights unpacked in the main loop.
+# against 577) and per row (683 against 556, qkv's shape); with the epilogue's inputs prefetched
+# (twelfth session) 839 against 576 per tensor, and 4,096 rows were not measured again. Not there
+# either: layers narrower than WARP_SPECIALISED_MIN_SIDE in N or K (the demo's 256-wide ones: not
+# measured there, and the Triton GEMM is what the demo's FD was checked with), float32 output
+# (its staging tiles do not fit beside the slots) and packed weights unpacked in the main loop.
 WARP_SPECIALISED_FROM_ROWS = 512
 WARP_SPECIALISED_RANGE_FROM_ROWS = 32768
 WARP_SPECIALISED_MIN_SIDE = 1152  # DiT-XL/2's narrowest layer (proj)
