@@ -293,8 +293,7 @@ def _prefetch_residual(residual_desc, out_smem, loaded, off_m, off_n):
 @gluon.jit
 def _math(a_bufs, b_bufs, ready, free, turn, left_smem, columns_i32, columns_f32, rowsum_ptr, colsum_ptr, wzero_ptr,
           wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem, bounds_ptr, bounds_scale_ptr,
-          residual_desc, loaded,
-          gate_ptr, M, N, stride_gate, GATE_TOKENS,
+          residual_desc, loaded, gate_ptr, M, N, stride_gate, GATE_TOKENS,
           K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr, BOUNDS: gl.constexpr,
           BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr, BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr,
           GATED: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr,
