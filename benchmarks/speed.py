@@ -92,6 +92,11 @@ ROWS = {
                                       kernels=KernelOptions(gate_residuals_below_rows=0)),
     "w4a8-token-gated-all-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
                                         kernels=KernelOptions(gate_residuals_below_rows=EVERY_CALL)),
+    # ... and qkv's and fc1's norms in their quantize passes at every batch too (by default batch
+    # 64's are left to torch.compile: measured before the Gluon epilogue's prefetch)
+    "w4a8-token-fused-all-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
+                                        kernels=KernelOptions(fuse_norms_below_rows=EVERY_CALL,
+                                                              gate_residuals_below_rows=EVERY_CALL)),
     # proj's per-token ranges by a reduction before its quantize pass, not taken by the pass
     "w4a8-token-proj-reduced-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
                                            kernels=KernelOptions(proj_own_ranges=False)),
