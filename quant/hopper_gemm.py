@@ -55,6 +55,10 @@ if TYPE_CHECKING:
 
 ACT_SHIFT = gl.constexpr(128)  # activation codes are stored as q − 128 (kernels.ACT_SHIFT)
 LOADER_REGISTERS = gl.constexpr(40)  # the loader only issues TMA copies; the math warpgroups get the rest
+# Slots of a math partition's column vectors in shared memory (_prefetch_columns writes them, the
+# epilogue reads them): int32 ones, and float32 ones (slot counts are powers of 2: one spare)
+COLUMN_SUMS, WEIGHT_ZEROS, INT_COLUMNS = gl.constexpr(0), gl.constexpr(1), gl.constexpr(2)
+WEIGHT_SCALES, BIASES, RANGE_SCALES, FLOAT_COLUMNS = gl.constexpr(0), gl.constexpr(1), gl.constexpr(2), gl.constexpr(4)
 
 
 class TileConfig(NamedTuple):
@@ -149,16 +153,16 @@ def _prefetch_columns(columns_i32, columns_f32, left_smem, off_n, N, colsum_ptr,
     to land during the tile's main loop: loaded in the epilogue, their latency came in waves (the
     registers do not hold them all at once) and outlasted the other partition's main loop."""
     gl.thread_barrier()  # every warp of the partition has read the previous tile's
-    BLOCK_N: gl.constexpr = columns_i32.shape[0] // 2
+    BLOCK_N: gl.constexpr = columns_i32.shape[0] // INT_COLUMNS
     vector_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
     cols = off_n + gl.arange(0, BLOCK_N, layout=vector_layout)
-    _copy(columns_i32.slice(0 * BLOCK_N, BLOCK_N), colsum_ptr + cols, cols < N, WHOLE_N)
-    _copy(columns_i32.slice(1 * BLOCK_N, BLOCK_N), wzero_ptr + cols, cols < N, WHOLE_N)
-    _copy(columns_f32.slice(0 * BLOCK_N, BLOCK_N), wscale_ptr + cols, cols < N, WHOLE_N)
+    _copy(_column(columns_i32, COLUMN_SUMS), colsum_ptr + cols, cols < N, WHOLE_N)
+    _copy(_column(columns_i32, WEIGHT_ZEROS), wzero_ptr + cols, cols < N, WHOLE_N)
+    _copy(_column(columns_f32, WEIGHT_SCALES), wscale_ptr + cols, cols < N, WHOLE_N)
     if HAS_BIAS:
-        _copy(columns_f32.slice(1 * BLOCK_N, BLOCK_N), bias_ptr + cols, cols < N, WHOLE_N)
+        _copy(_column(columns_f32, BIASES), bias_ptr + cols, cols < N, WHOLE_N)
     if BOUNDS_SCALED:
-        _copy(columns_f32.slice(2 * BLOCK_N, BLOCK_N), bounds_scale_ptr + cols, cols < N, WHOLE_N)
+        _copy(_column(columns_f32, RANGE_SCALES), bounds_scale_ptr + cols, cols < N, WHOLE_N)
     if RANK > 0:
         left_layout: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [WARPS, 1], [1, 0])
         ranks = gl.arange(0, RANK, layout=gl.SliceLayout(0, left_layout))
@@ -174,6 +178,14 @@ def _copy(smem, pointers, mask, WHOLE: gl.constexpr):
         async_copy.async_copy_global_to_shared(smem, pointers)
     else:
         async_copy.async_copy_global_to_shared(smem, pointers, mask=mask)
+
+
+@gluon.jit
+def _column(vectors, slot: gl.constexpr):
+    """The column vector in `slot` of a partition's int32 or float32 vectors (COLUMN_SUMS, …)."""
+    count: gl.constexpr = INT_COLUMNS if vectors.dtype == gl.int32 else FLOAT_COLUMNS
+    BLOCK_N: gl.constexpr = vectors.shape[0] // count
+    return vectors.slice(slot * BLOCK_N, BLOCK_N)
 
 
 @gluon.jit
@@ -237,14 +249,14 @@ def _epilogue(acc, off_m, off_n, M, N, scale_x, zero_x, rowsum, down, down_scale
     col_ok = cols < N
     async_copy.wait_group(0)  # this tile's columns (_prefetch_columns) ...
     gl.thread_barrier()  # ... copied by every thread of the partition
-    colsum = columns_i32.slice(0 * BLOCK_N, BLOCK_N).load(column_layout)[None, :]
-    zero_w = columns_i32.slice(1 * BLOCK_N, BLOCK_N).load(column_layout)[None, :]
+    colsum = _column(columns_i32, COLUMN_SUMS).load(column_layout)[None, :]
+    zero_w = _column(columns_i32, WEIGHT_ZEROS).load(column_layout)[None, :]
     exact = acc - zero_x * colsum - zero_w * rowsum[:, None] + K * zero_x * zero_w
-    y = exact.to(gl.float32) * scale_x * columns_f32.slice(0 * BLOCK_N, BLOCK_N).load(column_layout)[None, :]
+    y = exact.to(gl.float32) * scale_x * _column(columns_f32, WEIGHT_SCALES).load(column_layout)[None, :]
     if RANK > 0:
         y = _lora_update(y, down, down_scale, left_smem, lora_layout)
     if HAS_BIAS:
-        y += columns_f32.slice(1 * BLOCK_N, BLOCK_N).load(column_layout)[None, :]
+        y += _column(columns_f32, BIASES).load(column_layout)[None, :]
     if GELU:
         y = _gelu_tanh(y)
     if GATED:
@@ -263,7 +275,7 @@ def _epilogue(acc, off_m, off_n, M, N, scale_x, zero_x, rowsum, down, down_scale
     if BOUNDS:
         v = out.to(gl.float32)  # the next layer's range, as kernels.int8_gemm reduces it
         if BOUNDS_SCALED:
-            v = v * columns_f32.slice(2 * BLOCK_N, BLOCK_N).load(column_layout)[None, :]
+            v = v * _column(columns_f32, RANGE_SCALES).load(column_layout)[None, :]
         if WHOLE_M and WHOLE_N:
             low = gl.min(v, axis=1)
             high = gl.max(v, axis=1)
@@ -377,22 +389,23 @@ def _int8_gemm_ws_kernel(
     left_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, LEFT_RANK], gl.bfloat16)
     left_smem = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS, BLOCK_N, LEFT_RANK], left_layout)
     out_smem = gl.allocate_shared_memory(out_desc.dtype, [CONSUMERS] + out_desc.block_type.shape, out_desc.layout)
-    # each partition's column vectors (_prefetch_columns): colsum and zero_w; the scales, bias and
-    # range scales (shapes are powers of 2: one row spare)
+    # each partition's column vectors (_prefetch_columns)
     vector_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-    columns_i32 = gl.allocate_shared_memory(gl.int32, [CONSUMERS * 2 * BLOCK_N], vector_layout)
-    columns_f32 = gl.allocate_shared_memory(gl.float32, [CONSUMERS * 4 * BLOCK_N], vector_layout)
+    columns_i32 = gl.allocate_shared_memory(gl.int32, [CONSUMERS * INT_COLUMNS * BLOCK_N], vector_layout)
+    columns_f32 = gl.allocate_shared_memory(gl.float32, [CONSUMERS * FLOAT_COLUMNS * BLOCK_N], vector_layout)
     # (gluon.jit code builds no lists by comprehension: the partitions are spelled out)
     if CONSUMERS == 2:
         gl.warp_specialize([
             (_math, (a_bufs, b_bufs, ready, free, turn, left_smem.index(0),
-                     columns_i32.slice(0 * 2 * BLOCK_N, 2 * BLOCK_N), columns_f32.slice(0 * 4 * BLOCK_N, 4 * BLOCK_N),
+                     columns_i32.slice(0 * INT_COLUMNS * BLOCK_N, INT_COLUMNS * BLOCK_N),
+                     columns_f32.slice(0 * FLOAT_COLUMNS * BLOCK_N, FLOAT_COLUMNS * BLOCK_N),
                      rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc,
                      out_smem.index(0), bounds_ptr, bounds_scale_ptr, residual_desc, loaded.index(0), gate_ptr, M, N,
                      stride_gate, GATE_TOKENS, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW,
                      SPLITS, GATED, STAGES, GROUP_M, CONSUMERS, 0, num_warps, INSTR_N, WHOLE_M, WHOLE_N)),
             (_math, (a_bufs, b_bufs, ready, free, turn, left_smem.index(1),
-                     columns_i32.slice(1 * 2 * BLOCK_N, 2 * BLOCK_N), columns_f32.slice(1 * 4 * BLOCK_N, 4 * BLOCK_N),
+                     columns_i32.slice(1 * INT_COLUMNS * BLOCK_N, INT_COLUMNS * BLOCK_N),
+                     columns_f32.slice(1 * FLOAT_COLUMNS * BLOCK_N, FLOAT_COLUMNS * BLOCK_N),
                      rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc,
                      out_smem.index(1), bounds_ptr, bounds_scale_ptr, residual_desc, loaded.index(1), gate_ptr, M, N,
                      stride_gate, GATE_TOKENS, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW,
@@ -402,7 +415,8 @@ def _int8_gemm_ws_kernel(
     else:
         gl.warp_specialize([
             (_math, (a_bufs, b_bufs, ready, free, turn, left_smem.index(0),
-                     columns_i32.slice(0 * 2 * BLOCK_N, 2 * BLOCK_N), columns_f32.slice(0 * 4 * BLOCK_N, 4 * BLOCK_N),
+                     columns_i32.slice(0 * INT_COLUMNS * BLOCK_N, INT_COLUMNS * BLOCK_N),
+                     columns_f32.slice(0 * FLOAT_COLUMNS * BLOCK_N, FLOAT_COLUMNS * BLOCK_N),
                      rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc,
                      out_smem.index(0), bounds_ptr, bounds_scale_ptr, residual_desc, loaded.index(0), gate_ptr, M, N,
                      stride_gate, GATE_TOKENS, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW,

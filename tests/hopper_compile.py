@@ -142,11 +142,13 @@ def spill_stores(ptx: str) -> int:
 def main(kind: str, cases: list) -> None:
     if kind == "gluon":
         compiled = [compile_for_hopper(hopper_gemm.TileConfig(**config), *epilogue) for config, *epilogue in cases]
-        print(json.dumps([{"ptx": c.asm["ptx"], "shared": c.metadata.shared, "spill_stores": spill_stores(c.asm["ptx"])}
-                          for c in compiled]))
     else:
         compiled = [compile_triton_kernel(name, constants, dtypes) for name, constants, dtypes in cases]
-        print(json.dumps([{"ptx": c.asm["ptx"], "shared": c.metadata.shared} for c in compiled]))
+    results = [{"ptx": c.asm["ptx"], "shared": c.metadata.shared} for c in compiled]
+    if kind == "gluon":
+        for result in results:
+            result["spill_stores"] = spill_stores(result["ptx"])
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":
