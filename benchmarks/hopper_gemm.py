@@ -136,8 +136,7 @@ def run_once(config_name: str, batch: int, device) -> None:
     """Two launches of the kernel per layer shape and nothing else, what a profiler (ncu) should
     see: the plain epilogue (per-tensor ranges, bias and LoRA), then the epilogue a KernelDiTBlock
     gives the layer with per-token ranges (qkv plain; fc1 GELU and fc2's per-token range, scaled by
-    fc2's smoothing; proj and fc2 the gated residual update, which blocks apply in calls of fewer
-    than KernelOptions.gate_residuals_below_rows rows, so not at 32,768)."""
+    fc2's smoothing; proj and fc2 the gated residual update)."""
     from quant.hopper_gemm import int8_gemm_ws
     from quant.kernels import GatedResidual, quantize_rows
 

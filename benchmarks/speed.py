@@ -54,7 +54,7 @@ from benchmarks.synthetic import (
 )
 from diffusion import create_diffusion
 from quant.backends import cast_float_parts, prepare_for_inference
-from quant.triton_modules import EVERY_CALL, KernelOptions, install_kernels, register_kernel_op
+from quant.triton_modules import KernelOptions, install_kernels, register_kernel_op
 from runtime.checkpoints import spec_from_name
 from runtime.sampling import StepGraphs, compile_blocks, denoiser_step, generate
 
@@ -87,16 +87,13 @@ ROWS = {
     "w4a8-token-unfused-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
                                       kernels=KernelOptions(weight_only_adaln=False, fuse_norms_below_rows=0,
                                                             gate_residuals_below_rows=0, proj_own_ranges=False)),
-    # the residual updates after the GEMMs, by torch.compile; or in the epilogues at every batch
+    # the residual updates after the GEMMs, by torch.compile (kernels of their own beside the norm passes)
     "w4a8-token-ungated-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
                                       kernels=KernelOptions(gate_residuals_below_rows=0)),
-    "w4a8-token-gated-all-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
-                                        kernels=KernelOptions(gate_residuals_below_rows=EVERY_CALL)),
-    # ... and qkv's and fc1's norms in their quantize passes at every batch too (by default batch
-    # 64's are left to torch.compile: measured before the Gluon epilogue's prefetch)
-    "w4a8-token-fused-all-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
-                                        kernels=KernelOptions(fuse_norms_below_rows=EVERY_CALL,
-                                                              gate_residuals_below_rows=EVERY_CALL)),
+    # batch 64's layout before the thirteenth session: its norms and residual updates by torch.compile
+    "w4a8-token-compiled-norms-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
+                                             kernels=KernelOptions(fuse_norms_below_rows=32768,
+                                                                   gate_residuals_below_rows=32768)),
     # proj's per-token ranges by a reduction before its quantize pass, not taken by the pass
     "w4a8-token-proj-reduced-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
                                            kernels=KernelOptions(proj_own_ranges=False)),

@@ -74,17 +74,17 @@ UNPACK_BESIDE_PASS_BELOW_ROWS = 4096
 # GEMM (quant/hopper_gemm.py), which measured faster than the GEMM here at all four DiT-XL/2
 # shapes at 4,096 and 32,768 rows, timed as the samplers run them (CUDA graphs;
 # benchmarks/RESULTS.md), and at 512 rows on its 64-row tiles (hopper_gemm.tile_config) 1.13x
-# (qkv's shape) and 1.18x (fc2's), proj's equal; GELU (fc1) stays here below its large tiles'
-# rows (0.9x at 512 rows). An output range in the epilogue (fc1's GELU + fc2's range) goes there
-# only from WARP_SPECIALISED_RANGE_FROM_ROWS rows: per tensor it was slower at 4,096 rows (314
-# against 433 TOPS); at 32,768 rows, with relaxed range atomics, it is faster per tensor (638
-# against 577) and per row (683 against 556, qkv's shape); with the epilogue's inputs prefetched
-# (twelfth session) 839 against 576 per tensor, and 4,096 rows were not measured again. Not there
-# either: layers narrower than WARP_SPECIALISED_MIN_SIDE in N or K (the demo's 256-wide ones: not
-# measured there, and the Triton GEMM is what the demo's FD was checked with), float32 output
-# (its staging tiles do not fit beside the slots) and packed weights unpacked in the main loop.
+# (qkv's shape) and 1.18x (fc2's), proj's equal. A GELU (fc1) or an output range in the epilogue
+# (fc1's GELU + fc2's range) goes there only from WARP_SPECIALISED_EPILOGUE_FROM_ROWS rows: with
+# the epilogue's inputs prefetched (twelfth session), graphed, at 4,096 rows GELU + range per
+# tensor 657 against 453 TOPS, per row (qkv's shape) 664 against 412, GELU alone 695 against 532
+# (thirteenth session); at 32,768 rows 864 against 573 per tensor. Before the prefetch, GELU was
+# 0.9x at 512 rows and GELU + range 314 against 433 TOPS at 4,096. Not there either: layers
+# narrower than WARP_SPECIALISED_MIN_SIDE in N or K (the demo's 256-wide ones: not measured there,
+# and the Triton GEMM is what the demo's FD was checked with), float32 output (its staging tiles
+# do not fit beside the slots) and packed weights unpacked in the main loop.
 WARP_SPECIALISED_FROM_ROWS = 512
-WARP_SPECIALISED_RANGE_FROM_ROWS = 32768
+WARP_SPECIALISED_EPILOGUE_FROM_ROWS = 4096
 WARP_SPECIALISED_MIN_SIDE = 1152  # DiT-XL/2's narrowest layer (proj)
 # The quantize pass splits K into chunks of this many columns over programs when its rows alone
 # give fewer than QUANTIZE_PROGRAMS_PER_SM programs per multiprocessor.
@@ -633,9 +633,9 @@ def warp_specialised_suits(m: int, n: int, k: int, rank: int, packed: bool, gelu
             and m >= WARP_SPECIALISED_FROM_ROWS and min(n, k) >= WARP_SPECIALISED_MIN_SIDE
             and rank in (0, 16, 32, 64) and n % 8 == 0 and k % 16 == 0 and _is_hopper(device)):
         return False
-    from .hopper_gemm import LARGE_TILES_FROM_ROWS, gate_tiles_fit, tile_config
+    from .hopper_gemm import gate_tiles_fit, tile_config
 
-    if (gelu and m < LARGE_TILES_FROM_ROWS) or (bounds is not None and m < WARP_SPECIALISED_RANGE_FROM_ROWS):
+    if (gelu or bounds is not None) and m < WARP_SPECIALISED_EPILOGUE_FROM_ROWS:
         return False
     return gated is None or gate_tiles_fit(gated.tokens, tile_config(m))
 

@@ -170,23 +170,27 @@ class TritonQuantLinear(KeepsDtypes):
                 f"smooth_on_the_fly={self.smooth_inv is not None}")
 
 
+EVERY_CALL = 1 << 40  # a row threshold of KernelOptions that no call reaches: that layout at every batch
+
+
 class KernelOptions(NamedTuple):
     """How install_kernels lays a model onto the kernels. The defaults measured fastest on an H100
     at batch 1, 8 and 64 (benchmarks/RESULTS.md); benchmarks/speed.py's rows vary them."""
 
     weight_only_adaln: bool = True  # 8-bit adaLN layers on kernels.weight_only_linear, not dequantised per call
     # calls of fewer rows take per-token qkv's and fc1's LayerNorm + modulation in their quantize pass
-    # (KernelDiTBlock; 0: never)
-    fuse_norms_below_rows: int = 32768
+    # (KernelDiTBlock; 0: never). At 32,768 rows (batch 64) torch.compile's fusion of the norms
+    # with the ranges measured faster until the thirteenth session's Gluon epilogues; now every call.
+    fuse_norms_below_rows: int = EVERY_CALL
     # calls of fewer rows have proj's and fc2's epilogues apply the block's gated residual update
-    # (KernelDiTBlock; 0: never)
-    gate_residuals_below_rows: int = 32768
+    # (KernelDiTBlock; 0: never). Every call: with the norms in the quantize passes nothing else
+    # would fuse the update.
+    gate_residuals_below_rows: int = EVERY_CALL
     # proj's quantize pass takes its per-token ranges itself (KernelDiTBlock), not a reduction beforehand
     proj_own_ranges: bool = True
 
 
 DEFAULT_KERNEL_OPTIONS = KernelOptions()
-EVERY_CALL = 1 << 40  # a row threshold of KernelOptions that no call reaches: that layout at every batch
 
 
 class TritonWeightOnlyLinear(KeepsDtypes):
@@ -271,13 +275,14 @@ class TritonQuantMlp(nn.Module):
 class KernelDiTBlock(DiTBlock):
     """A DiT block laid out on the kernels, with fewer passes over its activations than the plain
     block (benchmarks/RESULTS.md says what measured faster where):
-    - in calls of fewer than `fuse_norms_below_rows` rows, qkv's and fc1's quantize passes take
-      their LayerNorm + modulation (TritonQuantLinear.normed: the modulated activations are never
-      stored); larger calls leave the norms to torch.compile, which fuses them with the range
-      reductions;
-    - in calls of fewer than `gate_residuals_below_rows` rows, proj's and fc2's GEMM epilogues
-      apply the gated residual update x + gate ⊙ y (TritonQuantLinear.gated), so y is never stored
-      either; larger calls leave it to torch.compile, which fuses it into the next norm;
+    - in calls of fewer than `fuse_norms_below_rows` rows (by default every call), qkv's and
+      fc1's quantize passes take their LayerNorm + modulation (TritonQuantLinear.normed: the
+      modulated activations are never stored); larger calls leave the norms to torch.compile,
+      which fuses them with the range reductions;
+    - in calls of fewer than `gate_residuals_below_rows` rows (by default every call), proj's and
+      fc2's GEMM epilogues apply the gated residual update x + gate ⊙ y
+      (TritonQuantLinear.gated), so y is never stored either; larger calls leave it to
+      torch.compile, which fuses it into the next norm;
     - with `proj_own_ranges`, proj's quantize pass takes its per-token ranges itself (qparams
       None), instead of a reduction over the attention's output first.
     Same submodules (and state-dict keys) as the DiTBlock it is built from."""
