@@ -135,18 +135,6 @@ RANGED_QUANTIZE_CONFIGS = _configs(
     dict(BLOCK_M=16, BLOCK_K=32),
 )
 
-# The ranged pass with its row block held whole in registers (_resident_ranged_rows_kernel): few
-# rows per program, the registers a thread holds (BLOCK_M·K / threads) bounded by the warps.
-RESIDENT_RANGED_CONFIGS = _configs(
-    [dict(BLOCK_M=2, BLOCK_K=128, warps=2), dict(BLOCK_M=4, BLOCK_K=128, warps=4),
-     dict(BLOCK_M=8, BLOCK_K=128, warps=4), dict(BLOCK_M=8, BLOCK_K=128, warps=8),
-     dict(BLOCK_M=16, BLOCK_K=128, warps=8)],
-    dict(BLOCK_M=16, BLOCK_K=32),
-)
-# Rows of at most this many columns are held whole by the ranged pass (two power-of-two pieces,
-# e.g. 1,024 + 128 for DiT-XL/2's 1,152: no padding); wider rows take the looped pass.
-RESIDENT_RANGED_MAX_K = 2048
-
 WEIGHT_ONLY_CONFIGS = _configs(
     [dict(BLOCK_N=32, BLOCK_K=128, warps=4, stages=4), dict(BLOCK_N=64, BLOCK_K=128, warps=4, stages=4),
      dict(BLOCK_N=64, BLOCK_K=256, warps=4, stages=3), dict(BLOCK_N=128, BLOCK_K=128, warps=8, stages=3)],
@@ -347,80 +335,6 @@ def _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, qparams_ptr, righ
             down = _lora_down_step(down, q, zero, mask, right_ptr, ranks, cols, col_ok, K)
     tl.store(rowsum_ptr + rows, rowsum, mask=row_ok)
     if RANK > 0:
-        tl.store(down_ptr + rows[:, None] * RANK + ranks[None, :], down, mask=row_ok[:, None])
-
-
-@triton.autotune(configs=RESIDENT_RANGED_CONFIGS, key=["M", "K", "RANK", "NORM", "HAS_SMOOTH", "UNPACK"])
-@triton.jit
-def _resident_ranged_rows_kernel(
-    x_ptr, smooth_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr, packed_ptr,
-    unpacked_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, UNPACK_N,
-    K: tl.constexpr, PIECE_A: tl.constexpr, PIECE_B: tl.constexpr, QMAX: tl.constexpr, RANK: tl.constexpr,
-    NORM: tl.constexpr, ROUND_BF16: tl.constexpr, HAS_SMOOTH: tl.constexpr, UNPACK: tl.constexpr,
-    PACKED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """_ranged_quantize_rows_kernel's work with each row block held whole in registers, as two
-    power-of-two column pieces (PIECE_A + PIECE_B ≥ K: resident_pieces): x is read once from
-    memory (the statistics' read is reread from L1), modulated once, and the codes follow from the
-    registers; the LoRA down-projection then reads the block's codes back (L1/L2) tile by tile."""
-    row_block = tl.program_id(0)
-    if row_block < tl.cdiv(M, BLOCK_M):
-        _resident_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr,
-                            down_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block, K, PIECE_A, PIECE_B,
-                            QMAX, RANK, NORM, ROUND_BF16, HAS_SMOOTH, BLOCK_M, BLOCK_K)
-    elif UNPACK:
-        _unpack_block(row_block - tl.cdiv(M, BLOCK_M), packed_ptr, unpacked_ptr, UNPACK_N, K, PACKED_K)
-
-
-@triton.jit
-def _resident_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr,
-                        down_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block, K: tl.constexpr,
-                        PIECE_A: tl.constexpr, PIECE_B: tl.constexpr, QMAX: tl.constexpr, RANK: tl.constexpr,
-                        NORM: tl.constexpr, ROUND_BF16: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The resident ranged pass of one row block (_resident_ranged_rows_kernel)."""
-    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    samples = rows // TOKENS
-    cols_a = tl.arange(0, PIECE_A)
-    mask_a = row_ok[:, None] & (cols_a < K)[None, :]
-    cols_b = PIECE_A + tl.arange(0, PIECE_B)
-    mask_b = row_ok[:, None] & (cols_b < K)[None, :]
-    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-    rstd = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-    if NORM:  # mean, then the squared deviations from it: two passes over the registers
-        x_a = _smoothed_tile(x_ptr, x_ptr, rows, cols_a, mask_a, cols_a < K, stride_xm, False)
-        x_b = _smoothed_tile(x_ptr, x_ptr, rows, cols_b, mask_b, cols_b < K, stride_xm, False)
-        mean = (tl.sum(x_a, axis=1) + tl.sum(x_b, axis=1)) / K
-        centered_a = tl.where(mask_a, x_a - mean[:, None], 0.0)
-        centered_b = tl.where(mask_b, x_b - mean[:, None], 0.0)
-        squares = tl.sum(centered_a * centered_a, axis=1) + tl.sum(centered_b * centered_b, axis=1)
-        rstd = 1.0 / tl.sqrt(squares / K + EPS_NORM)
-    y_a = _pass_input_tile(x_ptr, smooth_ptr, shift_ptr, scale_ptr, rows, samples, cols_a, mask_a, mean, rstd,
-                           stride_xm, stride_mod, K, NORM, ROUND_BF16, HAS_SMOOTH)
-    y_b = _pass_input_tile(x_ptr, smooth_ptr, shift_ptr, scale_ptr, rows, samples, cols_b, mask_b, mean, rstd,
-                           stride_xm, stride_mod, K, NORM, ROUND_BF16, HAS_SMOOTH)
-    lo = tl.minimum(tl.minimum(tl.min(y_a, axis=1), tl.min(y_b, axis=1)), 0.0)  # masked entries are 0
-    hi = tl.maximum(tl.maximum(tl.max(y_a, axis=1), tl.max(y_b, axis=1)), 0.0)
-    scale, zero = _range_qparams(lo, hi, QMAX)
-    tl.store(qparams_ptr + rows, scale, mask=row_ok)
-    tl.store(qparams_ptr + M + rows, zero, mask=row_ok)
-    scale, zero = scale[:, None], zero[:, None]
-    _, shifted_a = _quantized_tile(y_a, scale, zero, mask_a, QMAX)
-    _, shifted_b = _quantized_tile(y_b, scale, zero, mask_b, QMAX)
-    tl.store(codes_ptr + rows[:, None] * K + cols_a[None, :], shifted_a.to(tl.int8), mask=mask_a)
-    tl.store(codes_ptr + rows[:, None] * K + cols_b[None, :], shifted_b.to(tl.int8), mask=mask_b)
-    tl.store(rowsum_ptr + rows, tl.sum(shifted_a, axis=1) + tl.sum(shifted_b, axis=1), mask=row_ok)
-    if RANK > 0:
-        tl.debug_barrier()  # the block's codes, stored by every thread, are read back by others
-        down = tl.zeros([BLOCK_M, RANK], dtype=tl.float32)
-        ranks = tl.arange(0, RANK)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < K
-            mask = row_ok[:, None] & col_ok[None, :]
-            q = _activation_tile(codes_ptr, rows, row_ok, k0, K, BLOCK_K).to(tl.float32) + ACT_SHIFT
-            down = _lora_down_step(down, q, zero, mask, right_ptr, ranks, cols, col_ok, K)
         tl.store(down_ptr + rows[:, None] * RANK + ranks[None, :], down, mask=row_ok[:, None])
 
 
@@ -838,25 +752,14 @@ def _ranged_pass(x: torch.Tensor, act_bits: int, right: torch.Tensor | None, unp
     placeholders = dict(shift_ptr=x, scale_ptr=x, stride_mod=0, TOKENS=1, EPS_NORM=0.0)  # never read without NORM
     unpack_blocks = 0 if unpack is None else unpack_programs(unpack.packed.shape[0], k)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) + unpack_blocks,)  # noqa: E731
-    if k <= RESIDENT_RANGED_MAX_K:
-        kernel, pieces = _resident_ranged_rows_kernel, dict(zip(("PIECE_A", "PIECE_B"), resident_pieces(k)))
-    else:
-        kernel, pieces = _ranged_quantize_rows_kernel, {}
-    kernel[grid](
+    _ranged_quantize_rows_kernel[grid](
         x_ptr=x, smooth_ptr=qparams if smooth_inv is None else smooth_inv, qparams_ptr=qparams,
         right_ptr=right if right is not None else qparams, codes_ptr=codes, rowsum_ptr=rowsum, down_ptr=down, M=m,
         stride_xm=x.stride(0), K=k, QMAX=float(largest_code(act_bits)), RANK=rank, NORM=norm is not None,
         ROUND_BF16=x.dtype == torch.bfloat16, HAS_SMOOTH=smooth_inv is not None, **(norm or placeholders),
-        **_unpack_arguments(unpack, codes), **pieces,
+        **_unpack_arguments(unpack, codes),
     )
     return codes, rowsum, down if rank else None, qparams
-
-
-def resident_pieces(k: int) -> tuple[int, int]:
-    """Two powers of two covering k columns, the first the largest below k (1,152: 1,024 + 128;
-    1,024: 512 + 512; 200: 128 + 128, 56 of them masked): a resident row block's two pieces."""
-    first = 1 << max(0, (k - 1).bit_length() - 1)
-    return first, triton.next_power_of_2(max(k - first, 1))
 
 
 def unpack_signed(packed: torch.Tensor, k: int) -> torch.Tensor:

@@ -111,13 +111,6 @@ TRITON_KERNELS = {
         stride_mod=6912, TOKENS=256, EPS_NORM=1e-6, UNPACK_N=3456),
         dict(K=1152, QMAX=255.0, RANK=32, NORM=True, ROUND_BF16=True, HAS_SMOOTH=False, UNPACK=True, PACKED_K=576,
              BLOCK_M=32, BLOCK_K=128)),
-    "resident_ranged": (kernels._resident_ranged_rows_kernel, dict(
-        x_ptr=torch.bfloat16, smooth_ptr=torch.float32, shift_ptr=torch.bfloat16, scale_ptr=torch.bfloat16,
-        qparams_ptr=torch.float32, right_ptr=torch.bfloat16, codes_ptr=torch.int8, rowsum_ptr=torch.int32,
-        down_ptr=torch.float32, packed_ptr=torch.uint8, unpacked_ptr=torch.int8, M=32768, stride_xm=1152,
-        stride_mod=6912, TOKENS=256, EPS_NORM=1e-6, UNPACK_N=3456),
-        dict(K=1152, PIECE_A=1024, PIECE_B=128, QMAX=255.0, RANK=32, NORM=True, ROUND_BF16=True, HAS_SMOOTH=False,
-             UNPACK=True, PACKED_K=576, BLOCK_M=8, BLOCK_K=128)),
     "weight_only": (kernels._weight_only_kernel, dict(
         x_ptr=torch.bfloat16, codes_ptr=torch.uint8, zero_ptr=torch.uint8, scale_ptr=torch.float32,
         bias_ptr=torch.float32, out_ptr=torch.bfloat16, M=16, N=6912),

@@ -242,17 +242,8 @@ def test_kernel_blocks_compute_the_same_as_the_plain_block(act_granularity, monk
     assert (codes.int() - reference[0].int()).abs().max() <= 1 and (codes != reference[0]).float().mean() < 1e-3
 
 
-@pytest.fixture(params=["resident", "looped"])
-def ranged_pass(request, monkeypatch) -> str:
-    """The ranged pass's two kernels: row blocks held whole in registers (rows of at most
-    RESIDENT_RANGED_MAX_K columns, every row here), or looped over column tiles (wider rows)."""
-    if request.param == "looped":
-        monkeypatch.setattr("quant.kernels.RESIDENT_RANGED_MAX_K", 0)
-    return request.param
-
-
 @pytest.mark.parametrize("splits", [1, 3])
-def test_quantize_passes_unpack_a_layers_packed_weights_beside_their_rows(splits, ranged_pass):
+def test_quantize_passes_unpack_a_layers_packed_weights_beside_their_rows(splits):
     """PackedWeight: the programs past a pass's row blocks unpack the W4 codes as unpack_signed
     does (70 rows and 200 columns: partial blocks of rows and of a span; with 3 splits, grid slots
     past the last block), and the pass's own outputs stay as they are without them."""
@@ -274,7 +265,7 @@ def test_quantize_passes_unpack_a_layers_packed_weights_beside_their_rows(splits
         assert torch.equal(unpack.unpacked, unpack_signed(unpack.packed, 200))
 
 
-def test_ranged_pass_takes_the_per_token_ranges_the_layer_would_and_the_same_codes(ranged_pass):
+def test_ranged_pass_takes_the_per_token_ranges_the_layer_would_and_the_same_codes():
     """The quantize pass that takes its own per-token ranges: the same qparams as the layer's
     reduction (bit for bit), then the same codes, sums and LoRA down-projection as the plain pass."""
     from quant.kernels import ranged_quantize_rows
@@ -300,17 +291,6 @@ def test_ranged_pass_takes_the_per_token_ranges_the_layer_would_and_the_same_cod
     torch.testing.assert_close(down, expected[2], rtol=1e-6, atol=1e-5)
 
 
-def test_resident_row_pieces_are_two_powers_of_two_covering_the_row():
-    from quant.kernels import resident_pieces
-
-    assert resident_pieces(1152) == (1024, 128) and resident_pieces(1024) == (512, 512)
-    assert resident_pieces(200) == (128, 128) and resident_pieces(80) == (64, 16) and resident_pieces(1) == (1, 1)
-    for k in range(1, 300):
-        first, second = resident_pieces(k)
-        assert first < k + (k == 1) and k <= first + second < 2 * k + 2
-        assert first & (first - 1) == 0 and second & (second - 1) == 0
-
-
 def test_a_layer_refuses_own_ranges_its_pass_would_compute_wrongly():
     """The ranged pass takes per-token ranges of x (times the smoothing factors) itself: asking it
     of a per-tensor (possibly static) layer fails loudly rather than quantizing with other ranges;
@@ -328,10 +308,9 @@ def test_a_layer_refuses_own_ranges_its_pass_would_compute_wrongly():
         torch.testing.assert_close(kernel(x, own_ranges=True), kernel(x), rtol=0, atol=0)
 
 
-def test_norm_pass_statistics_hold_for_a_partial_last_tile_and_a_large_mean(ranged_pass):
-    """The mean and variance (looped: merged per tile; resident: two passes over the registers): 80
-    columns are two and a half interpreted tiles (resident: pieces of 64 and 16), and a mean 100×
-    the spread is where a plain sum-of-squares variance would cancel."""
+def test_norm_pass_statistics_hold_for_a_partial_last_tile_and_a_large_mean():
+    """The one-pass (merged per tile) mean and variance: 80 columns are two and a half interpreted
+    tiles, and a mean 100× the spread is where a plain sum-of-squares variance would cancel."""
     from quant.kernels import norm_quantize_rows
 
     generator = torch.Generator().manual_seed(3)

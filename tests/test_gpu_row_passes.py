@@ -63,30 +63,3 @@ def test_on_the_gpu_the_unpack_beside_a_pass_equals_the_unpack_kernel(role):
     beside, alone = run(unpack), run(None)
     assert all(torch.equal(a, b) for a, b in zip(beside, alone) if a is not None)
     assert torch.equal(unpack.unpacked, unpack_signed(layer.weight, k))
-
-
-@pytest.mark.parametrize("rows", [512, 32768])
-def test_on_the_gpu_the_resident_norm_pass_matches_the_looped_one(rows, monkeypatch):
-    """The norm pass with its row blocks held whole in registers against the looped one: the same
-    ranges up to the statistics' rounding (two passes against per-tile merges), codes within one
-    step in a few places; its row sums and LoRA down-projection those of its own codes."""
-    from benchmarks.synthetic import outlier_input, quantized_layer_pair
-    from quant import kernels
-
-    device = torch.device("cuda")
-    _, layer = quantized_layer_pair(XL_HIDDEN, XL_HIDDEN, 4, False, device, act_granularity="per_token")
-    x = outlier_input(rows, XL_HIDDEN, device, torch.bfloat16, seed=3)
-    modulation = torch.randn(rows // 256, 2 * XL_HIDDEN, device=device, dtype=torch.bfloat16) * 0.3
-    run = lambda: kernels.norm_quantize_rows(x, modulation[:, :XL_HIDDEN], modulation[:, XL_HIDDEN:], 256,  # noqa: E731
-                                             1e-6, 8, layer.lora_right)
-    codes, rowsum, down, qparams = run()
-    monkeypatch.setattr(kernels, "RESIDENT_RANGED_MAX_K", 0)
-    looped = run()
-    torch.testing.assert_close(qparams[0], looped[3][0], rtol=1e-5, atol=0)
-    differ = codes.int() - looped[0].int()
-    assert differ.abs().max() <= 1 and (differ != 0).float().mean() < 1e-3
-    assert torch.equal(rowsum[0], codes.int().sum(dim=1))
-    # the down-projection of its own codes, read back after they were stored
-    centered = codes.double() + 128 - qparams[1, :, None].double()
-    expected = centered @ layer.lora_right.double().T
-    torch.testing.assert_close(down[0].double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
