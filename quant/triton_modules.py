@@ -180,7 +180,8 @@ class KernelOptions(NamedTuple):
     weight_only_adaln: bool = True  # 8-bit adaLN layers on kernels.weight_only_linear, not dequantised per call
     # calls of fewer rows take per-token qkv's and fc1's LayerNorm + modulation in their quantize pass
     # (KernelDiTBlock; 0: never). At 32,768 rows (batch 64) torch.compile's fusion of the norms
-    # with the ranges measured faster until the thirteenth session's Gluon epilogues; now every call.
+    # with the ranges measured faster in the seventh session; with the Gluon epilogues' prefetch
+    # (twelfth) the kernels' layout is faster there too (53.5 against 57.0 ms/step, thirteenth).
     fuse_norms_below_rows: int = EVERY_CALL
     # calls of fewer rows have proj's and fc2's epilogues apply the block's gated residual update
     # (KernelDiTBlock; 0: never). Every call: with the norms in the quantize passes nothing else
