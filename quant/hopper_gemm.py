@@ -311,10 +311,16 @@ def _math(a_bufs, b_bufs, ready, free, turn, left_smem, columns_i32, columns_f32
           GATED: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr,
           FIRST: gl.constexpr, WARPS: gl.constexpr, INSTR_N: gl.constexpr, WHOLE_M: gl.constexpr,
           WHOLE_N: gl.constexpr):
-    """Tiles FIRST, FIRST + CONSUMERS, … of this program: main loop, then epilogue."""
+    """Tiles FIRST, FIRST + CONSUMERS, … of this program: main loop, then epilogue. left_smem,
+    columns_i32, columns_f32, out_smem and loaded hold every partition's: this one takes part FIRST."""
     BLOCK_M: gl.constexpr = a_bufs.shape[1]
     BLOCK_K: gl.constexpr = a_bufs.shape[2]
     BLOCK_N: gl.constexpr = b_bufs.shape[1]
+    left_smem = left_smem.index(FIRST)
+    columns_i32 = columns_i32.slice(FIRST * INT_COLUMNS * BLOCK_N, INT_COLUMNS * BLOCK_N)
+    columns_f32 = columns_f32.slice(FIRST * FLOAT_COLUMNS * BLOCK_N, FLOAT_COLUMNS * BLOCK_N)
+    out_smem = out_smem.index(FIRST)
+    loaded = loaded.index(FIRST)
     K_STEPS: gl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                      instr_shape=[16, INSTR_N, 32])
@@ -393,34 +399,29 @@ def _int8_gemm_ws_kernel(
     vector_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
     columns_i32 = gl.allocate_shared_memory(gl.int32, [CONSUMERS * INT_COLUMNS * BLOCK_N], vector_layout)
     columns_f32 = gl.allocate_shared_memory(gl.float32, [CONSUMERS * FLOAT_COLUMNS * BLOCK_N], vector_layout)
-    # (gluon.jit code builds no lists by comprehension: the partitions are spelled out)
+    # (gluon.jit code builds no lists by comprehension, and a shared argument tuple extended by
+    # `+ (index,)` loses its constexprs: the partitions are spelled out, differing in FIRST alone)
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (_math, (a_bufs, b_bufs, ready, free, turn, left_smem.index(0),
-                     columns_i32.slice(0 * INT_COLUMNS * BLOCK_N, INT_COLUMNS * BLOCK_N),
-                     columns_f32.slice(0 * FLOAT_COLUMNS * BLOCK_N, FLOAT_COLUMNS * BLOCK_N),
-                     rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc,
-                     out_smem.index(0), bounds_ptr, bounds_scale_ptr, residual_desc, loaded.index(0), gate_ptr, M, N,
-                     stride_gate, GATE_TOKENS, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW,
-                     SPLITS, GATED, STAGES, GROUP_M, CONSUMERS, 0, num_warps, INSTR_N, WHOLE_M, WHOLE_N)),
-            (_math, (a_bufs, b_bufs, ready, free, turn, left_smem.index(1),
-                     columns_i32.slice(1 * INT_COLUMNS * BLOCK_N, INT_COLUMNS * BLOCK_N),
-                     columns_f32.slice(1 * FLOAT_COLUMNS * BLOCK_N, FLOAT_COLUMNS * BLOCK_N),
-                     rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc,
-                     out_smem.index(1), bounds_ptr, bounds_scale_ptr, residual_desc, loaded.index(1), gate_ptr, M, N,
-                     stride_gate, GATE_TOKENS, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW,
-                     SPLITS, GATED, STAGES, GROUP_M, CONSUMERS, 1, num_warps, INSTR_N, WHOLE_M, WHOLE_N)),
+            (_math, (a_bufs, b_bufs, ready, free, turn, left_smem, columns_i32, columns_f32, rowsum_ptr,
+                     colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem,
+                     bounds_ptr, bounds_scale_ptr, residual_desc, loaded, gate_ptr, M, N, stride_gate, GATE_TOKENS,
+                     K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, GATED, STAGES,
+                     GROUP_M, CONSUMERS, 0, num_warps, INSTR_N, WHOLE_M, WHOLE_N)),
+            (_math, (a_bufs, b_bufs, ready, free, turn, left_smem, columns_i32, columns_f32, rowsum_ptr,
+                     colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem,
+                     bounds_ptr, bounds_scale_ptr, residual_desc, loaded, gate_ptr, M, N, stride_gate, GATE_TOKENS,
+                     K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, GATED, STAGES,
+                     GROUP_M, CONSUMERS, 1, num_warps, INSTR_N, WHOLE_M, WHOLE_N)),
             (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M)),
         ], [num_warps, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
     else:
         gl.warp_specialize([
-            (_math, (a_bufs, b_bufs, ready, free, turn, left_smem.index(0),
-                     columns_i32.slice(0 * INT_COLUMNS * BLOCK_N, INT_COLUMNS * BLOCK_N),
-                     columns_f32.slice(0 * FLOAT_COLUMNS * BLOCK_N, FLOAT_COLUMNS * BLOCK_N),
-                     rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc,
-                     out_smem.index(0), bounds_ptr, bounds_scale_ptr, residual_desc, loaded.index(0), gate_ptr, M, N,
-                     stride_gate, GATE_TOKENS, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW,
-                     SPLITS, GATED, STAGES, GROUP_M, CONSUMERS, 0, num_warps, INSTR_N, WHOLE_M, WHOLE_N)),
+            (_math, (a_bufs, b_bufs, ready, free, turn, left_smem, columns_i32, columns_f32, rowsum_ptr,
+                     colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem,
+                     bounds_ptr, bounds_scale_ptr, residual_desc, loaded, gate_ptr, M, N, stride_gate, GATE_TOKENS,
+                     K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS, GATED, STAGES,
+                     GROUP_M, CONSUMERS, 0, num_warps, INSTR_N, WHOLE_M, WHOLE_N)),
             (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M)),
         ], [1], [LOADER_REGISTERS])
 
