@@ -135,6 +135,19 @@ RANGED_QUANTIZE_CONFIGS = _configs(
     dict(BLOCK_M=16, BLOCK_K=32),
 )
 
+# The LoRA down-projection of a ranged pass's codes in a kernel of its own (lora_down): row blocks
+# as large as an MMA's, so that R is read once per 64 or 128 rows rather than per pass row block.
+LORA_DOWN_CONFIGS = _configs(
+    [dict(BLOCK_M=64, BLOCK_K=128, warps=4, stages=3), dict(BLOCK_M=128, BLOCK_K=128, warps=4, stages=3),
+     dict(BLOCK_M=128, BLOCK_K=64, warps=4, stages=4), dict(BLOCK_M=128, BLOCK_K=128, warps=8, stages=3)],
+    dict(BLOCK_M=16, BLOCK_K=32),
+)
+# Ranged passes of at least this many rows leave the LoRA down-projection to lora_down (None:
+# none): in the pass every program of 8–16 rows reads all of R (32 × 1,152 bf16, 74 KB; 302 MB of
+# L2 reads a call at 32,768 rows against x's 75 MB), the suspected bound of the norm pass there
+# (benchmarks/RESULTS.md, thirteenth session). Not measured yet: off.
+LORA_DOWN_APART_FROM_ROWS: int | None = None
+
 WEIGHT_ONLY_CONFIGS = _configs(
     [dict(BLOCK_N=32, BLOCK_K=128, warps=4, stages=4), dict(BLOCK_N=64, BLOCK_K=128, warps=4, stages=4),
      dict(BLOCK_N=64, BLOCK_K=256, warps=4, stages=3), dict(BLOCK_N=128, BLOCK_K=128, warps=8, stages=3)],
@@ -235,6 +248,25 @@ def _lora_down_step(down, q, zero, mask, right_ptr, ranks, cols, col_ok, K: tl.c
     centered = tl.where(mask, q - zero, 0.0).to(LORA_DTYPE)  # integers |v| ≤ 255: exact in bf16
     right = tl.load(right_ptr + ranks[None, :] * K + cols[:, None], mask=col_ok[:, None], other=0.0)
     return tl.dot(centered, right, down)
+
+
+@triton.autotune(configs=LORA_DOWN_CONFIGS, key=["M", "K", "RANK"])
+@triton.jit
+def _lora_down_kernel(codes_ptr, qparams_ptr, right_ptr, down_ptr, M, K: tl.constexpr, RANK: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(q − z)·Rᵀ of the activation codes (codes − 128, (M, K)) with per-row zero points (qparams
+    (2, M)) into down (M, RANK): the down-projection a ranged pass leaves apart (lora_down)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    zero = tl.load(qparams_ptr + M + rows, mask=row_ok, other=0.0)[:, None]
+    ranks = tl.arange(0, RANK)
+    down = tl.zeros([BLOCK_M, RANK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        q = _activation_tile(codes_ptr, rows, row_ok, k0, K, BLOCK_K).to(tl.float32) + ACT_SHIFT
+        down = _lora_down_step(down, q, zero, row_ok[:, None] & col_ok[None, :], right_ptr, ranks, cols, col_ok, K)
+    tl.store(down_ptr + rows[:, None] * RANK + ranks[None, :], down, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -752,14 +784,26 @@ def _ranged_pass(x: torch.Tensor, act_bits: int, right: torch.Tensor | None, unp
     placeholders = dict(shift_ptr=x, scale_ptr=x, stride_mod=0, TOKENS=1, EPS_NORM=0.0)  # never read without NORM
     unpack_blocks = 0 if unpack is None else unpack_programs(unpack.packed.shape[0], k)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) + unpack_blocks,)  # noqa: E731
+    apart = rank > 0 and LORA_DOWN_APART_FROM_ROWS is not None and m >= LORA_DOWN_APART_FROM_ROWS
     _ranged_quantize_rows_kernel[grid](
         x_ptr=x, smooth_ptr=qparams if smooth_inv is None else smooth_inv, qparams_ptr=qparams,
         right_ptr=right if right is not None else qparams, codes_ptr=codes, rowsum_ptr=rowsum, down_ptr=down, M=m,
-        stride_xm=x.stride(0), K=k, QMAX=float(largest_code(act_bits)), RANK=rank, NORM=norm is not None,
-        ROUND_BF16=x.dtype == torch.bfloat16, HAS_SMOOTH=smooth_inv is not None, **(norm or placeholders),
-        **_unpack_arguments(unpack, codes),
+        stride_xm=x.stride(0), K=k, QMAX=float(largest_code(act_bits)), RANK=0 if apart else rank,
+        NORM=norm is not None, ROUND_BF16=x.dtype == torch.bfloat16, HAS_SMOOTH=smooth_inv is not None,
+        **(norm or placeholders), **_unpack_arguments(unpack, codes),
     )
+    if apart:
+        lora_down(codes, qparams, right, down[0])
     return codes, rowsum, down if rank else None, qparams
+
+
+def lora_down(codes: torch.Tensor, qparams: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (M, rank) = (q − z)·Rᵀ of a ranged pass's codes (codes − 128, (M, K)) with their
+    per-row qparams (2, M) and the LoRA's R (rank, K)."""
+    m, k = codes.shape
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
+    _lora_down_kernel[grid](codes, qparams, right, out, M=m, K=k, RANK=right.shape[0])
+    return out
 
 
 def unpack_signed(packed: torch.Tensor, k: int) -> torch.Tensor:

@@ -111,6 +111,9 @@ TRITON_KERNELS = {
         stride_mod=6912, TOKENS=256, EPS_NORM=1e-6, UNPACK_N=3456),
         dict(K=1152, QMAX=255.0, RANK=32, NORM=True, ROUND_BF16=True, HAS_SMOOTH=False, UNPACK=True, PACKED_K=576,
              BLOCK_M=32, BLOCK_K=128)),
+    "lora_down": (kernels._lora_down_kernel, dict(
+        codes_ptr=torch.int8, qparams_ptr=torch.float32, right_ptr=torch.bfloat16, down_ptr=torch.float32, M=32768),
+        dict(K=1152, RANK=32, BLOCK_M=128, BLOCK_K=128)),
     "weight_only": (kernels._weight_only_kernel, dict(
         x_ptr=torch.bfloat16, codes_ptr=torch.uint8, zero_ptr=torch.uint8, scale_ptr=torch.float32,
         bias_ptr=torch.float32, out_ptr=torch.bfloat16, M=16, N=6912),

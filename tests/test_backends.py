@@ -291,6 +291,32 @@ def test_ranged_pass_takes_the_per_token_ranges_the_layer_would_and_the_same_cod
     torch.testing.assert_close(down, expected[2], rtol=1e-6, atol=1e-5)
 
 
+def test_ranged_passes_give_the_same_down_projection_with_the_lora_apart(monkeypatch):
+    """kernels.LORA_DOWN_APART_FROM_ROWS: the pass without its LoRA, then lora_down over its codes,
+    gives the pass's codes, ranges and row sums bit for bit and its down-projection up to the
+    float32 sums' order (37 rows: a partial row block of the interpreted 16)."""
+    from quant import kernels
+
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(37, 200, generator=generator) * 3 + 0.5
+    right = torch.randn(16, 200, generator=generator)
+    shift, scale = torch.randn(3, 200, generator=generator) * 0.3, torch.randn(3, 200, generator=generator) * 0.3
+    passes = (lambda: kernels.norm_quantize_rows(x, shift, scale, 13, 1e-6, 8, right),
+              lambda: kernels.ranged_quantize_rows(x, 8, right))
+    for run in passes:
+        monkeypatch.setattr(kernels, "LORA_DOWN_APART_FROM_ROWS", None)
+        inside = run()
+        monkeypatch.setattr(kernels, "LORA_DOWN_APART_FROM_ROWS", 37)
+        apart = run()
+        for got, expected in zip(apart, inside):
+            if got.dtype == torch.float32 and got.dim() == 3:  # down
+                torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-4)
+            else:
+                assert torch.equal(got, expected)
+        monkeypatch.setattr(kernels, "LORA_DOWN_APART_FROM_ROWS", 38)  # fewer rows than that: inside again
+        assert torch.equal(run()[2], inside[2])
+
+
 def test_a_layer_refuses_own_ranges_its_pass_would_compute_wrongly():
     """The ranged pass takes per-token ranges of x (times the smoothing factors) itself: asking it
     of a per-tensor (possibly static) layer fails loudly rather than quantizing with other ranges;

@@ -63,3 +63,28 @@ def test_on_the_gpu_the_unpack_beside_a_pass_equals_the_unpack_kernel(role):
     beside, alone = run(unpack), run(None)
     assert all(torch.equal(a, b) for a, b in zip(beside, alone) if a is not None)
     assert torch.equal(unpack.unpacked, unpack_signed(layer.weight, k))
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_on_the_gpu_the_lora_down_projection_apart_matches_the_pass(norm, monkeypatch):
+    """kernels.LORA_DOWN_APART_FROM_ROWS at batch 64's 32,768 rows: the pass without its LoRA and
+    lora_down give the same codes, ranges and row sums, and the down-projection up to the order of
+    its float32 sums."""
+    from benchmarks.synthetic import outlier_input, quantized_layer_pair
+    from quant import kernels
+
+    device = torch.device("cuda")
+    rows = 32768
+    _, layer = quantized_layer_pair(XL_HIDDEN, XL_HIDDEN, 4, False, device, act_granularity="per_token")
+    x = outlier_input(rows, XL_HIDDEN, device, torch.bfloat16, seed=4)
+    modulation = torch.randn(rows // 256, 2 * XL_HIDDEN, device=device, dtype=torch.bfloat16) * 0.3
+    if norm:
+        run = lambda: kernels.norm_quantize_rows(x, modulation[:, :XL_HIDDEN], modulation[:, XL_HIDDEN:], 256,  # noqa: E731
+                                                 1e-6, 8, layer.lora_right)
+    else:
+        run = lambda: kernels.ranged_quantize_rows(x, 8, layer.lora_right)  # noqa: E731
+    inside = run()
+    monkeypatch.setattr(kernels, "LORA_DOWN_APART_FROM_ROWS", rows)
+    codes, rowsum, down, qparams = run()
+    assert torch.equal(codes, inside[0]) and torch.equal(rowsum, inside[1]) and torch.equal(qparams, inside[3])
+    torch.testing.assert_close(down, inside[2], rtol=1e-4, atol=1e-3 * inside[2].abs().max().item())

@@ -51,7 +51,8 @@ def compile_in_own_process(kind: str, cases: list) -> list[dict]:
 # Variants of the Triton kernels that the CPU interpreter runs but never compiles: the GEMM with
 # per-row ranges, GELU and an output range per row, the quantize pass with small row blocks (and
 # with or without W4 weights to unpack), the one taking its own per-token ranges (and LayerNorm +
-# modulation too), and the weight-only kernel of the 8-bit adaLN.
+# modulation too), the LoRA's down-projection apart from it, and the weight-only kernel of the
+# 8-bit adaLN.
 TRITON_VARIANTS = {
     "gemm per row, GELU + range": ["gemm", {"PER_ROW": True, "GELU": True, "BOUNDS": True, "BOUNDS_SCALED": True,
                                              "BOUNDS_PER_ROW": True, "SPLITS": 3}, {}],
@@ -61,6 +62,8 @@ TRITON_VARIANTS = {
     "… 2 rows a program": ["ranged_quantize", {"BLOCK_M": 2, "BLOCK_K": 256}, {}],
     "quantize pass taking its own per-token ranges (no norm)": ["ranged_quantize", {"NORM": False}, {}],
     "… of fc2's input, smoothed on the fly": ["ranged_quantize", {"NORM": False, "HAS_SMOOTH": True, "K": 4608}, {}],
+    "the LoRA's down-projection apart from a ranged pass, 128 rows a program": ["lora_down", {}, {}],
+    "… 64 rows": ["lora_down", {"BLOCK_M": 64}, {}],
     "quantize pass, 4 rows a program": ["quantize", {"BLOCK_M": 4, "BLOCK_K": 256}, {}],
     "… no weights to unpack beside the rows": ["quantize", {"UNPACK": False}, {}],
     "8-bit weight-only layer (adaLN), 16 rows": ["weight_only", {}, {}],
