@@ -144,9 +144,12 @@ LORA_DOWN_CONFIGS = _configs(
 )
 # Ranged passes of at least this many rows leave the LoRA down-projection to lora_down (None:
 # none): in the pass every program of 8–16 rows reads all of R (32 × 1,152 bf16, 74 KB; 302 MB of
-# L2 reads a call at 32,768 rows against x's 75 MB), the suspected bound of the norm pass there
-# (benchmarks/RESULTS.md, thirteenth session). Not measured yet: off.
-LORA_DOWN_APART_FROM_ROWS: int | None = None
+# L2 reads a call at 32,768 rows against x's 75 MB). At 32,768 rows (batch 64), graphed, the norm
+# pass took 128 µs with its LoRA, 98 without it, 118 with lora_down after it; in the model there
+# sampling took 52.47 against 53.38 ms/step (W4A8), 52.50 against 53.92 (W8A8); at 4,096 rows
+# (batch 8) 9.51 against 9.09 (benchmarks/RESULTS.md, fourteenth session). Between the two
+# nothing was measured.
+LORA_DOWN_APART_FROM_ROWS: int | None = 32768
 
 WEIGHT_ONLY_CONFIGS = _configs(
     [dict(BLOCK_N=32, BLOCK_K=128, warps=4, stages=4), dict(BLOCK_N=64, BLOCK_K=128, warps=4, stages=4),
