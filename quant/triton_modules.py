@@ -124,13 +124,21 @@ class TritonQuantLinear(KeepsDtypes):
         """The layer's arguments of the ditas ops, after (x, qparams): its attributes of those names."""
         return KernelTensors(**{name: getattr(self, name) for name in KernelTensors._fields})
 
-    def linear_2d(self, x2d: torch.Tensor, qparams: torch.Tensor | None,
-                  gated: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def linear_2d(self, x2d: torch.Tensor, qparams: torch.Tensor | None) -> torch.Tensor:
         """The layer of 2-D x with these qparams (None: per-token ranges taken by the quantize pass,
-        where ranges_in_pass); with gated = (residual (N, T, out), gate (N, out)), residual + gate ⊙
-        the layer, row r of x in sample r // T (gated_arguments)."""
-        return torch.ops.ditas.int8_linear(x2d, qparams, **self.kernel_tensors()._asdict(),
-                                           **gated_arguments(gated, self.out_features))
+        where ranges_in_pass)."""
+        return torch.ops.ditas.int8_linear(x2d, qparams, **self.kernel_tensors()._asdict())
+
+    def gated_2d(self, x2d: torch.Tensor, qparams: torch.Tensor | None, residual: torch.Tensor, gate: torch.Tensor,
+                 with_moments: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """residual + gate ⊙ linear_2d(x2d, qparams) as 2-D rows, for residual (N, T, out) and the
+        per-sample gate (N, out), row r of x in sample r // T; with_moments: and the output's row
+        moments for the next LayerNorm (kernels.row_stats; else None)."""
+        gate = gate if gate.stride(-1) == 1 else gate.contiguous()
+        out, moments = torch.ops.ditas.int8_linear_gated(
+            x2d, qparams, **self.kernel_tensors()._asdict(), residual=rows_of(residual, self.out_features),
+            gate=gate, gate_tokens=residual.shape[1], with_moments=with_moments)
+        return out, moments if with_moments else None
 
     def input_qparams(self, x2d: torch.Tensor, own_ranges: bool) -> torch.Tensor | None:
         """qparams(x2d), or None with own_ranges: the quantize pass takes the per-token ranges itself
@@ -139,13 +147,14 @@ class TritonQuantLinear(KeepsDtypes):
             raise ValueError("own_ranges needs dynamic per-token ranges (ranges_in_pass)")
         return None if own_ranges else self.qparams(x2d)
 
-    def gated(self, x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor,
-              own_ranges: bool = False) -> torch.Tensor:
+    def gated(self, x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor, own_ranges: bool = False,
+              with_moments: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """residual + gate.unsqueeze(1) ⊙ layer(x) for x (N, T, in), residual (N, T, out) and the
         per-sample gate (N, out): DiT's gated residual update in the GEMM's epilogue (own_ranges:
-        see input_qparams)."""
+        see input_qparams), and with_moments its rows' moments (gated_2d; else None)."""
         x2d = rows_of(x, self.in_features)
-        return self.linear_2d(x2d, self.input_qparams(x2d, own_ranges), (residual, gate)).reshape(residual.shape)
+        out, moments = self.gated_2d(x2d, self.input_qparams(x2d, own_ranges), residual, gate, with_moments)
+        return out.reshape(residual.shape), moments
 
     def forward(self, x: torch.Tensor, own_ranges: bool = False) -> torch.Tensor:
         x2d = rows_of(x, self.in_features)
@@ -189,6 +198,9 @@ class KernelOptions(NamedTuple):
     gate_residuals_below_rows: int = EVERY_CALL
     # proj's quantize pass takes its per-token ranges itself (KernelDiTBlock), not a reduction beforehand
     proj_own_ranges: bool = True
+    # where both are on, fc1's norm pass takes its rows' mean and variance from proj's gated
+    # epilogue (kernels.GatedResidual.stats) instead of a pass of its own over them
+    norm_moments_from_update: bool = True
 
 
 DEFAULT_KERNEL_OPTIONS = KernelOptions()
@@ -219,25 +231,18 @@ def install_weight_only_kernels(model: nn.Module) -> int:
 
 
 class NormModulation(NamedTuple):
-    """DiT's LayerNorm (no affine) + adaLN modulation of a layer's input: per-sample (N, D) shift and scale."""
+    """DiT's LayerNorm (no affine) + adaLN modulation of a layer's input: per-sample (N, D) shift and
+    scale; `moments`: the input's row moments where the GEMM that wrote it left them (gated_2d)."""
 
     shift: torch.Tensor
     scale: torch.Tensor
     eps: float
+    moments: torch.Tensor | None = None
 
     def op_arguments(self, x: torch.Tensor) -> dict:
         """The ditas ops' norm arguments for the residual stream x (N, T, D)."""
-        return dict(norm_shift=self.shift, norm_scale=self.scale, norm_tokens=x.shape[1], norm_eps=self.eps)
-
-
-def gated_arguments(gated: tuple[torch.Tensor, torch.Tensor] | None, features: int) -> dict:
-    """The ditas ops' arguments of a gated residual update (residual (N, T, features), gate (N,
-    features)): none without one."""
-    if gated is None:
-        return {}
-    residual, gate = gated
-    gate = gate if gate.stride(-1) == 1 else gate.contiguous()
-    return dict(residual=rows_of(residual, features), gate=gate, gate_tokens=residual.shape[1])
+        return dict(norm_shift=self.shift, norm_scale=self.scale, norm_tokens=x.shape[1], norm_eps=self.eps,
+                    norm_moments=self.moments)
 
 
 def rows_of(x: torch.Tensor, features: int) -> torch.Tensor:
@@ -246,7 +251,7 @@ def rows_of(x: torch.Tensor, features: int) -> torch.Tensor:
     return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
 
 
-NORM_ARGUMENTS = ("norm_shift", "norm_scale", "norm_tokens", "norm_eps")  # of the ops, after the layer's
+NORM_ARGUMENTS = ("norm_shift", "norm_scale", "norm_tokens", "norm_eps", "norm_moments")  # of the ops
 
 
 class TritonQuantMlp(nn.Module):
@@ -270,7 +275,9 @@ class TritonQuantMlp(nn.Module):
                                                           bounds_scale=self.fc2.smooth_inv, with_bounds=dynamic,
                                                           bounds_per_row=self.fc2.per_token)
         qparams = self.fc2.qparams_of_range(bounds[0], -bounds[1]) if dynamic else self.fc2.qparams(hidden)
-        return self.fc2.linear_2d(hidden, qparams, gated).reshape(*x.shape[:-1], self.fc2.out_features)
+        if gated is not None:
+            return self.fc2.gated_2d(hidden, qparams, *gated)[0].reshape(gated[0].shape)
+        return self.fc2.linear_2d(hidden, qparams).reshape(*x.shape[:-1], self.fc2.out_features)
 
 
 class KernelDiTBlock(DiTBlock):
@@ -285,7 +292,9 @@ class KernelDiTBlock(DiTBlock):
       (TritonQuantLinear.gated), so y is never stored either; larger calls leave it to
       torch.compile, which fuses it into the next norm;
     - with `proj_own_ranges`, proj's quantize pass takes its per-token ranges itself (qparams
-      None), instead of a reduction over the attention's output first.
+      None), instead of a reduction over the attention's output first;
+    - with both of the first two and `norm_moments_from_update`, proj's epilogue also writes the
+      updated rows' moments, from which fc1's pass takes its norm's mean and variance.
     Same submodules (and state-dict keys) as the DiTBlock it is built from."""
 
     def __init__(self, block: nn.Module, options: KernelOptions):
@@ -296,6 +305,7 @@ class KernelDiTBlock(DiTBlock):
         self.fuse_norms_below_rows = options.fuse_norms_below_rows if takes_norms else 0
         self.gate_residuals_below_rows = options.gate_residuals_below_rows
         self.proj_own_ranges = options.proj_own_ranges and self.attn.proj.ranges_in_pass
+        self.norm_moments_from_update = options.norm_moments_from_update
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         m = self.modulation(c)
@@ -306,12 +316,14 @@ class KernelDiTBlock(DiTBlock):
         else:
             qkv = self.attn.qkv(modulate(self.norm1(x), m.shift_msa, m.scale_msa))
         attended = self.attn.attend(qkv)
+        moments = None
         if gated:
-            x = self.attn.proj.gated(attended, x, m.gate_msa, self.proj_own_ranges)
+            x, moments = self.attn.proj.gated(attended, x, m.gate_msa, self.proj_own_ranges,
+                                              with_moments=fuse_norms and self.norm_moments_from_update)
         else:
             x = x + m.gate_msa.unsqueeze(1) * self.attn.proj(attended, self.proj_own_ranges)
         if fuse_norms:
-            mlp_input, norm = x, NormModulation(m.shift_mlp, m.scale_mlp, self.norm2.eps)
+            mlp_input, norm = x, NormModulation(m.shift_mlp, m.scale_mlp, self.norm2.eps, moments)
         else:
             mlp_input, norm = modulate(self.norm2(x), m.shift_mlp, m.scale_mlp), None
         if gated:
@@ -350,7 +362,7 @@ _registered = False
 
 
 def register_kernel_op() -> None:
-    """torch.ops.ditas.int8_linear, int8_linear_gelu and weight_only_linear: the kernels as custom
+    """torch.ops.ditas.int8_linear, int8_linear_gated, int8_linear_gelu and weight_only_linear: the kernels as custom
     ops, opaque to torch.compile (which still fuses the range reductions and everything around them)."""
     global _registered
     if _registered:
@@ -361,30 +373,31 @@ def register_kernel_op() -> None:
         norm_quantize_rows,
         quantize_rows,
         ranged_quantize_rows,
+        row_stats,
+        row_stats_shape,
         unpacked_alongside,
         weight_only_linear,
     )
 
     def run(x, qparams, *, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
             lora_left, act_bits, use_tma, group_table, norm_shift=None, norm_scale=None, norm_tokens=0,
-            norm_eps=0.0, residual=None, gate=None, gate_tokens=0, **epilogue):
+            norm_eps=0.0, norm_moments=None, **epilogue):
         unpack = unpacked_alongside(weight, packed, group_table, *x.shape)
         if norm_shift is not None:  # x: the residual stream; LayerNorm + modulation + quantize in one pass
             codes, rowsum, down, qparams = norm_quantize_rows(x, norm_shift, norm_scale, norm_tokens, norm_eps,
-                                                              act_bits, lora_right, unpack, smooth_inv)
+                                                              act_bits, lora_right, unpack, smooth_inv, norm_moments)
         elif qparams is None:  # per-token ranges taken by the pass
             codes, rowsum, down, qparams = ranged_quantize_rows(x, act_bits, lora_right, unpack, smooth_inv)
         else:
             codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right, unpack=unpack)
         if unpack is not None:
             weight, packed, use_tma = unpack.unpacked, False, False
-        gated = None if residual is None else GatedResidual(residual, gate, gate_tokens)
         return int8_gemm(codes, rowsum, qparams, weight, packed, column_sums, weight_zero, weight_scale, bias, down,
-                         lora_left, x.dtype, use_tma, group_table=group_table, gated=gated, **epilogue)
+                         lora_left, x.dtype, use_tma, group_table=group_table, **epilogue)
 
     def tensors_of(arguments: dict) -> dict:
-        """An op's KernelTensors arguments and its optional norm + modulation, by name."""
-        return {name: arguments[name] for name in (*KernelTensors._fields, *NORM_ARGUMENTS)}
+        """An op's KernelTensors arguments and its norm + modulation where it has them, by name."""
+        return {name: arguments[name] for name in (*KernelTensors._fields, *NORM_ARGUMENTS) if name in arguments}
 
     def fake_rule(op, shapes):
         """A fake-tensor rule reading the op's arguments by name, however they were passed."""
@@ -401,15 +414,32 @@ def register_kernel_op() -> None:
                     lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
                     group_table: torch.Tensor | None, norm_shift: torch.Tensor | None = None,
                     norm_scale: torch.Tensor | None = None, norm_tokens: int = 0, norm_eps: float = 0.0,
-                    residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-                    gate_tokens: int = 0) -> torch.Tensor:
+                    norm_moments: torch.Tensor | None = None) -> torch.Tensor:
         """The layer of 2-D x; qparams None: with per-token ranges taken by the quantize pass; with
         norm_shift (and qparams None), the layer of LayerNorm(x)·(1 + norm_scale) + norm_shift
-        (TritonQuantLinear.normed); with residual, residual + gate ⊙ the layer (TritonQuantLinear.gated)."""
-        return run(x, qparams, **tensors_of(locals()), residual=residual, gate=gate, gate_tokens=gate_tokens)
+        (TritonQuantLinear.normed), its mean and variance from norm_moments where given."""
+        return run(x, qparams, **tensors_of(locals()))
 
     torch.library.custom_op("ditas::int8_linear", mutates_args=())(int8_linear).register_fake(
         fake_rule(int8_linear, lambda a: a["x"].new_empty(a["x"].shape[0], a["weight"].shape[0])))
+
+    def int8_linear_gated(x: torch.Tensor, qparams: torch.Tensor | None, smooth_inv: torch.Tensor | None,
+                          lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool,
+                          column_sums: torch.Tensor, weight_zero: torch.Tensor, weight_scale: torch.Tensor,
+                          bias: torch.Tensor | None, lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
+                          group_table: torch.Tensor | None, residual: torch.Tensor, gate: torch.Tensor,
+                          gate_tokens: int, with_moments: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """residual + gate ⊙ the layer of 2-D x (TritonQuantLinear.gated_2d), and with_moments the
+        output's row moments (kernels.row_stats; else an empty tensor)."""
+        moments = row_stats(x.shape[0], weight.shape[0], x.device) if with_moments else x.new_empty(0)
+        gated = GatedResidual(residual, gate, gate_tokens, moments if with_moments else None)
+        return run(x, qparams, **tensors_of(locals()), gated=gated), moments
+
+    torch.library.custom_op("ditas::int8_linear_gated", mutates_args=())(int8_linear_gated).register_fake(
+        fake_rule(int8_linear_gated, lambda a: (
+            a["x"].new_empty(a["x"].shape[0], a["weight"].shape[0]),
+            a["x"].new_empty(row_stats_shape(a["x"].shape[0], a["weight"].shape[0]), dtype=torch.float32)
+            if a["with_moments"] else a["x"].new_empty(0))))
 
     def int8_linear_gelu(x: torch.Tensor, qparams: torch.Tensor | None, smooth_inv: torch.Tensor | None,
                          lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool,
@@ -417,8 +447,8 @@ def register_kernel_op() -> None:
                          bias: torch.Tensor | None, lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
                          group_table: torch.Tensor | None, bounds_scale: torch.Tensor | None, with_bounds: bool,
                          bounds_per_row: bool, norm_shift: torch.Tensor | None = None,
-                         norm_scale: torch.Tensor | None = None, norm_tokens: int = 0,
-                         norm_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                         norm_scale: torch.Tensor | None = None, norm_tokens: int = 0, norm_eps: float = 0.0,
+                         norm_moments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """GELU(linear(x)), and [min, −max] of its output × bounds_scale, (2, 1) or per row (2, M)
         (+inf when not with_bounds)."""
         tensors = tensors_of(locals())

@@ -39,10 +39,10 @@ HOPPER = GPUTarget("cuda", 90, 32)
 
 
 def compile_for_hopper(config: hopper_gemm.TileConfig, rank: int, gelu: bool, per_row: bool, gated: bool,
-                       partial: bool = False):
+                       partial: bool = False, moments: bool = False):
     """triton.compile of the kernel for sm_90a with DiT-XL/2's qkv shape, or with `partial`, one
     whose last row and column tiles are partial (host tensors stand in for the device ones: only
-    dtypes and alignment enter the signature)."""
+    dtypes and alignment enter the signature); `moments`: the gated update's row moments too."""
     m, k, n = (4000, 1152, 3400) if partial else (4096, 1152, 3456)
     kernel = hopper_gemm._int8_gemm_ws_kernel
     descriptors = {
@@ -59,11 +59,11 @@ def compile_for_hopper(config: hopper_gemm.TileConfig, rank: int, gelu: bool, pe
     f32, i32, bf16 = torch.float32, torch.int32, torch.bfloat16
     values = descriptors | dict(rowsum_ptr=i32, colsum_ptr=i32, wzero_ptr=i32, wscale_ptr=f32, bias_ptr=f32,
                                 qparams_ptr=f32, down_ptr=f32, left_ptr=bf16, bounds_ptr=f32,
-                                bounds_scale_ptr=f32, residual_desc=descriptors["out_desc"], gate_ptr=bf16, M=m, N=n,
-                                stride_gate=6 * n, GATE_TOKENS=256)
+                                bounds_scale_ptr=f32, residual_desc=descriptors["out_desc"], gate_ptr=bf16,
+                                stats_ptr=f32, M=m, N=n, stride_gate=6 * n, GATE_TOKENS=256)
     warps = hopper_gemm.math_warps(config)
     constants = dict(K=k, HAS_BIAS=True, RANK=rank, GELU=gelu, BOUNDS=gelu, BOUNDS_SCALED=gelu, PER_ROW=per_row,
-                     BOUNDS_PER_ROW=gelu and per_row, SPLITS=1, GATED=gated, STAGES=config.stages,
+                     BOUNDS_PER_ROW=gelu and per_row, SPLITS=1, GATED=gated, STATS=moments, STAGES=config.stages,
                      GROUP_M=config.group_m, CONSUMERS=config.consumers, INSTR_N=hopper_gemm.wgmma_instr_n(config.block_n),
                      LEFT_RANK=max(rank, 16), CONSUMER_REGISTERS=config.consumer_registers,
                      WHOLE_M=m % config.block_m == 0, WHOLE_N=n % config.block_n == 0, num_warps=warps)
@@ -93,10 +93,10 @@ TRITON_KERNELS = {
         a_ptr=torch.int8, b_ptr=torch.int8, rowsum_ptr=torch.int32, colsum_ptr=torch.int32, wzero_ptr=torch.int32,
         wscale_ptr=torch.float32, bias_ptr=torch.float32, qparams_ptr=torch.float32, down_ptr=torch.float32,
         left_ptr=torch.bfloat16, out_ptr=torch.bfloat16, bounds_ptr=torch.float32, bounds_scale_ptr=torch.float32,
-        residual_ptr=torch.bfloat16, gate_ptr=torch.bfloat16, M=512, N=3456, stride_om=3456, stride_rm=3456,
-        stride_gate=6 * 3456, GATE_TOKENS=256),
+        residual_ptr=torch.bfloat16, gate_ptr=torch.bfloat16, stats_ptr=torch.float32, M=512, N=3456, stride_om=3456,
+        stride_rm=3456, stride_gate=6 * 3456, GATE_TOKENS=256),
         dict(K=1152, PACKED_K=1152, PACKED=False, USE_TMA=False, HAS_BIAS=True, RANK=32, GELU=False, BOUNDS=False,
-             BOUNDS_SCALED=False, PER_ROW=False, BOUNDS_PER_ROW=False, SPLITS=1, GATED=False, BLOCK_M=64,
+             BOUNDS_SCALED=False, PER_ROW=False, BOUNDS_PER_ROW=False, SPLITS=1, GATED=False, STATS=False, BLOCK_M=64,
              BLOCK_N=128, BLOCK_K=128, GROUP_M=8)),
     "quantize": (kernels._quantize_rows_kernel, dict(
         x_ptr=torch.bfloat16, smooth_ptr=torch.float32, qparams_ptr=torch.float32, right_ptr=torch.bfloat16,
@@ -106,11 +106,11 @@ TRITON_KERNELS = {
              PACKED_K=2304, BLOCK_M=32, BLOCK_K=128)),
     "ranged_quantize": (kernels._ranged_quantize_rows_kernel, dict(
         x_ptr=torch.bfloat16, smooth_ptr=torch.float32, shift_ptr=torch.bfloat16, scale_ptr=torch.bfloat16,
-        qparams_ptr=torch.float32, right_ptr=torch.bfloat16, codes_ptr=torch.int8, rowsum_ptr=torch.int32,
+        stats_ptr=torch.float32, qparams_ptr=torch.float32, right_ptr=torch.bfloat16, codes_ptr=torch.int8, rowsum_ptr=torch.int32,
         down_ptr=torch.float32, packed_ptr=torch.uint8, unpacked_ptr=torch.int8, M=4096, stride_xm=1152,
         stride_mod=6912, TOKENS=256, EPS_NORM=1e-6, UNPACK_N=3456),
-        dict(K=1152, QMAX=255.0, RANK=32, NORM=True, ROUND_BF16=True, HAS_SMOOTH=False, UNPACK=True, PACKED_K=576,
-             BLOCK_M=32, BLOCK_K=128)),
+        dict(K=1152, QMAX=255.0, RANK=32, NORM=True, HAS_STATS=False, ROUND_BF16=True, HAS_SMOOTH=False, UNPACK=True,
+             PACKED_K=576, BLOCK_M=32, BLOCK_K=128)),
     "lora_down": (kernels._lora_down_kernel, dict(
         codes_ptr=torch.int8, qparams_ptr=torch.float32, right_ptr=torch.bfloat16, down_ptr=torch.float32, M=32768),
         dict(K=1152, RANK=32, BLOCK_M=128, BLOCK_K=128)),

@@ -365,7 +365,48 @@ def test_gated_layer_applies_the_residual_update_in_its_epilogue(weight_bits, ac
     residual = torch.randn(samples, rows // samples, 40)
     gate = torch.randn(samples, 6 * 40)[:, 40:80]  # a chunk: row stride 240
     expected = residual + gate.unsqueeze(1) * kernel(x)
-    torch.testing.assert_close(kernel.gated(x, residual, gate), expected, rtol=1e-5, atol=1e-5)
+    out, moments = kernel.gated(x, residual, gate)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert moments is None
+    # with the output's row moments for the next norm: per 16-column chunk under the interpreter
+    # (16, 16 and 8 of the 40 columns), of the values as stored
+    with_moments, moments = kernel.gated(x, residual, gate, with_moments=True)
+    assert torch.equal(with_moments, out)
+    torch.testing.assert_close(moments, chunk_moments(out.reshape(rows, 40)), rtol=1e-5, atol=1e-5)
+
+
+def chunk_moments(rows: torch.Tensor) -> torch.Tensor:
+    """kernels.row_stats of 2-D rows, in float64 from the rows' values, as float32."""
+    from quant.kernels import ROW_STATS_COLUMNS
+
+    chunks = rows.double().split(ROW_STATS_COLUMNS, dim=1)
+    means = [chunk.mean(dim=1) for chunk in chunks]
+    squares = [((chunk - mean[:, None]) ** 2).sum(dim=1) for chunk, mean in zip(chunks, means)]
+    return torch.stack([torch.stack(means), torch.stack(squares)]).float()
+
+
+def test_norm_pass_takes_its_mean_and_variance_from_the_row_moments():
+    """norm_quantize_rows with x's row moments (as a gated epilogue leaves them: 80 columns, chunks
+    of 16) gives the ranges and codes of the pass that takes them itself, up to the float32 sums'
+    order; moments of other rows give other codes (they are read), and moments of the wrong shape
+    are refused."""
+    from quant.kernels import norm_quantize_rows
+
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(21, 80, generator=generator) * 2 + 0.7
+    shift, scale = torch.randn(3, 80, generator=generator) * 0.3, torch.randn(3, 80, generator=generator) * 0.3
+    right = torch.randn(16, 80, generator=generator)
+    itself = norm_quantize_rows(x, shift, scale, 7, 1e-6, 8, right)
+    codes, rowsum, down, qparams = norm_quantize_rows(x, shift, scale, 7, 1e-6, 8, right, stats=chunk_moments(x))
+    torch.testing.assert_close(qparams, itself[3], rtol=1e-5, atol=1e-6)
+    differ = codes.int() - itself[0].int()
+    assert differ.abs().max() <= 1 and (differ != 0).float().mean() < 1e-2
+    assert torch.equal(rowsum, codes.int().sum(dim=1)[None])
+    torch.testing.assert_close(down, itself[2], rtol=1e-3, atol=1e-2)
+    other = norm_quantize_rows(x, shift, scale, 7, 1e-6, 8, right, stats=chunk_moments(x.flip(0)))
+    assert (other[0] != codes).float().mean() > 0.5
+    with pytest.raises(ValueError, match="row moments"):
+        norm_quantize_rows(x, shift, scale, 7, 1e-6, 8, right, stats=chunk_moments(x[:, :64]))
 
 
 def test_quantize_pass_configs_keep_to_their_program_chunk():
@@ -407,6 +448,16 @@ def test_kernel_op_schema_and_fake_tensor_rule():
                               test_utils=("test_schema", "test_faketensor"))
         torch.library.opcheck(torch.ops.ditas.int8_linear.default, (x, None), ranged,
                               test_utils=("test_schema", "test_faketensor"))
+        moments = dict(norm_moments=torch.zeros(2, 2, 20))  # 32 columns: two chunks of 16
+        moments["norm_moments"][1] = 16.0
+        torch.library.opcheck(torch.ops.ditas.int8_linear.default, (x, None), ranged | norm | moments,
+                              test_utils=("test_schema", "test_faketensor"))
+        for with_moments in (False, True):
+            update = dict(residual=torch.randn(20, 16), gate=torch.randn(5, 16), gate_tokens=4,
+                          with_moments=with_moments)
+            torch.library.opcheck(torch.ops.ditas.int8_linear_gated.default, args[:2],
+                                  kernel.kernel_tensors()._asdict() | update,
+                                  test_utils=("test_schema", "test_faketensor"))
         for per_row in (False, True):
             torch.library.opcheck(torch.ops.ditas.int8_linear_gelu.default,
                                   (*args, torch.rand(16) + 0.5, True, per_row),

@@ -99,3 +99,29 @@ def test_on_the_gpu_the_lora_down_projection_apart_matches_the_pass(norm, monkey
     else:
         assert torch.equal(codes, inside[0]) and torch.equal(rowsum, inside[1]) and torch.equal(qparams, inside[3])
         torch.testing.assert_close(down, inside[2], rtol=1e-4, atol=1e-3 * inside[2].abs().max().item())
+
+
+def test_on_the_gpu_the_norm_pass_takes_its_moments_from_the_gated_epilogue():
+    """proj's gated update at batch 64's 32,768 rows writes the rows' moments on the Gluon GEMM;
+    fc1's norm pass from them gives the ranges and codes of the pass that reads the rows for them
+    (a code off by one in a few rows: other float32 sums)."""
+    from benchmarks.synthetic import outlier_input, quantized_layer_pair
+    from quant import kernels
+    from quant.triton_modules import register_kernel_op
+
+    register_kernel_op()
+    device = torch.device("cuda")
+    rows = 32768
+    _, proj = quantized_layer_pair(XL_HIDDEN, XL_HIDDEN, 4, False, device, act_granularity="per_token")
+    _, fc1 = quantized_layer_pair(XL_HIDDEN, 4 * XL_HIDDEN, 4, False, device, act_granularity="per_token")
+    attended = outlier_input(rows, XL_HIDDEN, device, torch.bfloat16, seed=5)
+    residual = outlier_input(rows, XL_HIDDEN, device, torch.bfloat16, seed=6) * 4
+    adaln = torch.randn(rows // 256, 6 * XL_HIDDEN, device=device, dtype=torch.bfloat16) * 0.3
+    x, moments = proj.gated_2d(attended, None, residual.reshape(-1, 256, XL_HIDDEN), adaln[:, :XL_HIDDEN],
+                               with_moments=True)
+    shift, scale = adaln[:, XL_HIDDEN:2 * XL_HIDDEN], adaln[:, 2 * XL_HIDDEN:3 * XL_HIDDEN]
+    itself = kernels.norm_quantize_rows(x, shift, scale, 256, 1e-6, 8, fc1.lora_right)
+    codes, _, down, qparams = kernels.norm_quantize_rows(x, shift, scale, 256, 1e-6, 8, fc1.lora_right, stats=moments)
+    torch.testing.assert_close(qparams, itself[3], rtol=1e-5, atol=1e-6)
+    differ = codes.int() - itself[0].int()
+    assert differ.abs().max() <= 1 and (differ != 0).float().mean() < 1e-3

@@ -25,15 +25,17 @@ from quant import hopper_gemm  # noqa: E402
 COMPILE_CONFIGS = {"ping-pong": hopper_gemm.DEFAULT_CONFIG,
                    "one-math-partition": hopper_gemm.TileConfig(consumers=1, stages=5),
                    "small calls' 64-row tiles": hopper_gemm.SMALL_CALL_CONFIG}
-# (LoRA rank, GELU + range, per-row ranges, gated residual update, partial tiles): qkv's epilogue in a
-# block, fc1's, proj's and fc2's; without the LoRA; with partial tiles
-COMPILE_EPILOGUES = [(32, False, False, False, False), (32, True, True, False, False), (32, False, True, True, False),
-                     (0, True, True, False, False), (32, True, True, False, True)]
+# (LoRA rank, GELU + range, per-row ranges, gated residual update, partial tiles, the update's row
+# moments): qkv's epilogue in a block, fc1's, fc2's and proj's; without the LoRA; with partial tiles
+COMPILE_EPILOGUES = [(32, False, False, False, False, False), (32, True, True, False, False, False),
+                     (32, False, True, True, False, False), (32, False, True, True, False, True),
+                     (0, True, True, False, False, False), (32, True, True, False, True, False),
+                     (32, False, True, True, True, True)]
 
 
 @pytest.fixture(scope="module")
 def compiled_for_hopper() -> dict:
-    """{(config name, rank, gelu, per_row, gated, partial): {"ptx", "shared", "spill_stores"}}, compiled by tests/hopper_compile.py
+    """{(config name, *epilogue): {"ptx", "shared", "spill_stores"}}, compiled by tests/hopper_compile.py
     in a process without Triton's CPU interpreter (test_backends turns it on in this one)."""
     cases = [(name, *epilogue) for name in COMPILE_CONFIGS for epilogue in COMPILE_EPILOGUES]
     arguments = [[COMPILE_CONFIGS[name]._asdict(), *epilogue] for name, *epilogue in cases]
@@ -57,7 +59,10 @@ TRITON_VARIANTS = {
     "gemm per row, GELU + range": ["gemm", {"PER_ROW": True, "GELU": True, "BOUNDS": True, "BOUNDS_SCALED": True,
                                              "BOUNDS_PER_ROW": True, "SPLITS": 3}, {}],
     "gemm with the gated residual update": ["gemm", {"GATED": True, "PER_ROW": True}, {}],
+    "… and its row moments": ["gemm", {"GATED": True, "PER_ROW": True, "STATS": True}, {}],
+    "… 256-wide tiles": ["gemm", {"GATED": True, "PER_ROW": True, "STATS": True, "BLOCK_M": 128, "BLOCK_N": 256}, {}],
     "LayerNorm + modulation + quantize pass": ["ranged_quantize", {}, {}],
+    "… its mean and variance from row moments": ["ranged_quantize", {"HAS_STATS": True}, {}],
     "… 512-wide tiles": ["ranged_quantize", {"BLOCK_M": 16, "BLOCK_K": 512}, {}],
     "… 2 rows a program": ["ranged_quantize", {"BLOCK_M": 2, "BLOCK_K": 256}, {}],
     "quantize pass taking its own per-token ranges (no norm)": ["ranged_quantize", {"NORM": False}, {}],
@@ -113,7 +118,7 @@ def test_instruction_width_divides_the_tile():
 @pytest.mark.parametrize(("rows", "out_features"), [(8192, 3456), (512, 3456), (8000, 1000)])
 def test_on_hopper_the_gluon_gemm_equals_the_triton_gemm(per_token, gated, rows, out_features):
     from benchmarks.synthetic import outlier_input, quantized_layer_pair
-    from quant.kernels import GatedResidual, int8_gemm, quantize_rows
+    from quant.kernels import GatedResidual, int8_gemm, quantize_rows, row_stats
 
     if gated and rows % 256:
         pytest.skip("a gated update needs whole samples of 256 rows")
@@ -131,6 +136,16 @@ def test_on_hopper_the_gluon_gemm_equals_the_triton_gemm(per_token, gated, rows,
                                            dtype=torch.bfloat16)[:, out_features:2 * out_features], 256)
     expected = int8_gemm(codes, rowsum, qparams, layer.weight, False, *tail, warp_specialised=False, gated=update)
     assert torch.equal(hopper_gemm.int8_gemm_ws(codes, rowsum, qparams, layer.weight, *tail, gated=update), expected)
+    if gated:  # and the updated rows' moments, up to the order of their float32 sums
+        triton_moments, gluon_moments = row_stats(rows, out_features, device), row_stats(rows, out_features, device)
+        expected = int8_gemm(codes, rowsum, qparams, layer.weight, False, *tail, warp_specialised=False,
+                             gated=update._replace(stats=triton_moments))
+        got = hopper_gemm.int8_gemm_ws(codes, rowsum, qparams, layer.weight, *tail, gated=update._replace(
+            stats=gluon_moments))
+        assert torch.equal(got, expected)
+        chunks = expected.float().unflatten(1, (-1, 128))
+        torch.testing.assert_close(gluon_moments[0], chunks.mean(dim=2).T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gluon_moments, triton_moments, rtol=1e-4, atol=1e-4)
 
 
 def test_large_calls_on_hopper_go_to_the_gluon_gemm_where_it_measured_faster(monkeypatch):
