@@ -199,7 +199,8 @@ class KernelOptions(NamedTuple):
     # proj's quantize pass takes its per-token ranges itself (KernelDiTBlock), not a reduction beforehand
     proj_own_ranges: bool = True
     # where both are on, fc1's norm pass takes its rows' mean and variance from proj's gated
-    # epilogue (kernels.GatedResidual.stats) instead of a pass of its own over them
+    # epilogue (kernels.GatedResidual.stats) instead of a pass of its own over them, and qkv's
+    # from the previous block's fc2 (install_kernel_blocks, in a model's `blocks`)
     norm_moments_from_update: bool = True
 
 
@@ -264,20 +265,34 @@ class TritonQuantMlp(nn.Module):
         super().__init__()
         self.fc1, self.fc2 = fc1, fc2
 
-    def forward(self, x: torch.Tensor, norm: NormModulation | None = None,
-                gated: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """The Mlp of x, or with `norm` of LayerNorm(x)·(1 + scale) + shift (TritonQuantLinear.normed);
-        with gated = (residual, gate), residual + gate ⊙ the Mlp (TritonQuantLinear.gated)."""
+    def forward(self, x: torch.Tensor, norm: NormModulation | None = None) -> torch.Tensor:
+        """The Mlp of x, or with `norm` of LayerNorm(x)·(1 + scale) + shift (TritonQuantLinear.normed)."""
+        return self.fc2.linear_2d(*self.hidden(x, norm)).reshape(*x.shape[:-1], self.fc2.out_features)
+
+    def gated(self, x: torch.Tensor, norm: NormModulation | None, residual: torch.Tensor, gate: torch.Tensor,
+              with_moments: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """residual + gate.unsqueeze(1) ⊙ forward(x, norm), and with_moments its rows' moments
+        (TritonQuantLinear.gated)."""
+        out, moments = self.fc2.gated_2d(*self.hidden(x, norm), residual, gate, with_moments)
+        return out.reshape(residual.shape), moments
+
+    def hidden(self, x: torch.Tensor, norm: NormModulation | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(GELU(fc1(…)) as 2-D rows, fc2's qparams for them)."""
         x2d = rows_of(x, self.fc1.in_features)
         dynamic = self.fc2.act_range is None
         first = dict(qparams=None, **norm.op_arguments(x)) if norm else dict(qparams=self.fc1.qparams(x2d))
         hidden, bounds = torch.ops.ditas.int8_linear_gelu(x2d, **first, **self.fc1.kernel_tensors()._asdict(),
                                                           bounds_scale=self.fc2.smooth_inv, with_bounds=dynamic,
                                                           bounds_per_row=self.fc2.per_token)
-        qparams = self.fc2.qparams_of_range(bounds[0], -bounds[1]) if dynamic else self.fc2.qparams(hidden)
-        if gated is not None:
-            return self.fc2.gated_2d(hidden, qparams, *gated)[0].reshape(gated[0].shape)
-        return self.fc2.linear_2d(hidden, qparams).reshape(*x.shape[:-1], self.fc2.out_features)
+        return hidden, self.fc2.qparams_of_range(bounds[0], -bounds[1]) if dynamic else self.fc2.qparams(hidden)
+
+
+class ResidualStream(NamedTuple):
+    """What a KernelDiTBlock hands the next one (hands_on_moments): the residual stream x (N, T,
+    D) and its rows' moments, as fc2's gated epilogue left them (None: none), for qkv's norm."""
+
+    x: torch.Tensor
+    moments: torch.Tensor | None
 
 
 class KernelDiTBlock(DiTBlock):
@@ -294,7 +309,10 @@ class KernelDiTBlock(DiTBlock):
     - with `proj_own_ranges`, proj's quantize pass takes its per-token ranges itself (qparams
       None), instead of a reduction over the attention's output first;
     - with both of the first two and `norm_moments_from_update`, proj's epilogue also writes the
-      updated rows' moments, from which fc1's pass takes its norm's mean and variance.
+      updated rows' moments, from which fc1's pass takes its norm's mean and variance; with
+      `hands_on_moments` (set by install_kernel_blocks where the next block is a KernelDiTBlock)
+      fc2's does too, and the block returns a ResidualStream for the next block's qkv (which
+      takes a ResidualStream or a tensor).
     Same submodules (and state-dict keys) as the DiTBlock it is built from."""
 
     def __init__(self, block: nn.Module, options: KernelOptions):
@@ -306,29 +324,34 @@ class KernelDiTBlock(DiTBlock):
         self.gate_residuals_below_rows = options.gate_residuals_below_rows
         self.proj_own_ranges = options.proj_own_ranges and self.attn.proj.ranges_in_pass
         self.norm_moments_from_update = options.norm_moments_from_update
+        self.hands_on_moments = False
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | ResidualStream, c: torch.Tensor) -> torch.Tensor | ResidualStream:
+        x, moments = x if isinstance(x, ResidualStream) else (x, None)
         m = self.modulation(c)
         rows = x.shape[0] * x.shape[1]
         fuse_norms, gated = rows < self.fuse_norms_below_rows, rows < self.gate_residuals_below_rows
+        with_moments = fuse_norms and self.norm_moments_from_update
         if fuse_norms:
-            qkv = self.attn.qkv.normed(x, NormModulation(m.shift_msa, m.scale_msa, self.norm1.eps))
+            qkv = self.attn.qkv.normed(x, NormModulation(m.shift_msa, m.scale_msa, self.norm1.eps, moments))
         else:
             qkv = self.attn.qkv(modulate(self.norm1(x), m.shift_msa, m.scale_msa))
         attended = self.attn.attend(qkv)
         moments = None
         if gated:
-            x, moments = self.attn.proj.gated(attended, x, m.gate_msa, self.proj_own_ranges,
-                                              with_moments=fuse_norms and self.norm_moments_from_update)
+            x, moments = self.attn.proj.gated(attended, x, m.gate_msa, self.proj_own_ranges, with_moments)
         else:
             x = x + m.gate_msa.unsqueeze(1) * self.attn.proj(attended, self.proj_own_ranges)
         if fuse_norms:
             mlp_input, norm = x, NormModulation(m.shift_mlp, m.scale_mlp, self.norm2.eps, moments)
         else:
             mlp_input, norm = modulate(self.norm2(x), m.shift_mlp, m.scale_mlp), None
+        moments = None
         if gated:
-            return self.mlp(mlp_input, norm, gated=(x, m.gate_mlp))
-        return x + m.gate_mlp.unsqueeze(1) * self.mlp(mlp_input, norm)
+            x, moments = self.mlp.gated(mlp_input, norm, x, m.gate_mlp, with_moments and self.hands_on_moments)
+        else:
+            x = x + m.gate_mlp.unsqueeze(1) * self.mlp(mlp_input, norm)
+        return ResidualStream(x, moments) if self.hands_on_moments else x
 
 
 def kernel_block(module: nn.Module) -> bool:
@@ -341,8 +364,16 @@ def kernel_block(module: nn.Module) -> bool:
 
 def install_kernel_blocks(model: nn.Module, options: KernelOptions = DEFAULT_KERNEL_OPTIONS) -> int:
     """Swap every DiT block whose layers run on the kernels for a KernelDiTBlock laid out by
-    `options` (in place; after fuse_mlps); how many."""
-    return swap_modules(model, kernel_block, lambda block: KernelDiTBlock(block, options))
+    `options` (in place; after fuse_mlps); how many. In a model's `blocks` (DiT's: each block's
+    output is the next one's input), a KernelDiTBlock followed by one that takes its norms in the
+    pass hands it its output's row moments (hands_on_moments)."""
+    swapped = swap_modules(model, kernel_block, lambda block: KernelDiTBlock(block, options))
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.ModuleList) and options.norm_moments_from_update:
+        for block, following in zip(blocks, list(blocks)[1:]):
+            if isinstance(block, KernelDiTBlock):
+                block.hands_on_moments = isinstance(following, KernelDiTBlock) and following.fuse_norms_below_rows > 0
+    return swapped
 
 
 def fusable_mlp(module: nn.Module) -> bool:

@@ -90,7 +90,8 @@ class StepGraphs:
 
 def compile_blocks(model: torch.nn.Module) -> None:
     """Regional torch.compile: one compiled DiT block serves all of them (compiled once per batch
-    shape; static shapes), and the final layer."""
+    shape; static shapes; three times for the kernel blocks, whose first takes a tensor and whose
+    last returns one, triton_modules.ResidualStream), and the final layer."""
     # Every compiled module shares the cache of nn.Module._call_impl, and each batch shape adds
     # an entry per module class; past the recompile limit (8) dynamo silently runs eager.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

@@ -242,6 +242,45 @@ def test_kernel_blocks_compute_the_same_as_the_plain_block(act_granularity, monk
     assert (codes.int() - reference[0].int()).abs().max() <= 1 and (codes != reference[0]).float().mean() < 1e-3
 
 
+def test_kernel_blocks_hand_the_next_block_their_rows_moments():
+    """In a model's `blocks`, each KernelDiTBlock but the last returns a ResidualStream with its
+    output's row moments (from fc2's gated epilogue), from which the next block's qkv pass takes
+    its norm's mean and variance: three blocks compute what the plain ones do."""
+    from models import DiTBlock
+    from quant.triton_modules import KernelDiTBlock, ResidualStream, install_kernel_blocks
+
+    register_kernel_op()
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList()
+    for index in range(3):
+        block = DiTBlock(64, 4)
+        for module, name, (k, n), smooth in ((block.attn, "qkv", (64, 192), False), (block.attn, "proj", (64, 64), False),
+                                             (block.mlp, "fc1", (64, 256), False), (block.mlp, "fc2", (256, 64), True)):
+            setattr(module, name, TritonQuantLinear(random_quant_linear(
+                k, n, rank=8, smooth=smooth, seed=10 * index + n, act_granularity="per_token")))
+        blocks.append(block)
+    model = torch.nn.Module()
+    model.blocks = blocks
+    fuse_mlps(model)
+    x, c = torch.randn(2, 16, 64) * 2 + 0.3, torch.randn(2, 64)
+    expected = x
+    for block in model.blocks:
+        expected = block(expected, c)
+    assert install_kernel_blocks(model) == 3
+    assert [block.hands_on_moments for block in model.blocks] == [True, True, False]
+    got = x
+    for block in model.blocks:
+        got = block(got, c)
+    assert isinstance(got, torch.Tensor)
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-4
+    handed = model.blocks[0](x, c)
+    assert isinstance(handed, ResidualStream) and isinstance(model.blocks[1], KernelDiTBlock)
+    torch.testing.assert_close(handed.moments, chunk_moments(handed.x.reshape(-1, 64)), rtol=1e-5, atol=1e-5)
+    # the next block reads them: the moments of other rows give another output
+    other = ResidualStream(handed.x, chunk_moments(handed.x.flip(1).reshape(-1, 64)))
+    assert not torch.allclose(model.blocks[1](other, c).x, model.blocks[1](handed, c).x, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_quantize_passes_unpack_a_layers_packed_weights_beside_their_rows(splits):
     """PackedWeight: the programs past a pass's row blocks unpack the W4 codes as unpack_signed

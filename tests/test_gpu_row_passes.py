@@ -93,9 +93,7 @@ def test_on_the_gpu_the_lora_down_projection_apart_matches_the_pass(norm, monkey
     expected = centered @ layer.lora_right.double().T
     torch.testing.assert_close(down[0].double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     if norm:
-        differ = codes.int() - inside[0].int()
-        assert differ.abs().max() <= 1 and (differ != 0).float().mean() < 1e-3
-        torch.testing.assert_close(qparams, inside[3], rtol=1e-5, atol=1e-6)
+        assert_nearly_the_same_pass(codes, qparams, inside[0], inside[3])
     else:
         assert torch.equal(codes, inside[0]) and torch.equal(rowsum, inside[1]) and torch.equal(qparams, inside[3])
         torch.testing.assert_close(down, inside[2], rtol=1e-4, atol=1e-3 * inside[2].abs().max().item())
@@ -122,6 +120,15 @@ def test_on_the_gpu_the_norm_pass_takes_its_moments_from_the_gated_epilogue():
     shift, scale = adaln[:, XL_HIDDEN:2 * XL_HIDDEN], adaln[:, 2 * XL_HIDDEN:3 * XL_HIDDEN]
     itself = kernels.norm_quantize_rows(x, shift, scale, 256, 1e-6, 8, fc1.lora_right)
     codes, _, down, qparams = kernels.norm_quantize_rows(x, shift, scale, 256, 1e-6, 8, fc1.lora_right, stats=moments)
-    torch.testing.assert_close(qparams, itself[3], rtol=1e-5, atol=1e-6)
-    differ = codes.int() - itself[0].int()
+    assert_nearly_the_same_pass(codes, qparams, itself[0], itself[3])
+
+
+def assert_nearly_the_same_pass(codes, qparams, expected_codes, expected_qparams):
+    """Two norm passes whose means and variances were rounded differently: codes off by at most one
+    in fewer than 0.1 % of them, and the same ranges but in fewer than 0.1 % of the rows (where a
+    modulated value that sets a range rounds to the other bf16 neighbour)."""
+    differ = codes.int() - expected_codes.int()
     assert differ.abs().max() <= 1 and (differ != 0).float().mean() < 1e-3
+    same = torch.isclose(qparams, expected_qparams, rtol=1e-5, atol=1e-6).all(dim=0)
+    assert (~same).float().mean() < 1e-3
+    torch.testing.assert_close(qparams, expected_qparams, rtol=1e-2, atol=1e-6)
