@@ -235,10 +235,10 @@ def _lora_update(y, down, down_scale, left_smem, lora_layout: gl.constexpr):
 
 @gluon.jit
 def _epilogue(acc, off_m, off_n, M, N, scale_x, zero_x, rowsum, down, down_scale, columns_i32, columns_f32,
-              out_desc, out_smem, bounds_ptr, left_smem, loaded, phase, gate_ptr, stride_gate, GATE_TOKENS, stats_ptr,
+              out_desc, out_smem, bounds_ptr, left_smem, loaded, phase, gate_ptr, stride_gate, GATE_TOKENS, moments_ptr,
               lora_layout: gl.constexpr, K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr,
               GELU: gl.constexpr, BOUNDS: gl.constexpr, BOUNDS_SCALED: gl.constexpr, BOUNDS_PER_ROW: gl.constexpr,
-              GATED: gl.constexpr, STATS: gl.constexpr, WHOLE_M: gl.constexpr, WHOLE_N: gl.constexpr):
+              GATED: gl.constexpr, MOMENTS: gl.constexpr, WHOLE_M: gl.constexpr, WHOLE_N: gl.constexpr):
     layout: gl.constexpr = acc.type.layout
     BLOCK_M: gl.constexpr = acc.shape[0]
     BLOCK_N: gl.constexpr = acc.shape[1]
@@ -272,8 +272,8 @@ def _epilogue(acc, off_m, off_n, M, N, scale_x, zero_x, rowsum, down, down_scale
     out_smem.store(out)
     fence_async_shared()
     tma.async_copy_shared_to_global(out_desc, [off_m, off_n], out_smem)
-    if STATS:
-        _row_moments(out, rows, row_ok, col_ok, off_n, M, N, stats_ptr, WHOLE_N)
+    if MOMENTS:
+        _row_moments(out, rows, row_ok, col_ok, off_n, M, N, moments_ptr, WHOLE_N)
     if BOUNDS:
         v = out.to(gl.float32)  # the next layer's range, as kernels.int8_gemm reduces it
         if BOUNDS_SCALED:
@@ -295,8 +295,8 @@ def _epilogue(acc, off_m, off_n, M, N, scale_x, zero_x, rowsum, down, down_scale
 
 
 @gluon.jit
-def _row_moments(out, rows, row_ok, col_ok, off_n, M, N, stats_ptr, WHOLE_N: gl.constexpr):
-    """kernels._row_moments for a tile one chunk wide (BLOCK_N = kernels.ROW_STATS_COLUMNS): each
+def _row_moments(out, rows, row_ok, col_ok, off_n, M, N, moments_ptr, WHOLE_N: gl.constexpr):
+    """kernels._row_moments for a tile one chunk wide (BLOCK_N = kernels.MOMENT_COLUMNS): each
     row's mean and sum of squared deviations of the stored values, into chunk off_n // BLOCK_N."""
     BLOCK_N: gl.constexpr = out.shape[1]
     v = out.to(gl.float32)
@@ -309,8 +309,8 @@ def _row_moments(out, rows, row_ok, col_ok, off_n, M, N, stats_ptr, WHOLE_N: gl.
         centered = gl.where(col_ok[None, :], v - mean[:, None], 0.0)
     chunks = gl.cdiv(N, BLOCK_N)
     offsets = (off_n // BLOCK_N) * M + rows
-    gl.store(stats_ptr + offsets, mean, mask=row_ok)
-    gl.store(stats_ptr + chunks * M + offsets, gl.sum(centered * centered, axis=1), mask=row_ok)
+    gl.store(moments_ptr + offsets, mean, mask=row_ok)
+    gl.store(moments_ptr + chunks * M + offsets, gl.sum(centered * centered, axis=1), mask=row_ok)
 
 
 @gluon.jit
@@ -326,10 +326,10 @@ def _prefetch_residual(residual_desc, out_smem, loaded, off_m, off_n):
 @gluon.jit
 def _math(a_bufs, b_bufs, ready, free, turn, left_smem, columns_i32, columns_f32, rowsum_ptr, colsum_ptr, wzero_ptr,
           wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem, bounds_ptr, bounds_scale_ptr,
-          residual_desc, loaded, gate_ptr, stats_ptr, M, N, stride_gate, GATE_TOKENS,
+          residual_desc, loaded, gate_ptr, moments_ptr, M, N, stride_gate, GATE_TOKENS,
           K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr, BOUNDS: gl.constexpr,
           BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr, BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr,
-          GATED: gl.constexpr, STATS: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+          GATED: gl.constexpr, MOMENTS: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
           CONSUMERS: gl.constexpr, FIRST: gl.constexpr, WARPS: gl.constexpr, INSTR_N: gl.constexpr,
           WHOLE_M: gl.constexpr, WHOLE_N: gl.constexpr):
     """Tiles FIRST, FIRST + CONSUMERS, … of this program: main loop, then epilogue. left_smem,
@@ -385,18 +385,18 @@ def _math(a_bufs, b_bufs, ready, free, turn, left_smem, columns_i32, columns_f32
         turns += 1
         _epilogue(acc, off_m, off_n, M, N, scale_x, zero_x, rowsum, down, down_scale, columns_i32, columns_f32,
                   out_desc, out_smem, bounds_ptr, left_smem, loaded, (turns + 1) & 1, gate_ptr, stride_gate,
-                  GATE_TOKENS, stats_ptr, lora_layout, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, BOUNDS_PER_ROW,
-                  GATED, STATS, WHOLE_M, WHOLE_N)
+                  GATE_TOKENS, moments_ptr, lora_layout, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, BOUNDS_PER_ROW,
+                  GATED, MOMENTS, WHOLE_M, WHOLE_N)
     tma.store_wait(0)
 
 
 @gluon.jit
 def _int8_gemm_ws_kernel(
     a_desc, b_desc, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr,
-    out_desc, bounds_ptr, bounds_scale_ptr, residual_desc, gate_ptr, stats_ptr, M, N, stride_gate, GATE_TOKENS,
+    out_desc, bounds_ptr, bounds_scale_ptr, residual_desc, gate_ptr, moments_ptr, M, N, stride_gate, GATE_TOKENS,
     K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr, BOUNDS: gl.constexpr,
     BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr, BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr,
-    GATED: gl.constexpr, STATS: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr,
+    GATED: gl.constexpr, MOMENTS: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr,
     INSTR_N: gl.constexpr, LEFT_RANK: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr, WHOLE_M: gl.constexpr,
     WHOLE_N: gl.constexpr, num_warps: gl.constexpr,
 ):
@@ -426,15 +426,15 @@ def _int8_gemm_ws_kernel(
         gl.warp_specialize([
             (_math, (a_bufs, b_bufs, ready, free, turn, left_smem, columns_i32, columns_f32, rowsum_ptr,
                      colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem,
-                     bounds_ptr, bounds_scale_ptr, residual_desc, loaded, gate_ptr, stats_ptr, M, N, stride_gate,
+                     bounds_ptr, bounds_scale_ptr, residual_desc, loaded, gate_ptr, moments_ptr, M, N, stride_gate,
                      GATE_TOKENS, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS,
-                     GATED, STATS, STAGES,
+                     GATED, MOMENTS, STAGES,
                      GROUP_M, CONSUMERS, 0, num_warps, INSTR_N, WHOLE_M, WHOLE_N)),
             (_math, (a_bufs, b_bufs, ready, free, turn, left_smem, columns_i32, columns_f32, rowsum_ptr,
                      colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem,
-                     bounds_ptr, bounds_scale_ptr, residual_desc, loaded, gate_ptr, stats_ptr, M, N, stride_gate,
+                     bounds_ptr, bounds_scale_ptr, residual_desc, loaded, gate_ptr, moments_ptr, M, N, stride_gate,
                      GATE_TOKENS, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS,
-                     GATED, STATS, STAGES,
+                     GATED, MOMENTS, STAGES,
                      GROUP_M, CONSUMERS, 1, num_warps, INSTR_N, WHOLE_M, WHOLE_N)),
             (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M)),
         ], [num_warps, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
@@ -442,9 +442,9 @@ def _int8_gemm_ws_kernel(
         gl.warp_specialize([
             (_math, (a_bufs, b_bufs, ready, free, turn, left_smem, columns_i32, columns_f32, rowsum_ptr,
                      colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem,
-                     bounds_ptr, bounds_scale_ptr, residual_desc, loaded, gate_ptr, stats_ptr, M, N, stride_gate,
+                     bounds_ptr, bounds_scale_ptr, residual_desc, loaded, gate_ptr, moments_ptr, M, N, stride_gate,
                      GATE_TOKENS, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS,
-                     GATED, STATS, STAGES,
+                     GATED, MOMENTS, STAGES,
                      GROUP_M, CONSUMERS, 0, num_warps, INSTR_N, WHOLE_M, WHOLE_N)),
             (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M)),
         ], [1], [LOADER_REGISTERS])
@@ -470,7 +470,7 @@ def int8_gemm_ws(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tenso
                  gated: GatedResidual | None = None, config: TileConfig | None = None) -> torch.Tensor:
     """`kernels.int8_gemm` for int8 (N, K) weights on Hopper (same arguments, no packed codes);
     `config`: the tiles (None: tile_config's for the call's rows)."""
-    from .kernels import ROW_STATS_COLUMNS, check_row_stats, multiprocessors, per_row
+    from .kernels import MOMENT_COLUMNS, check_row_moments, multiprocessors, per_row
 
     m, k = codes.shape
     config = tile_config(m) if config is None else config
@@ -486,10 +486,10 @@ def int8_gemm_ws(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tenso
     rank = 0 if left is None else left.shape[1]
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     placeholder = scale_w  # any float32 tensor, for pointers a kernel variant never reads
-    stats = None if gated is None else gated.stats
-    if stats is not None and config.block_n != ROW_STATS_COLUMNS:
-        raise ValueError(f"row moments need {ROW_STATS_COLUMNS}-column tiles, not {config.block_n}")
-    check_row_stats(stats, m, n)
+    moments = None if gated is None else gated.moments
+    if moments is not None and config.block_n != MOMENT_COLUMNS:
+        raise ValueError(f"row moments need {MOMENT_COLUMNS}-column tiles, not {config.block_n}")
+    check_row_moments(moments, m, n)
     if gated is not None:  # the residual's tiles as the output's
         if not gate_tiles_fit(gated.tokens, config):
             raise ValueError(f"a gated update needs whole row tiles per sample: {gated.tokens} tokens per sample, "
@@ -502,11 +502,11 @@ def int8_gemm_ws(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tenso
         a_desc, b_desc, rowsum, colsum, zero_w, scale_w, placeholder if bias is None else bias, qparams,
         placeholder if down is None else down, placeholder if left is None else left, out_desc,
         placeholder if bounds is None else bounds, placeholder if bounds_scale is None else bounds_scale,
-        residual_desc, gate, placeholder if stats is None else stats, m, n, gate.stride(0), tokens,
+        residual_desc, gate, placeholder if moments is None else moments, m, n, gate.stride(0), tokens,
         K=k, HAS_BIAS=bias is not None, RANK=rank, GELU=gelu, BOUNDS=bounds is not None,
         BOUNDS_SCALED=bounds_scale is not None, PER_ROW=per_row(qparams),
         BOUNDS_PER_ROW=bounds is not None and per_row(bounds), SPLITS=rowsum.shape[0], GATED=gated is not None,
-        STATS=stats is not None, STAGES=config.stages, GROUP_M=config.group_m, CONSUMERS=config.consumers,
+        MOMENTS=moments is not None, STAGES=config.stages, GROUP_M=config.group_m, CONSUMERS=config.consumers,
         INSTR_N=wgmma_instr_n(config.block_n), LEFT_RANK=max(rank, 16), CONSUMER_REGISTERS=config.consumer_registers,
         WHOLE_M=m % config.block_m == 0, WHOLE_N=n % config.block_n == 0, num_warps=warps,
     )

@@ -90,11 +90,11 @@ WARP_SPECIALISED_MIN_SIDE = 1152  # DiT-XL/2's narrowest layer (proj)
 # give fewer than QUANTIZE_PROGRAMS_PER_SM programs per multiprocessor.
 SPLIT_K_CHUNK = 32 if INTERPRETED else 128
 # A gated GEMM's epilogue can write each row's moments (mean, sum of squared deviations) of its
-# stored output per chunk of this many columns (GatedResidual.stats): the Gluon GEMM's tile
+# stored output per chunk of this many columns (GatedResidual.moments): the Gluon GEMM's tile
 # width, one chunk per tile (the interpreter's tiles are 16 wide). The next norm pass merges them
 # instead of reading its rows once more for them.
-ROW_STATS_COLUMNS = 16 if INTERPRETED else 128
-STATS_WIDTH = tl.constexpr(ROW_STATS_COLUMNS)
+MOMENT_COLUMNS = 16 if INTERPRETED else 128
+MOMENT_WIDTH = tl.constexpr(MOMENT_COLUMNS)
 QUANTIZE_PROGRAMS_PER_SM = 2
 
 
@@ -122,9 +122,9 @@ def _whole_chunk_tiles(configs: list[triton.Config], named_args: dict, **kwargs)
     return [c for c in configs if kwargs["K_PER_SPLIT"] % c.kwargs["BLOCK_K"] == 0]
 
 
-def _whole_stats_chunks(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """The GEMM's configs whose column tiles hold whole ROW_STATS_COLUMNS chunks, where it writes row moments."""
-    return [c for c in configs if not kwargs["STATS"] or c.kwargs["BLOCK_N"] % ROW_STATS_COLUMNS == 0]
+def _whole_moment_chunks(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The GEMM's configs whose column tiles hold whole MOMENT_COLUMNS chunks, where it writes row moments."""
+    return [c for c in configs if not kwargs["MOMENTS"] or c.kwargs["BLOCK_N"] % MOMENT_COLUMNS == 0]
 
 
 GEMM_CONFIGS = _configs(
@@ -295,12 +295,12 @@ def _range_qparams(lo, hi, QMAX: tl.constexpr):
 
 
 @triton.autotune(configs=RANGED_QUANTIZE_CONFIGS,
-                 key=["M", "K", "RANK", "NORM", "HAS_STATS", "HAS_SMOOTH", "UNPACK"])
+                 key=["M", "K", "RANK", "NORM", "HAS_MOMENTS", "HAS_SMOOTH", "UNPACK"])
 @triton.jit
 def _ranged_quantize_rows_kernel(
-    x_ptr, smooth_ptr, shift_ptr, scale_ptr, stats_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr,
+    x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr,
     packed_ptr, unpacked_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, UNPACK_N,
-    K: tl.constexpr, QMAX: tl.constexpr, RANK: tl.constexpr, NORM: tl.constexpr, HAS_STATS: tl.constexpr,
+    K: tl.constexpr, QMAX: tl.constexpr, RANK: tl.constexpr, NORM: tl.constexpr, HAS_MOMENTS: tl.constexpr,
     ROUND_BF16: tl.constexpr, HAS_SMOOTH: tl.constexpr, UNPACK: tl.constexpr, PACKED_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -308,8 +308,8 @@ def _ranged_quantize_rows_kernel(
     or with NORM of LayerNorm(x)·(1 + scale) + shift (DiT's norm + adaLN modulation; no affine;
     shift and scale (N, K) per sample, row r of x in sample r // TOKENS), from x itself: the
     modulated activation is never stored. Passes over each row block: (with NORM) mean and
-    variance, the range, the codes, the last two from L2; with HAS_STATS the mean and variance
-    come from x's moments per chunk (GatedResidual.stats, as the GEMM that wrote x left them)
+    variance, the range, the codes, the last two from L2; with HAS_MOMENTS the mean and variance
+    come from x's moments per chunk (GatedResidual.moments, as the GEMM that wrote x left them)
     instead of the first pass. The modulated values are rounded to
     bf16 first with ROUND_BF16, as the model would store them. With HAS_SMOOTH the activation
     (modulated or not) is multiplied by the layer's on-the-fly smoothing factors in float32, as
@@ -318,17 +318,17 @@ def _ranged_quantize_rows_kernel(
     With UNPACK, the programs past the row blocks unpack the layer's packed weights (_unpack_block)."""
     row_block = tl.program_id(0)
     if row_block < tl.cdiv(M, BLOCK_M):
-        _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, stats_ptr, qparams_ptr, right_ptr, codes_ptr,
+        _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qparams_ptr, right_ptr, codes_ptr,
                           rowsum_ptr, down_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block, K, QMAX, RANK,
-                          NORM, HAS_STATS, ROUND_BF16, HAS_SMOOTH, BLOCK_M, BLOCK_K)
+                          NORM, HAS_MOMENTS, ROUND_BF16, HAS_SMOOTH, BLOCK_M, BLOCK_K)
     elif UNPACK:
         _unpack_block(row_block - tl.cdiv(M, BLOCK_M), packed_ptr, unpacked_ptr, UNPACK_N, K, PACKED_K)
 
 
 @triton.jit
-def _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, stats_ptr, qparams_ptr, right_ptr, codes_ptr,
+def _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qparams_ptr, right_ptr, codes_ptr,
                       rowsum_ptr, down_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block, K: tl.constexpr,
-                      QMAX: tl.constexpr, RANK: tl.constexpr, NORM: tl.constexpr, HAS_STATS: tl.constexpr,
+                      QMAX: tl.constexpr, RANK: tl.constexpr, NORM: tl.constexpr, HAS_MOMENTS: tl.constexpr,
                       ROUND_BF16: tl.constexpr, HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_K: tl.constexpr):
     """The ranged pass of one row block. Its tile loops stay loops: unrolled (tl.static_range) the
@@ -341,17 +341,17 @@ def _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, stats_ptr, qparam
     mean = tl.zeros([BLOCK_M], dtype=tl.float32)
     rstd = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     if NORM:
-        # mean and sum of squared deviations: each tile's own (or each chunk's, with HAS_STATS),
+        # mean and sum of squared deviations: each tile's own (or each chunk's, with HAS_MOMENTS),
         # merged into the running ones (_merged_moments)
         squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if HAS_STATS:
-            CHUNKS: tl.constexpr = (K + STATS_WIDTH - 1) // STATS_WIDTH
+        if HAS_MOMENTS:
+            CHUNKS: tl.constexpr = (K + MOMENT_WIDTH - 1) // MOMENT_WIDTH
             for chunk in range(CHUNKS):
-                seen = chunk * STATS_WIDTH
-                part_mean = tl.load(stats_ptr + chunk * M + rows, mask=row_ok, other=0.0)
-                part_squares = tl.load(stats_ptr + (CHUNKS + chunk) * M + rows, mask=row_ok, other=0.0)
+                seen = chunk * MOMENT_WIDTH
+                part_mean = tl.load(moments_ptr + chunk * M + rows, mask=row_ok, other=0.0)
+                part_squares = tl.load(moments_ptr + (CHUNKS + chunk) * M + rows, mask=row_ok, other=0.0)
                 mean, squares = _merged_moments(mean, squares, part_mean, part_squares, seen,
-                                                tl.minimum(K - seen, STATS_WIDTH).to(tl.float32))
+                                                tl.minimum(K - seen, MOMENT_WIDTH).to(tl.float32))
         else:
             for k0 in range(0, K, BLOCK_K):
                 cols = k0 + tl.arange(0, BLOCK_K)
@@ -406,21 +406,21 @@ def _merged_moments(mean, squares, part_mean, part_squares, seen, width):
 
 
 @triton.jit
-def _row_moments(out, in_bounds, rows, row_ok, pid_n, M, N, stats_ptr, BLOCK_M: tl.constexpr,
+def _row_moments(out, in_bounds, rows, row_ok, pid_n, M, N, moments_ptr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr):
-    """GatedResidual.stats of a stored output tile: each row's mean and sum of squared deviations
-    over each STATS_WIDTH chunk of the tile's columns (2, chunks, M)."""
-    PARTS: tl.constexpr = BLOCK_N // STATS_WIDTH
-    ok = tl.reshape(in_bounds, [BLOCK_M, PARTS, STATS_WIDTH])
-    v = tl.where(ok, tl.reshape(out.to(tl.float32), [BLOCK_M, PARTS, STATS_WIDTH]), 0.0)
+    """GatedResidual.moments of a stored output tile: each row's mean and sum of squared deviations
+    over each MOMENT_WIDTH chunk of the tile's columns (2, chunks, M)."""
+    PARTS: tl.constexpr = BLOCK_N // MOMENT_WIDTH
+    ok = tl.reshape(in_bounds, [BLOCK_M, PARTS, MOMENT_WIDTH])
+    v = tl.where(ok, tl.reshape(out.to(tl.float32), [BLOCK_M, PARTS, MOMENT_WIDTH]), 0.0)
     mean = tl.sum(v, axis=2) / tl.maximum(tl.sum(ok.to(tl.float32), axis=2), 1.0)
     centered = tl.where(ok, v - mean[:, :, None], 0.0)
     chunks = pid_n * PARTS + tl.arange(0, PARTS)
-    all_chunks = tl.cdiv(N, STATS_WIDTH)
+    all_chunks = tl.cdiv(N, MOMENT_WIDTH)
     offsets = chunks[None, :] * M + rows[:, None]
     mask = row_ok[:, None] & (chunks < all_chunks)[None, :]
-    tl.store(stats_ptr + offsets, mean, mask=mask)
-    tl.store(stats_ptr + all_chunks * M + offsets, tl.sum(centered * centered, axis=2), mask=mask)
+    tl.store(moments_ptr + offsets, mean, mask=mask)
+    tl.store(moments_ptr + all_chunks * M + offsets, tl.sum(centered * centered, axis=2), mask=mask)
 
 
 @triton.jit
@@ -477,17 +477,17 @@ def _gelu_tanh(y):
 
 @triton.autotune(configs=GEMM_CONFIGS,
                  key=["M", "N", "K", "PACKED", "USE_TMA", "RANK", "GELU", "BOUNDS", "PER_ROW", "BOUNDS_PER_ROW",
-                      "SPLITS", "GATED", "STATS"],
-                 prune_configs_by=dict(early_config_prune=_whole_stats_chunks))
+                      "SPLITS", "GATED", "MOMENTS"],
+                 prune_configs_by=dict(early_config_prune=_whole_moment_chunks))
 @triton.jit
 def _int8_gemm_kernel(
     a_ptr, b_ptr, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr,
-    out_ptr, bounds_ptr, bounds_scale_ptr, residual_ptr, gate_ptr, stats_ptr, M, N, stride_om, stride_rm,
+    out_ptr, bounds_ptr, bounds_scale_ptr, residual_ptr, gate_ptr, moments_ptr, M, N, stride_om, stride_rm,
     stride_gate, GATE_TOKENS,
     K: tl.constexpr, PACKED_K: tl.constexpr, PACKED: tl.constexpr, USE_TMA: tl.constexpr,
     HAS_BIAS: tl.constexpr, RANK: tl.constexpr, GELU: tl.constexpr, BOUNDS: tl.constexpr,
     BOUNDS_SCALED: tl.constexpr, PER_ROW: tl.constexpr, BOUNDS_PER_ROW: tl.constexpr, SPLITS: tl.constexpr,
-    GATED: tl.constexpr, STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GATED: tl.constexpr, MOMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     # grouped tile order: GROUP_M row tiles share each column tile while it is in L2
@@ -563,8 +563,8 @@ def _int8_gemm_kernel(
         y = _gated_residual(y, residual_ptr, gate_ptr, rows, cols, in_bounds, stride_rm, stride_gate, GATE_TOKENS)
     out = y.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], out, mask=in_bounds)
-    if STATS:
-        _row_moments(out, in_bounds, rows, row_ok, pid_n, M, N, stats_ptr, BLOCK_M, BLOCK_N)
+    if MOMENTS:
+        _row_moments(out, in_bounds, rows, row_ok, pid_n, M, N, moments_ptr, BLOCK_M, BLOCK_N)
     if BOUNDS:  # the next layer's range (per tensor, or per row), of the stored values × its factors
         v = out.to(tl.float32)
         if BOUNDS_SCALED:
@@ -707,34 +707,34 @@ def _is_hopper(device: torch.device) -> bool:
 class GatedResidual(NamedTuple):
     """A GEMM epilogue's residual update out = residual + gate ⊙ y: residual (M, N), in the
     output's dtype, and gate (samples, N), each with stride 1 along N; row r belongs to sample
-    r // tokens. `stats` (row_stats(M, N), or None): filled by the epilogue with the moments of
-    out's rows that the next LayerNorm needs (norm_quantize_rows's `stats`)."""
+    r // tokens. `moments` (row_moments(M, N), or None): filled by the epilogue with the moments of
+    out's rows that the next LayerNorm needs (norm_quantize_rows's `moments`)."""
 
     residual: torch.Tensor
     gate: torch.Tensor
     tokens: int
-    stats: torch.Tensor | None = None
+    moments: torch.Tensor | None = None
 
 
-def row_stats_shape(m: int, n: int) -> tuple[int, int, int]:
+def row_moments_shape(m: int, n: int) -> tuple[int, int, int]:
     """(2, chunks, m): the moments of m rows of n columns, [0, c] the mean of columns
-    c·ROW_STATS_COLUMNS … (c + 1)·ROW_STATS_COLUMNS − 1 of each row, [1, c] the sum of their
+    c·MOMENT_COLUMNS … (c + 1)·MOMENT_COLUMNS − 1 of each row, [1, c] the sum of their
     squared deviations from it (float32)."""
-    return 2, triton.cdiv(n, ROW_STATS_COLUMNS), m
+    return 2, triton.cdiv(n, MOMENT_COLUMNS), m
 
 
-def row_stats(m: int, n: int, device: torch.device) -> torch.Tensor:
-    """An uninitialised tensor for the moments of m rows of n columns (row_stats_shape)."""
-    return torch.empty(row_stats_shape(m, n), dtype=torch.float32, device=device)
+def row_moments(m: int, n: int, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor for the moments of m rows of n columns (row_moments_shape)."""
+    return torch.empty(row_moments_shape(m, n), dtype=torch.float32, device=device)
 
 
-def check_row_stats(stats: torch.Tensor | None, m: int, n: int) -> None:
-    """Raises unless `stats` is None or a contiguous float32 row_stats tensor of m rows of n columns."""
-    shape = row_stats_shape(m, n)
-    if stats is not None and (tuple(stats.shape) != shape or stats.dtype != torch.float32
-                              or not stats.is_contiguous()):
+def check_row_moments(moments: torch.Tensor | None, m: int, n: int) -> None:
+    """Raises unless `moments` is None or a contiguous float32 row_moments tensor of m rows of n columns."""
+    shape = row_moments_shape(m, n)
+    if moments is not None and (tuple(moments.shape) != shape or moments.dtype != torch.float32
+                                or not moments.is_contiguous()):
         raise ValueError(f"row moments of {m} rows of {n} columns need a contiguous float32 tensor of shape "
-                         f"{shape}, not {stats.dtype} {tuple(stats.shape)}")
+                         f"{shape}, not {moments.dtype} {tuple(moments.shape)}")
 
 
 def warp_specialised_suits(m: int, n: int, k: int, rank: int, packed: bool, gelu: bool, bounds, out_dtype,
@@ -832,16 +832,16 @@ def weight_only_linear(x: torch.Tensor, codes: torch.Tensor, zero: torch.Tensor,
 
 def norm_quantize_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tokens: int, eps: float,
                        act_bits: int, right: torch.Tensor | None, unpack: PackedWeight | None = None,
-                       smooth_inv: torch.Tensor | None = None, stats: torch.Tensor | None = None
+                       smooth_inv: torch.Tensor | None = None, moments: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """quantize_rows of LayerNorm(x)·(1 + scale) + shift (× smooth_inv) with per-token ranges, from
     x (M, K) and the per-sample shift and scale (N, K) (rows of sample i: i·tokens …): (codes −
     128, row sums (1, M), (q − z)·Rᵀ (1, M, rank) or None, qparams (2, M)). `unpack`: the layer's
-    packed weights, unpacked by the same launch; `stats`: x's row moments (row_stats), as the
-    GEMM that wrote x left them (GatedResidual.stats), or None: the pass takes them itself."""
-    check_row_stats(stats, *x.shape)
+    packed weights, unpacked by the same launch; `moments`: x's row moments (row_moments), as the
+    GEMM that wrote x left them (GatedResidual.moments), or None: the pass takes them itself."""
+    check_row_moments(moments, *x.shape)
     return _ranged_pass(x, act_bits, right, unpack, smooth_inv, norm=dict(
-        shift_ptr=shift, scale_ptr=scale, stride_mod=shift.stride(0), TOKENS=tokens, EPS_NORM=eps), stats=stats)
+        shift_ptr=shift, scale_ptr=scale, stride_mod=shift.stride(0), TOKENS=tokens, EPS_NORM=eps), moments=moments)
 
 
 def ranged_quantize_rows(x: torch.Tensor, act_bits: int, right: torch.Tensor | None,
@@ -854,10 +854,10 @@ def ranged_quantize_rows(x: torch.Tensor, act_bits: int, right: torch.Tensor | N
 
 
 def _ranged_pass(x: torch.Tensor, act_bits: int, right: torch.Tensor | None, unpack: PackedWeight | None,
-                 smooth_inv: torch.Tensor | None, norm: dict | None, stats: torch.Tensor | None = None
+                 smooth_inv: torch.Tensor | None, norm: dict | None, moments: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """_ranged_quantize_rows_kernel's launch; `norm`: its norm arguments, or None (no norm);
-    `stats`: the norm's row moments (norm_quantize_rows)."""
+    `moments`: the norm's row moments (norm_quantize_rows)."""
     m, k = x.shape
     rank = 0 if right is None else right.shape[0]
     codes = torch.empty(m, k, dtype=torch.int8, device=x.device)
@@ -870,10 +870,10 @@ def _ranged_pass(x: torch.Tensor, act_bits: int, right: torch.Tensor | None, unp
     apart = rank > 0 and LORA_DOWN_APART_FROM_ROWS is not None and m >= LORA_DOWN_APART_FROM_ROWS
     _ranged_quantize_rows_kernel[grid](
         x_ptr=x, smooth_ptr=qparams if smooth_inv is None else smooth_inv,
-        stats_ptr=qparams if stats is None else stats, qparams_ptr=qparams,
+        moments_ptr=qparams if moments is None else moments, qparams_ptr=qparams,
         right_ptr=right if right is not None else qparams, codes_ptr=codes, rowsum_ptr=rowsum, down_ptr=down, M=m,
         stride_xm=x.stride(0), K=k, QMAX=float(largest_code(act_bits)), RANK=0 if apart else rank,
-        NORM=norm is not None, HAS_STATS=stats is not None, ROUND_BF16=x.dtype == torch.bfloat16,
+        NORM=norm is not None, HAS_MOMENTS=moments is not None, ROUND_BF16=x.dtype == torch.bfloat16,
         HAS_SMOOTH=smooth_inv is not None, **(norm or placeholders), **_unpack_arguments(unpack, codes),
     )
     if apart:
@@ -950,17 +950,17 @@ def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, 
     out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     placeholder = scale_w  # any float32 tensor, for pointers a kernel variant never reads
-    residual, gate, tokens, stats = gated if gated is not None else (placeholder[None], placeholder[None], 1, None)
-    check_row_stats(stats, m, n)
+    residual, gate, tokens, moments = gated if gated is not None else (placeholder[None], placeholder[None], 1, None)
+    check_row_moments(moments, m, n)
     _int8_gemm_kernel[grid](
         codes, weight, rowsum, colsum, zero_w, scale_w, placeholder if bias is None else bias, qparams,
         placeholder if down is None else down, placeholder if left is None else left, out,
         placeholder if bounds is None else bounds, placeholder if bounds_scale is None else bounds_scale,
-        residual, gate, placeholder if stats is None else stats, m, n, out.stride(0), residual.stride(0),
+        residual, gate, placeholder if moments is None else moments, m, n, out.stride(0), residual.stride(0),
         gate.stride(0), tokens,
         K=k, PACKED_K=weight.shape[1], PACKED=packed, USE_TMA=use_tma, HAS_BIAS=bias is not None, RANK=rank,
         GELU=gelu, BOUNDS=bounds is not None, BOUNDS_SCALED=bounds_scale is not None, PER_ROW=per_row(qparams),
         BOUNDS_PER_ROW=bounds is not None and per_row(bounds), SPLITS=rowsum.shape[0], GATED=gated is not None,
-        STATS=stats is not None,
+        MOMENTS=moments is not None,
     )
     return out

@@ -1,9 +1,10 @@
 """The `triton` backend's modules: a QuantLinear computed by the int8 kernels (quant/kernels.py),
 DiT's Mlp with GELU and fc2's range fused into fc1's epilogue, DiT blocks whose qkv and fc1 take
 their LayerNorm + modulation in the quantize pass, whose proj's pass takes its own ranges and whose
-proj and fc2 apply the gated residual update in their epilogues, the 8-bit adaLN on a weight-only kernel, the kernels as torch custom
-ops (opaque to torch.compile), and the swap of a model's layers for them (install_kernels, laid
-out by KernelOptions)."""
+proj and fc2 apply the gated residual update in their epilogues (with the updated rows' moments
+for the next norm), the 8-bit adaLN on a weight-only kernel, the kernels as torch custom ops
+(opaque to torch.compile), and the swap of a model's layers for them (install_kernels, laid out
+by KernelOptions)."""
 
 from __future__ import annotations
 
@@ -133,7 +134,7 @@ class TritonQuantLinear(KeepsDtypes):
                  with_moments: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """residual + gate ⊙ linear_2d(x2d, qparams) as 2-D rows, for residual (N, T, out) and the
         per-sample gate (N, out), row r of x in sample r // T; with_moments: and the output's row
-        moments for the next LayerNorm (kernels.row_stats; else None)."""
+        moments for the next LayerNorm (kernels.row_moments; else None)."""
         gate = gate if gate.stride(-1) == 1 else gate.contiguous()
         out, moments = torch.ops.ditas.int8_linear_gated(
             x2d, qparams, **self.kernel_tensors()._asdict(), residual=rows_of(residual, self.out_features),
@@ -199,7 +200,7 @@ class KernelOptions(NamedTuple):
     # proj's quantize pass takes its per-token ranges itself (KernelDiTBlock), not a reduction beforehand
     proj_own_ranges: bool = True
     # where both are on, fc1's norm pass takes its rows' mean and variance from proj's gated
-    # epilogue (kernels.GatedResidual.stats) instead of a pass of its own over them, and qkv's
+    # epilogue (kernels.GatedResidual.moments) instead of a pass of its own over them, and qkv's
     # from the previous block's fc2 (install_kernel_blocks, in a model's `blocks`)
     norm_moments_from_update: bool = True
 
@@ -404,8 +405,8 @@ def register_kernel_op() -> None:
         norm_quantize_rows,
         quantize_rows,
         ranged_quantize_rows,
-        row_stats,
-        row_stats_shape,
+        row_moments,
+        row_moments_shape,
         unpacked_alongside,
         weight_only_linear,
     )
@@ -461,15 +462,15 @@ def register_kernel_op() -> None:
                           group_table: torch.Tensor | None, residual: torch.Tensor, gate: torch.Tensor,
                           gate_tokens: int, with_moments: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """residual + gate ⊙ the layer of 2-D x (TritonQuantLinear.gated_2d), and with_moments the
-        output's row moments (kernels.row_stats; else an empty tensor)."""
-        moments = row_stats(x.shape[0], weight.shape[0], x.device) if with_moments else x.new_empty(0)
+        output's row moments (kernels.row_moments; else an empty tensor)."""
+        moments = row_moments(x.shape[0], weight.shape[0], x.device) if with_moments else x.new_empty(0)
         gated = GatedResidual(residual, gate, gate_tokens, moments if with_moments else None)
         return run(x, qparams, **tensors_of(locals()), gated=gated), moments
 
     torch.library.custom_op("ditas::int8_linear_gated", mutates_args=())(int8_linear_gated).register_fake(
         fake_rule(int8_linear_gated, lambda a: (
             a["x"].new_empty(a["x"].shape[0], a["weight"].shape[0]),
-            a["x"].new_empty(row_stats_shape(a["x"].shape[0], a["weight"].shape[0]), dtype=torch.float32)
+            a["x"].new_empty(row_moments_shape(a["x"].shape[0], a["weight"].shape[0]), dtype=torch.float32)
             if a["with_moments"] else a["x"].new_empty(0))))
 
     def int8_linear_gelu(x: torch.Tensor, qparams: torch.Tensor | None, smooth_inv: torch.Tensor | None,

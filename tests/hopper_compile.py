@@ -60,10 +60,10 @@ def compile_for_hopper(config: hopper_gemm.TileConfig, rank: int, gelu: bool, pe
     values = descriptors | dict(rowsum_ptr=i32, colsum_ptr=i32, wzero_ptr=i32, wscale_ptr=f32, bias_ptr=f32,
                                 qparams_ptr=f32, down_ptr=f32, left_ptr=bf16, bounds_ptr=f32,
                                 bounds_scale_ptr=f32, residual_desc=descriptors["out_desc"], gate_ptr=bf16,
-                                stats_ptr=f32, M=m, N=n, stride_gate=6 * n, GATE_TOKENS=256)
+                                moments_ptr=f32, M=m, N=n, stride_gate=6 * n, GATE_TOKENS=256)
     warps = hopper_gemm.math_warps(config)
     constants = dict(K=k, HAS_BIAS=True, RANK=rank, GELU=gelu, BOUNDS=gelu, BOUNDS_SCALED=gelu, PER_ROW=per_row,
-                     BOUNDS_PER_ROW=gelu and per_row, SPLITS=1, GATED=gated, STATS=moments, STAGES=config.stages,
+                     BOUNDS_PER_ROW=gelu and per_row, SPLITS=1, GATED=gated, MOMENTS=moments, STAGES=config.stages,
                      GROUP_M=config.group_m, CONSUMERS=config.consumers, INSTR_N=hopper_gemm.wgmma_instr_n(config.block_n),
                      LEFT_RANK=max(rank, 16), CONSUMER_REGISTERS=config.consumer_registers,
                      WHOLE_M=m % config.block_m == 0, WHOLE_N=n % config.block_n == 0, num_warps=warps)
@@ -93,10 +93,10 @@ TRITON_KERNELS = {
         a_ptr=torch.int8, b_ptr=torch.int8, rowsum_ptr=torch.int32, colsum_ptr=torch.int32, wzero_ptr=torch.int32,
         wscale_ptr=torch.float32, bias_ptr=torch.float32, qparams_ptr=torch.float32, down_ptr=torch.float32,
         left_ptr=torch.bfloat16, out_ptr=torch.bfloat16, bounds_ptr=torch.float32, bounds_scale_ptr=torch.float32,
-        residual_ptr=torch.bfloat16, gate_ptr=torch.bfloat16, stats_ptr=torch.float32, M=512, N=3456, stride_om=3456,
+        residual_ptr=torch.bfloat16, gate_ptr=torch.bfloat16, moments_ptr=torch.float32, M=512, N=3456, stride_om=3456,
         stride_rm=3456, stride_gate=6 * 3456, GATE_TOKENS=256),
         dict(K=1152, PACKED_K=1152, PACKED=False, USE_TMA=False, HAS_BIAS=True, RANK=32, GELU=False, BOUNDS=False,
-             BOUNDS_SCALED=False, PER_ROW=False, BOUNDS_PER_ROW=False, SPLITS=1, GATED=False, STATS=False, BLOCK_M=64,
+             BOUNDS_SCALED=False, PER_ROW=False, BOUNDS_PER_ROW=False, SPLITS=1, GATED=False, MOMENTS=False, BLOCK_M=64,
              BLOCK_N=128, BLOCK_K=128, GROUP_M=8)),
     "quantize": (kernels._quantize_rows_kernel, dict(
         x_ptr=torch.bfloat16, smooth_ptr=torch.float32, qparams_ptr=torch.float32, right_ptr=torch.bfloat16,
@@ -106,10 +106,10 @@ TRITON_KERNELS = {
              PACKED_K=2304, BLOCK_M=32, BLOCK_K=128)),
     "ranged_quantize": (kernels._ranged_quantize_rows_kernel, dict(
         x_ptr=torch.bfloat16, smooth_ptr=torch.float32, shift_ptr=torch.bfloat16, scale_ptr=torch.bfloat16,
-        stats_ptr=torch.float32, qparams_ptr=torch.float32, right_ptr=torch.bfloat16, codes_ptr=torch.int8, rowsum_ptr=torch.int32,
-        down_ptr=torch.float32, packed_ptr=torch.uint8, unpacked_ptr=torch.int8, M=4096, stride_xm=1152,
-        stride_mod=6912, TOKENS=256, EPS_NORM=1e-6, UNPACK_N=3456),
-        dict(K=1152, QMAX=255.0, RANK=32, NORM=True, HAS_STATS=False, ROUND_BF16=True, HAS_SMOOTH=False, UNPACK=True,
+        moments_ptr=torch.float32, qparams_ptr=torch.float32, right_ptr=torch.bfloat16, codes_ptr=torch.int8,
+        rowsum_ptr=torch.int32, down_ptr=torch.float32, packed_ptr=torch.uint8, unpacked_ptr=torch.int8, M=4096,
+        stride_xm=1152, stride_mod=6912, TOKENS=256, EPS_NORM=1e-6, UNPACK_N=3456),
+        dict(K=1152, QMAX=255.0, RANK=32, NORM=True, HAS_MOMENTS=False, ROUND_BF16=True, HAS_SMOOTH=False, UNPACK=True,
              PACKED_K=576, BLOCK_M=32, BLOCK_K=128)),
     "lora_down": (kernels._lora_down_kernel, dict(
         codes_ptr=torch.int8, qparams_ptr=torch.float32, right_ptr=torch.bfloat16, down_ptr=torch.float32, M=32768),

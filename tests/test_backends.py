@@ -415,10 +415,10 @@ def test_gated_layer_applies_the_residual_update_in_its_epilogue(weight_bits, ac
 
 
 def chunk_moments(rows: torch.Tensor) -> torch.Tensor:
-    """kernels.row_stats of 2-D rows, in float64 from the rows' values, as float32."""
-    from quant.kernels import ROW_STATS_COLUMNS
+    """kernels.row_moments of 2-D rows, in float64 from the rows' values, as float32."""
+    from quant.kernels import MOMENT_COLUMNS
 
-    chunks = rows.double().split(ROW_STATS_COLUMNS, dim=1)
+    chunks = rows.double().split(MOMENT_COLUMNS, dim=1)
     means = [chunk.mean(dim=1) for chunk in chunks]
     squares = [((chunk - mean[:, None]) ** 2).sum(dim=1) for chunk, mean in zip(chunks, means)]
     return torch.stack([torch.stack(means), torch.stack(squares)]).float()
@@ -436,16 +436,16 @@ def test_norm_pass_takes_its_mean_and_variance_from_the_row_moments():
     shift, scale = torch.randn(3, 80, generator=generator) * 0.3, torch.randn(3, 80, generator=generator) * 0.3
     right = torch.randn(16, 80, generator=generator)
     itself = norm_quantize_rows(x, shift, scale, 7, 1e-6, 8, right)
-    codes, rowsum, down, qparams = norm_quantize_rows(x, shift, scale, 7, 1e-6, 8, right, stats=chunk_moments(x))
+    codes, rowsum, down, qparams = norm_quantize_rows(x, shift, scale, 7, 1e-6, 8, right, moments=chunk_moments(x))
     torch.testing.assert_close(qparams, itself[3], rtol=1e-5, atol=1e-6)
     differ = codes.int() - itself[0].int()
     assert differ.abs().max() <= 1 and (differ != 0).float().mean() < 1e-2
     assert torch.equal(rowsum, codes.int().sum(dim=1)[None])
     torch.testing.assert_close(down, itself[2], rtol=1e-3, atol=1e-2)
-    other = norm_quantize_rows(x, shift, scale, 7, 1e-6, 8, right, stats=chunk_moments(x.flip(0)))
+    other = norm_quantize_rows(x, shift, scale, 7, 1e-6, 8, right, moments=chunk_moments(x.flip(0)))
     assert (other[0] != codes).float().mean() > 0.5
     with pytest.raises(ValueError, match="row moments"):
-        norm_quantize_rows(x, shift, scale, 7, 1e-6, 8, right, stats=chunk_moments(x[:, :64]))
+        norm_quantize_rows(x, shift, scale, 7, 1e-6, 8, right, moments=chunk_moments(x[:, :64]))
 
 
 def test_quantize_pass_configs_keep_to_their_program_chunk():

@@ -119,7 +119,7 @@ def test_on_the_gpu_the_norm_pass_takes_its_moments_from_the_gated_epilogue():
                                with_moments=True)
     shift, scale = adaln[:, XL_HIDDEN:2 * XL_HIDDEN], adaln[:, 2 * XL_HIDDEN:3 * XL_HIDDEN]
     itself = kernels.norm_quantize_rows(x, shift, scale, 256, 1e-6, 8, fc1.lora_right)
-    codes, _, down, qparams = kernels.norm_quantize_rows(x, shift, scale, 256, 1e-6, 8, fc1.lora_right, stats=moments)
+    codes, _, down, qparams = kernels.norm_quantize_rows(x, shift, scale, 256, 1e-6, 8, fc1.lora_right, moments=moments)
     assert_nearly_the_same_pass(codes, qparams, itself[0], itself[3])
 
 

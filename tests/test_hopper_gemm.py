@@ -59,10 +59,10 @@ TRITON_VARIANTS = {
     "gemm per row, GELU + range": ["gemm", {"PER_ROW": True, "GELU": True, "BOUNDS": True, "BOUNDS_SCALED": True,
                                              "BOUNDS_PER_ROW": True, "SPLITS": 3}, {}],
     "gemm with the gated residual update": ["gemm", {"GATED": True, "PER_ROW": True}, {}],
-    "… and its row moments": ["gemm", {"GATED": True, "PER_ROW": True, "STATS": True}, {}],
-    "… 256-wide tiles": ["gemm", {"GATED": True, "PER_ROW": True, "STATS": True, "BLOCK_M": 128, "BLOCK_N": 256}, {}],
+    "… and its row moments": ["gemm", {"GATED": True, "PER_ROW": True, "MOMENTS": True}, {}],
+    "… 256-wide tiles": ["gemm", {"GATED": True, "PER_ROW": True, "MOMENTS": True, "BLOCK_M": 128, "BLOCK_N": 256}, {}],
     "LayerNorm + modulation + quantize pass": ["ranged_quantize", {}, {}],
-    "… its mean and variance from row moments": ["ranged_quantize", {"HAS_STATS": True}, {}],
+    "… its mean and variance from row moments": ["ranged_quantize", {"HAS_MOMENTS": True}, {}],
     "… 512-wide tiles": ["ranged_quantize", {"BLOCK_M": 16, "BLOCK_K": 512}, {}],
     "… 2 rows a program": ["ranged_quantize", {"BLOCK_M": 2, "BLOCK_K": 256}, {}],
     "quantize pass taking its own per-token ranges (no norm)": ["ranged_quantize", {"NORM": False}, {}],
@@ -118,7 +118,7 @@ def test_instruction_width_divides_the_tile():
 @pytest.mark.parametrize(("rows", "out_features"), [(8192, 3456), (512, 3456), (8000, 1000)])
 def test_on_hopper_the_gluon_gemm_equals_the_triton_gemm(per_token, gated, rows, out_features):
     from benchmarks.synthetic import outlier_input, quantized_layer_pair
-    from quant.kernels import GatedResidual, int8_gemm, quantize_rows, row_stats
+    from quant.kernels import GatedResidual, int8_gemm, quantize_rows, row_moments
 
     if gated and rows % 256:
         pytest.skip("a gated update needs whole samples of 256 rows")
@@ -137,11 +137,11 @@ def test_on_hopper_the_gluon_gemm_equals_the_triton_gemm(per_token, gated, rows,
     expected = int8_gemm(codes, rowsum, qparams, layer.weight, False, *tail, warp_specialised=False, gated=update)
     assert torch.equal(hopper_gemm.int8_gemm_ws(codes, rowsum, qparams, layer.weight, *tail, gated=update), expected)
     if gated:  # and the updated rows' moments, up to the order of their float32 sums
-        triton_moments, gluon_moments = row_stats(rows, out_features, device), row_stats(rows, out_features, device)
+        triton_moments, gluon_moments = row_moments(rows, out_features, device), row_moments(rows, out_features, device)
         expected = int8_gemm(codes, rowsum, qparams, layer.weight, False, *tail, warp_specialised=False,
-                             gated=update._replace(stats=triton_moments))
+                             gated=update._replace(moments=triton_moments))
         got = hopper_gemm.int8_gemm_ws(codes, rowsum, qparams, layer.weight, *tail, gated=update._replace(
-            stats=gluon_moments))
+            moments=gluon_moments))
         assert torch.equal(got, expected)
         chunks = expected.float().unflatten(1, (-1, 128))
         torch.testing.assert_close(gluon_moments[0], chunks.mean(dim=2).T, rtol=1e-5, atol=1e-5)
