@@ -4,7 +4,9 @@ FP8 benchmark's rounding."""
 from __future__ import annotations
 
 import json
+import sys
 
+import pytest
 import torch
 
 from benchmarks.rowlog import RowLog
@@ -44,3 +46,19 @@ def test_fp8_rows_map_their_amax_to_e4m3s_largest_value_and_w4_codes_are_exact()
     assert (error <= x.abs() / 16 + scale * 2.0**-10 * 1.0001).all()
     signed = torch.arange(-15, 16).float()
     assert torch.equal(signed.to(torch.float8_e4m3fn).float(), signed)
+
+
+def test_row_pass_benchmark_refuses_a_machine_without_a_gpu_in_one_line(monkeypatch, capsys):
+    """benchmarks/row_passes.py times CUDA graphs: without a GPU it says so and exits with status 2,
+    and its LoRA placements map to kernels.LORA_DOWN_APART_FROM_ROWS (inside: never apart; apart:
+    from any size)."""
+    from benchmarks import row_passes
+
+    assert row_passes.lora_threshold("default", 32768) == 32768
+    assert row_passes.lora_threshold("inside", 32768) is None and row_passes.lora_threshold("apart", 32768) == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["row_passes", "--batches", "8"])
+    with pytest.raises(SystemExit) as stopped:
+        row_passes.main()
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
