@@ -94,6 +94,9 @@ ROWS = {
     "w4a8-token-compiled-norms-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
                                              kernels=KernelOptions(fuse_norms_below_rows=32768,
                                                                    gate_residuals_below_rows=32768)),
+    # the norm passes take their own mean and variance, not the moments of the gated epilogues
+    "w4a8-token-own-moments-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
+                                          kernels=KernelOptions(norm_moments_from_update=False)),
     # proj's per-token ranges by a reduction before its quantize pass, not taken by the pass
     "w4a8-token-proj-reduced-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
                                            kernels=KernelOptions(proj_own_ranges=False)),
