@@ -12,7 +12,8 @@ Parts (--parts):
   the int8 GEMM with its epilogue alone (default tile loads and the other kind: TMA or pointers),
   and the whole layer eagerly (range reduction, quantize pass, GEMM).
 - profile: GPU kernel time of one forward per --rows entry and --batches entry, by kind of
-  kernel (torch profiler), beside the host's wall time per eager forward.
+  kernel (torch profiler), the kernels launched per forward and the longest ones with their
+  launch counts, beside the host's wall time per eager forward.
 - sample: 50-step sampling with CFG through the samplers' own `sampling.generate` (2 × batch
   rows), random weights, no VAE, for every --rows and --batches entry, with and/or without CUDA
   graphs (--cuda-graph): ms per step, images per second, peak GPU memory, model bytes, and for
@@ -230,7 +231,7 @@ def graph_vs_eager(model, graphs: StepGraphs, noise: DeviceNoise, labels: torch.
 # GPU kernel name patterns -> the share of a forward they are counted in (first match wins)
 KERNEL_KINDS = (
     ("int8 GEMM + epilogue", ("_int8_gemm_kernel", "_int8_gemm_ws_kernel")),
-    ("quantize pass", ("_quantize_rows_kernel",)),
+    ("quantize pass", ("_quantize_rows_kernel", "_lora_down_kernel")),
     ("W4 unpack", ("_unpack_kernel", "_unpack_two_level_kernel")),
     ("adaLN weight-only kernel", ("_weight_only_kernel",)),
     ("attention", ("flash", "fmha", "attention", "sdpa")),  # before GEMMs: cuDNN's names hold "sm90" too
@@ -244,6 +245,9 @@ def kernel_kind(name: str) -> str:
         if any(p.lower() in lowered for p in patterns):
             return kind
     return "other (norms, modulation, GELU, ranges, casts)"
+
+
+TOP_KERNELS = 24  # (ms per forward, launches per forward, name) of the longest kernels, per profile row
 
 
 @torch.no_grad()
@@ -277,11 +281,11 @@ def profile_forward(model, dtype, args, device, batch: int, forwards: int = 2) -
             continue
         kind = kernel_kind(event.key)
         totals[kind] = totals.get(kind, 0.0) + micros / 1000 / forwards
-        top.append((micros / 1000 / forwards, event.key[:90]))
+        top.append((micros / 1000 / forwards, event.count // forwards, event.key[:90]))
     top.sort(reverse=True)
     return {"ms_per_forward": {k: round(v, 2) for k, v in sorted(totals.items())},
             "gpu_ms_per_forward": round(sum(totals.values()), 2), "wall_ms_per_forward": round(wall_ms, 2),
-            "top_kernels": top[:12]}
+            "kernels_per_forward": sum(calls for _, calls, _ in top), "top_kernels": top[:TOP_KERNELS]}
 
 
 def main(args: argparse.Namespace) -> None:
