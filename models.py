@@ -275,12 +275,19 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
+    def block_conditions(self, c: torch.Tensor) -> list:
+        """What each block of `blocks` is called with besides x: the conditioning c, for all. An
+        inference backend may set its own on the instance (the triton backend's
+        quant.triton_modules.ModulationBank hands each block its adaLN output instead, computed
+        for all blocks in one call: they all condition on the same c)."""
+        return [c] * len(self.blocks)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W) images or latents, t: (N,) timesteps, y: (N,) class labels."""
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / p²
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
-        for block in self.blocks:
-            x = block(x, c)  # (N, T, D)
+        for block, condition in zip(self.blocks, self.block_conditions(c)):
+            x = block(x, condition)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p² · C_out)
         return self.unpatchify(x)  # (N, C_out, H, W)
 

@@ -98,6 +98,9 @@ ROWS = {
     # the norm passes take their own mean and variance, not the moments of the gated epilogues
     "w4a8-token-own-moments-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
                                           kernels=KernelOptions(norm_moments_from_update=False)),
+    # one adaLN call per block, not all blocks' in one (ModulationBank)
+    "w4a8-token-adaln-per-block-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
+                                              kernels=KernelOptions(adaln_in_one_call=False)),
     # proj's per-token ranges by a reduction before its quantize pass, not taken by the pass
     "w4a8-token-proj-reduced-compile": Row(4, "triton", torch.bfloat16, True, "per_token",
                                            kernels=KernelOptions(proj_own_ranges=False)),

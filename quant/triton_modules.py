@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import DiTBlock, modulate
+from models import DiTBlock, Modulation, modulate
 
 from .backends import swap_covered_layers
 from .modules import KeepsDtypes, QuantLinear, WeightOnlyLinear
@@ -203,6 +203,9 @@ class KernelOptions(NamedTuple):
     # epilogue (kernels.GatedResidual.moments) instead of a pass of its own over them, and qkv's
     # from the previous block's fc2 (install_kernel_blocks, in a model's `blocks`)
     norm_moments_from_update: bool = True
+    # with weight_only_adaln, the adaLN layers of all kernel blocks in one weight-only call
+    # (ModulationBank) rather than one call per block
+    adaln_in_one_call: bool = True
 
 
 DEFAULT_KERNEL_OPTIONS = KernelOptions()
@@ -224,6 +227,59 @@ class TritonWeightOnlyLinear(KeepsDtypes):
         out = torch.ops.ditas.weight_only_linear(rows_of(x, self.in_features), self.weight_codes, self.weight_zero,
                                                  self.weight_scale, self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class BlockModulation(NamedTuple):
+    """What a KernelDiTBlock is called with in place of the conditioning c where a ModulationBank
+    computed its adaLN output: that output, (N, 6D)."""
+
+    values: torch.Tensor
+
+
+class ModulationBank:
+    """The adaLN modulations of all of a model's kernel blocks in one weight-only call. Every DiT
+    block conditions on the same c, so their 8-bit adaLN layers stacked make one (depth·6D, D)
+    layer, read by one launch instead of one per block. The blocks' TritonWeightOnlyLinear buffers
+    become views of the stacked ones (no second copy). Called as the model's block_conditions
+    (models.DiT.forward); not an nn.Module, so the model's state-dict keys and buffers stay the
+    blocks' own. Install it after the model's last move or cast (install_kernels does)."""
+
+    def __init__(self, layers: list[TritonWeightOnlyLinear]):
+        self.depth, self.width = len(layers), layers[0].out_features
+        for name in ("weight_codes", "weight_zero", "weight_scale", "bias"):
+            stacked = torch.cat([getattr(layer, name) for layer in layers])
+            setattr(self, name, stacked)
+            for index, layer in enumerate(layers):
+                setattr(layer, name, stacked[index * self.width:(index + 1) * self.width])
+
+    def __call__(self, c: torch.Tensor) -> list[BlockModulation]:
+        out = torch.ops.ditas.weight_only_linear(rows_of(F.silu(c), c.shape[-1]), self.weight_codes, self.weight_zero,
+                                                 self.weight_scale, self.bias)
+        return [BlockModulation(out[:, index * self.width:(index + 1) * self.width]) for index in range(self.depth)]
+
+
+def bankable_adaln(block: nn.Module) -> TritonWeightOnlyLinear | None:
+    """A kernel block's adaLN layer, where it is SiLU then a TritonWeightOnlyLinear (else None)."""
+    adaln = getattr(block, "adaLN_modulation", None)
+    if (isinstance(block, KernelDiTBlock) and isinstance(adaln, nn.Sequential) and len(adaln) == 2
+            and isinstance(adaln[0], nn.SiLU) and isinstance(adaln[1], TritonWeightOnlyLinear)):
+        return adaln[1]
+    return None
+
+
+def install_modulation_bank(model: nn.Module) -> int:
+    """Make a ModulationBank the model's block_conditions, where every block of its `blocks` is a
+    KernelDiTBlock with a bankable adaLN layer of one shape (else leave the model as it is); how
+    many blocks it serves."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or not hasattr(model, "block_conditions"):
+        return 0
+    layers = [bankable_adaln(block) for block in blocks]
+    if not layers or any(layer is None for layer in layers) or len(
+            {(layer.in_features, layer.out_features) for layer in layers}) != 1:
+        return 0
+    model.block_conditions = ModulationBank(layers)
+    return len(layers)
 
 
 def install_weight_only_kernels(model: nn.Module) -> int:
@@ -327,9 +383,10 @@ class KernelDiTBlock(DiTBlock):
         self.norm_moments_from_update = options.norm_moments_from_update
         self.hands_on_moments = False
 
-    def forward(self, x: torch.Tensor | ResidualStream, c: torch.Tensor) -> torch.Tensor | ResidualStream:
+    def forward(self, x: torch.Tensor | ResidualStream, c: torch.Tensor | BlockModulation
+                ) -> torch.Tensor | ResidualStream:
         x, moments = x if isinstance(x, ResidualStream) else (x, None)
-        m = self.modulation(c)
+        m = Modulation(*c.values.chunk(6, dim=1)) if isinstance(c, BlockModulation) else self.modulation(c)
         rows = x.shape[0] * x.shape[1]
         fuse_norms, gated = rows < self.fuse_norms_below_rows, rows < self.gate_residuals_below_rows
         with_moments = fuse_norms and self.norm_moments_from_update
@@ -523,3 +580,5 @@ def install_kernels(model: nn.Module, log: Callable[[str], None],
     install_kernel_blocks(model, options)
     if options.weight_only_adaln:
         install_weight_only_kernels(model)
+        if options.adaln_in_one_call:
+            install_modulation_bank(model)

@@ -281,6 +281,67 @@ def test_kernel_blocks_hand_the_next_block_their_rows_moments():
     assert not torch.allclose(model.blocks[1](other, c).x, model.blocks[1](handed, c).x, rtol=1e-3, atol=1e-3)
 
 
+def kernel_dit(seed: int = 0):
+    """A tiny DiT (64 wide, 3 blocks) laid out as install_kernels lays one out on a GPU, but for the
+    adaLN bank: per-token W4A8 kernel layers with LoRA, fused MLPs, kernel blocks, 8-bit weight-only
+    adaLN layers on their kernel."""
+    from models import DiT
+    from quant.modules import WeightOnlyLinear
+    from quant.triton_modules import install_kernel_blocks, install_weight_only_kernels
+
+    register_kernel_op()
+    torch.manual_seed(seed)
+    model = randomize(DiT(**{**TINY_PIXEL_KWARGS, "depth": 3}), seed=seed, std=0.2)
+    for index, block in enumerate(model.blocks):
+        for module, name, (k, n), smooth in ((block.attn, "qkv", (64, 192), False), (block.attn, "proj", (64, 64), False),
+                                             (block.mlp, "fc1", (64, 256), False), (block.mlp, "fc2", (256, 64), True)):
+            setattr(module, name, TritonQuantLinear(random_quant_linear(
+                k, n, rank=8, smooth=smooth, seed=10 * index + n, act_granularity="per_token")))
+        block.adaLN_modulation[1] = WeightOnlyLinear.from_linear(block.adaLN_modulation[1], 8)
+    fuse_mlps(model)
+    install_kernel_blocks(model)
+    install_weight_only_kernels(model)
+    return model.eval()
+
+
+def test_the_adaln_bank_computes_every_blocks_modulation_in_one_call(monkeypatch):
+    """ModulationBank: the blocks' adaLN layers stacked into one weight-only call give the model's
+    output of one call per block, bit for bit (the same products under the interpreter), hold no
+    second copy of the weights and leave the state dict as it was."""
+    from quant.triton_modules import ModulationBank, install_modulation_bank
+
+    model = kernel_dit()
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 10])
+    with torch.no_grad():
+        expected = model(x, t, y)
+    keys = {name: (tensor.shape, tensor.dtype) for name, tensor in model.state_dict().items()}
+    assert install_modulation_bank(model) == 3 and isinstance(model.block_conditions, ModulationBank)
+    assert {name: (tensor.shape, tensor.dtype) for name, tensor in model.state_dict().items()} == keys
+    bank = model.block_conditions
+    for index, block in enumerate(model.blocks):  # views of the stacked codes, in block order
+        codes = block.adaLN_modulation[1].weight_codes
+        assert codes.untyped_storage().data_ptr() == bank.weight_codes.untyped_storage().data_ptr()
+        assert torch.equal(codes, bank.weight_codes[index * 384:(index + 1) * 384])
+    calls = []
+    weight_only = torch.ops.ditas.weight_only_linear
+    monkeypatch.setattr(torch.ops.ditas, "weight_only_linear", lambda *a: calls.append(a[1].shape) or weight_only(*a))
+    with torch.no_grad():
+        got = model(x, t, y)
+    assert calls == [(3 * 384, 64)]  # one call, for the three blocks
+    assert torch.equal(got, expected)
+
+
+def test_the_adaln_bank_is_left_out_where_a_block_is_not_on_the_kernels():
+    """A block whose adaLN is not on the weight-only kernel (or a model without `blocks`) keeps one
+    call per block: the bank is not installed and the model's own block_conditions stay."""
+    from quant.triton_modules import install_modulation_bank
+
+    model = kernel_dit()
+    model.blocks[1].adaLN_modulation[1] = torch.nn.Linear(64, 384)
+    assert install_modulation_bank(model) == 0 and "block_conditions" not in vars(model)
+    assert install_modulation_bank(torch.nn.Linear(3, 3)) == 0
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_quantize_passes_unpack_a_layers_packed_weights_beside_their_rows(splits):
     """PackedWeight: the programs past a pass's row blocks unpack the W4 codes as unpack_signed
