@@ -87,6 +87,11 @@ def check_kernels(device, models: list[str], layers: list[str], emit) -> bool:
                     row = check_fused_mlp(hidden, bits, dtype, tolerance, device, granularity)
                     ok &= row["passed"]
                     emit({"part": "check", "model": model_name, **row})
+        if "model" in layers and model_name == "DiT-XL/2":  # the whole model: the synthetic one of speed.py
+            for options in MODEL_LAYOUTS.values():
+                row = check_kernel_model(model_name, device, options)
+                ok &= row["passed"]
+                emit({"part": "check", "model": model_name, **row})
         if "block" in layers:  # KernelDiTBlock; 2 images: batch 1 with CFG, on the Triton GEMM
             for images in (2, LARGE_ROWS // 256):
                 for layout in BLOCK_LAYOUTS:
@@ -95,6 +100,44 @@ def check_kernels(device, models: list[str], layers: list[str], emit) -> bool:
                         ok &= row["passed"]
                         emit({"part": "check", "model": model_name, **row})
     return ok
+
+
+# Layouts of the whole-model check: install_kernels's default, and one adaLN call per block
+MODEL_LAYOUTS = {"default": KernelOptions(), "adaLN per block": KernelOptions(adaln_in_one_call=False)}
+# The whole model on the kernels may be this much further from its float32 fake numerics than the
+# fake numerics in bf16 are (the kernels round where bf16 layers would, and a few places more)
+MODEL_ERROR_RATIO = 1.25
+
+
+@torch.no_grad()
+def check_kernel_model(name: str, device, options: KernelOptions, images: int = 16) -> dict:
+    """The synthetic W4A8 model of speed.py (per-token ranges, 8-bit adaLN) laid out on the kernels
+    by `options`, one forward of `images` (batch 8 with CFG), against its fake numerics in float32;
+    the fake numerics in bf16 set the tolerance (MODEL_ERROR_RATIO times their error)."""
+    import copy
+
+    from benchmarks.synthetic import synthetic_quantized_dit
+    from quant.backends import cast_float_parts, prepare_for_inference
+    from quant.triton_modules import install_kernels
+
+    quantized = synthetic_quantized_dit(name, 256, device, 4, 8, "per_token")
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(images, 4, 32, 32, generator=generator).to(device)
+    t = torch.randint(0, 1000, (images,), generator=generator).to(device)
+    y = torch.randint(0, 1001, (images,), generator=generator).to(device)
+    reference = prepare_for_inference(copy.deepcopy(quantized), "fake", torch.float32, log=lambda _: None)(x, t, y)
+    bf16 = prepare_for_inference(copy.deepcopy(quantized), "fake", torch.bfloat16, log=lambda _: None)
+    fake_error = relative_error(bf16(x.bfloat16(), t, y), reference)
+    del bf16
+    kernels = quantized
+    cast_float_parts(kernels, torch.bfloat16)
+    install_kernels(kernels, lambda _: None, options)
+    error = relative_error(kernels(x.bfloat16(), t, y), reference)
+    tolerance = MODEL_ERROR_RATIO * fake_error
+    layout = next(key for key, value in MODEL_LAYOUTS.items() if value == options)
+    return {"layer": f"model ({layout})", "shape": [images * 256, 1152, 1152], "weight_bits": 4, "act": "per_token",
+            "input": "bfloat16", "fake_bf16_relative_error": fake_error, "relative_error": error,
+            "tolerance": tolerance, "passed": error < tolerance}
 
 
 # KernelDiTBlock layouts the block check runs (install_kernels's default, and batch 64's)

@@ -14,8 +14,7 @@ Per batch (M = batch × 2 (CFG) × 256 rows), with the synthetic per-token W4A8 
   writing the moments or not (what the norm's moments cost where they are made).
 The ranged passes (`norm`, `proj`) run with the LoRA's down-projection where
 kernels.LORA_DOWN_APART_FROM_ROWS puts it, and with `--lora-placements inside apart` also
-inside the pass and apart at every size; with `--pass-loops plain pipelined`, with their tile
-loops plain and software-pipelined (kernels.PIPELINED_PASS_FROM_ROWS) at every size. Effective GB/s counts the activation's bytes read once
+inside the pass and apart at every size. Effective GB/s counts the activation's bytes read once
 and the codes written. Rows are appended, as measured, to --output
 (benchmarks/results/quantize_pass.jsonl) with the call id, card, date and commit.
 """
@@ -37,18 +36,11 @@ from quant.triton_modules import register_kernel_op
 
 # where the ranged passes' LoRA down-projection runs: as the kernels decide, or forced
 LORA_PLACEMENTS = ("default", "inside", "apart")
-# the ranged passes' tile loops: as the kernels decide, or forced plain or software-pipelined
-PASS_LOOPS = ("default", "plain", "pipelined")
 
 
 def lora_threshold(placement: str, default: int | None) -> int | None:
     """kernels.LORA_DOWN_APART_FROM_ROWS for a placement (`default`: the kernels' own threshold)."""
     return {"default": default, "inside": None, "apart": 0}[placement]
-
-
-def pipelined_threshold(loops: str, default: int | None) -> int | None:
-    """kernels.PIPELINED_PASS_FROM_ROWS for a choice of PASS_LOOPS."""
-    return {"default": default, "plain": None, "pipelined": 0}[loops]
 
 
 def row_passes(rows: int, device) -> dict[str, tuple[Callable[[], object], int, int]]:
@@ -86,24 +78,19 @@ def row_passes(rows: int, device) -> dict[str, tuple[Callable[[], object], int, 
 RANGED = ("norm", "norm from moments", "proj")  # the passes the LoRA placement applies to
 
 
-def measure(batches: list[int], placements: list[str], pass_loops: list[str], log: RowLog, device) -> None:
-    default_apart, default_pipelined = kernels.LORA_DOWN_APART_FROM_ROWS, kernels.PIPELINED_PASS_FROM_ROWS
+def measure(batches: list[int], placements: list[str], log: RowLog, device) -> None:
+    default = kernels.LORA_DOWN_APART_FROM_ROWS
     for batch in batches:
         rows = 2 * batch * TOKENS
         for name, (run, k, moved) in row_passes(rows, device).items():
-            variants = [(p, loops) for p in placements for loops in pass_loops] if name in RANGED else [
-                ("default", "default")]
-            for placement, loops in variants:
-                kernels.LORA_DOWN_APART_FROM_ROWS = lora_threshold(placement, default_apart)
-                kernels.PIPELINED_PASS_FROM_ROWS = pipelined_threshold(loops, default_pipelined)
+            for placement in placements if name in RANGED else ["default"]:
+                kernels.LORA_DOWN_APART_FROM_ROWS = lora_threshold(placement, default)
                 try:
                     us = 1000 * graphed_ms(run)
                 finally:
-                    kernels.LORA_DOWN_APART_FROM_ROWS = default_apart
-                    kernels.PIPELINED_PASS_FROM_ROWS = default_pipelined
+                    kernels.LORA_DOWN_APART_FROM_ROWS = default
                 log.add({"kernel": name, "batch": batch, "M": rows, "K": k, "lora_down": placement,
-                         "loops": loops, "us (graphed)": round(us, 1),
-                         "GB_per_s": round(moved / us / 1000, 1) if moved else None})
+                         "us (graphed)": round(us, 1), "GB_per_s": round(moved / us / 1000, 1) if moved else None})
 
 
 def main() -> None:
@@ -113,9 +100,6 @@ def main() -> None:
     parser.add_argument("--lora-placements", nargs="+", default=["default"], choices=LORA_PLACEMENTS,
                         help="where the ranged passes' LoRA down-projection runs: as kernels.LORA_DOWN_APART_FROM_ROWS "
                              "decides (default), inside the pass, or apart (kernels.lora_down) at every size")
-    parser.add_argument("--pass-loops", nargs="+", default=["default"], choices=PASS_LOOPS,
-                        help="the ranged passes' tile loops: as kernels.PIPELINED_PASS_FROM_ROWS decides (default), "
-                             "plain, or software-pipelined (kernels.RANGED_PASS_STAGES) at every size")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "quantize_pass.jsonl"),
                         help="JSON lines file every row is appended to as it is measured")
     args = parser.parse_args()
@@ -124,7 +108,7 @@ def main() -> None:
         sys.exit(2)
     device = torch.device("cuda")
     register_kernel_op()
-    measure(args.batches, args.lora_placements, args.pass_loops, RowLog(args.output, common=provenance(card_of(device))), device)
+    measure(args.batches, args.lora_placements, RowLog(args.output, common=provenance(card_of(device))), device)
 
 
 if __name__ == "__main__":

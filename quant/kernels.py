@@ -161,10 +161,6 @@ LORA_DOWN_CONFIGS = _configs(
 # (batch 8) 9.51 against 9.09 (benchmarks/RESULTS.md, fourteenth session). Between the two
 # nothing was measured.
 LORA_DOWN_APART_FROM_ROWS: int | None = 32768
-# Ranged passes of at least this many rows software-pipeline their tile loops (tl.range with
-# RANGED_PASS_STAGES stages: each tile's loads go out while earlier tiles are reduced; None: none).
-PIPELINED_PASS_FROM_ROWS: int | None = None
-RANGED_PASS_STAGES = 3
 
 WEIGHT_ONLY_CONFIGS = _configs(
     [dict(BLOCK_N=32, BLOCK_K=128, warps=4, stages=4), dict(BLOCK_N=64, BLOCK_K=128, warps=4, stages=4),
@@ -299,14 +295,14 @@ def _range_qparams(lo, hi, QMAX: tl.constexpr):
 
 
 @triton.autotune(configs=RANGED_QUANTIZE_CONFIGS,
-                 key=["M", "K", "RANK", "NORM", "HAS_MOMENTS", "HAS_SMOOTH", "UNPACK", "STAGES"])
+                 key=["M", "K", "RANK", "NORM", "HAS_MOMENTS", "HAS_SMOOTH", "UNPACK"])
 @triton.jit
 def _ranged_quantize_rows_kernel(
     x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr,
     packed_ptr, unpacked_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, UNPACK_N,
     K: tl.constexpr, QMAX: tl.constexpr, RANK: tl.constexpr, NORM: tl.constexpr, HAS_MOMENTS: tl.constexpr,
     ROUND_BF16: tl.constexpr, HAS_SMOOTH: tl.constexpr, UNPACK: tl.constexpr, PACKED_K: tl.constexpr,
-    STAGES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The quantize pass of an activation with per-token ranges that the pass takes itself: of x,
     or with NORM of LayerNorm(x)·(1 + scale) + shift (DiT's norm + adaLN modulation; no affine;
@@ -319,14 +315,12 @@ def _ranged_quantize_rows_kernel(
     (modulated or not) is multiplied by the layer's on-the-fly smoothing factors in float32, as
     quantize_rows does, before its range and codes. Writes codes − 128, row sums, the LoRA
     down-projection (one split) and each row's [scale; zero] to qparams (2, M).
-    With UNPACK, the programs past the row blocks unpack the layer's packed weights (_unpack_block).
-    STAGES software-pipelines the tile loops (their loads issued STAGES − 1 tiles ahead; None:
-    plain loops, compiled as `range` ones)."""
+    With UNPACK, the programs past the row blocks unpack the layer's packed weights (_unpack_block)."""
     row_block = tl.program_id(0)
     if row_block < tl.cdiv(M, BLOCK_M):
         _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qparams_ptr, right_ptr, codes_ptr,
                           rowsum_ptr, down_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block, K, QMAX, RANK,
-                          NORM, HAS_MOMENTS, ROUND_BF16, HAS_SMOOTH, STAGES, BLOCK_M, BLOCK_K)
+                          NORM, HAS_MOMENTS, ROUND_BF16, HAS_SMOOTH, BLOCK_M, BLOCK_K)
     elif UNPACK:
         _unpack_block(row_block - tl.cdiv(M, BLOCK_M), packed_ptr, unpacked_ptr, UNPACK_N, K, PACKED_K)
 
@@ -335,8 +329,8 @@ def _ranged_quantize_rows_kernel(
 def _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qparams_ptr, right_ptr, codes_ptr,
                       rowsum_ptr, down_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block, K: tl.constexpr,
                       QMAX: tl.constexpr, RANK: tl.constexpr, NORM: tl.constexpr, HAS_MOMENTS: tl.constexpr,
-                      ROUND_BF16: tl.constexpr, HAS_SMOOTH: tl.constexpr, STAGES: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                      ROUND_BF16: tl.constexpr, HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
     """The ranged pass of one row block. Its tile loops stay loops: unrolled (tl.static_range) the
     pass ran 1.1-1.2x faster alone, but in the model at batch 8 sampling took 6 % longer (and a
     software-pipelined loop 1 % longer) than looped; at batch 1 the three were within 1 %
@@ -359,7 +353,7 @@ def _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qpar
                 mean, squares = _merged_moments(mean, squares, part_mean, part_squares, seen,
                                                 tl.minimum(K - seen, MOMENT_WIDTH).to(tl.float32))
         else:
-            for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            for k0 in range(0, K, BLOCK_K):
                 cols = k0 + tl.arange(0, BLOCK_K)
                 mask = row_ok[:, None] & (cols < K)[None, :]
                 x = _smoothed_tile(x_ptr, x_ptr, rows, cols, mask, cols < K, stride_xm, False)
@@ -371,7 +365,7 @@ def _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qpar
         rstd = 1.0 / tl.sqrt(squares / K + EPS_NORM)
     lo = tl.zeros([BLOCK_M], dtype=tl.float32)
     hi = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+    for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (cols < K)[None, :]
         y = _pass_input_tile(x_ptr, smooth_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd,
@@ -386,7 +380,7 @@ def _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qpar
     if RANK > 0:
         down = tl.zeros([BLOCK_M, RANK], dtype=tl.float32)
         ranks = tl.arange(0, RANK)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+    for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         mask = row_ok[:, None] & col_ok[None, :]
@@ -874,15 +868,13 @@ def _ranged_pass(x: torch.Tensor, act_bits: int, right: torch.Tensor | None, unp
     unpack_blocks = 0 if unpack is None else unpack_programs(unpack.packed.shape[0], k)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) + unpack_blocks,)  # noqa: E731
     apart = rank > 0 and LORA_DOWN_APART_FROM_ROWS is not None and m >= LORA_DOWN_APART_FROM_ROWS
-    pipelined = PIPELINED_PASS_FROM_ROWS is not None and m >= PIPELINED_PASS_FROM_ROWS
     _ranged_quantize_rows_kernel[grid](
         x_ptr=x, smooth_ptr=qparams if smooth_inv is None else smooth_inv,
         moments_ptr=qparams if moments is None else moments, qparams_ptr=qparams,
         right_ptr=right if right is not None else qparams, codes_ptr=codes, rowsum_ptr=rowsum, down_ptr=down, M=m,
         stride_xm=x.stride(0), K=k, QMAX=float(largest_code(act_bits)), RANK=0 if apart else rank,
         NORM=norm is not None, HAS_MOMENTS=moments is not None, ROUND_BF16=x.dtype == torch.bfloat16,
-        HAS_SMOOTH=smooth_inv is not None, STAGES=RANGED_PASS_STAGES if pipelined else None, **(norm or placeholders),
-        **_unpack_arguments(unpack, codes),
+        HAS_SMOOTH=smooth_inv is not None, **(norm or placeholders), **_unpack_arguments(unpack, codes),
     )
     if apart:
         lora_down(codes, qparams, right, down[0])

@@ -110,7 +110,7 @@ TRITON_KERNELS = {
         rowsum_ptr=torch.int32, down_ptr=torch.float32, packed_ptr=torch.uint8, unpacked_ptr=torch.int8, M=4096,
         stride_xm=1152, stride_mod=6912, TOKENS=256, EPS_NORM=1e-6, UNPACK_N=3456),
         dict(K=1152, QMAX=255.0, RANK=32, NORM=True, HAS_MOMENTS=False, ROUND_BF16=True, HAS_SMOOTH=False, UNPACK=True,
-             PACKED_K=576, STAGES=None, BLOCK_M=32, BLOCK_K=128)),
+             PACKED_K=576, BLOCK_M=32, BLOCK_K=128)),
     "lora_down": (kernels._lora_down_kernel, dict(
         codes_ptr=torch.int8, qparams_ptr=torch.float32, right_ptr=torch.bfloat16, down_ptr=torch.float32, M=32768),
         dict(K=1152, RANK=32, BLOCK_M=128, BLOCK_K=128)),

@@ -123,33 +123,6 @@ def test_on_the_gpu_the_norm_pass_takes_its_moments_from_the_gated_epilogue():
     assert_nearly_the_same_pass(codes, qparams, itself[0], itself[3])
 
 
-@pytest.mark.parametrize("norm", [True, False])
-def test_on_the_gpu_the_pipelined_passes_equal_the_plain_ones(norm, monkeypatch):
-    """kernels.PIPELINED_PASS_FROM_ROWS at batch 64's 32,768 rows: the software-pipelined tile loops
-    give the plain loops' codes, row sums, ranges and down-projection bit for bit (fc1's norm pass
-    from proj's moments, and proj's ranged pass): the same arithmetic, only the loads move."""
-    from benchmarks.synthetic import outlier_input, quantized_layer_pair
-    from quant import kernels
-
-    device = torch.device("cuda")
-    rows = 32768
-    _, layer = quantized_layer_pair(XL_HIDDEN, XL_HIDDEN, 4, False, device, act_granularity="per_token")
-    x = outlier_input(rows, XL_HIDDEN, device, torch.bfloat16, seed=7)
-    if norm:
-        moments = torch.stack([x.float().reshape(rows, -1, 128).mean(-1).T,
-                               x.float().reshape(rows, -1, 128).var(-1, unbiased=False).T * 128])
-        modulation = torch.randn(rows // 256, 2 * XL_HIDDEN, device=device, dtype=torch.bfloat16) * 0.3
-        run = lambda: kernels.norm_quantize_rows(x, modulation[:, :XL_HIDDEN], modulation[:, XL_HIDDEN:], 256,  # noqa: E731
-                                                 1e-6, 8, layer.lora_right, moments=moments.contiguous())
-    else:
-        run = lambda: kernels.ranged_quantize_rows(x, 8, layer.lora_right)  # noqa: E731
-    monkeypatch.setattr(kernels, "PIPELINED_PASS_FROM_ROWS", None)
-    plain = run()
-    monkeypatch.setattr(kernels, "PIPELINED_PASS_FROM_ROWS", rows)
-    pipelined = run()
-    assert all(torch.equal(a, b) for a, b in zip(pipelined, plain))
-
-
 def assert_nearly_the_same_pass(codes, qparams, expected_codes, expected_qparams):
     """Two norm passes whose means and variances were rounded differently: codes off by at most one
     in fewer than 0.1 % of them, and the same ranges but in fewer than 0.1 % of the rows (where a
