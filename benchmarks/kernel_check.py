@@ -88,8 +88,8 @@ def check_kernels(device, models: list[str], layers: list[str], emit) -> bool:
                     ok &= row["passed"]
                     emit({"part": "check", "model": model_name, **row})
         if "model" in layers and model_name == "DiT-XL/2":  # the whole model: the synthetic one of speed.py
-            for options in MODEL_LAYOUTS.values():
-                row = check_kernel_model(model_name, device, options)
+            for layout in MODEL_LAYOUTS:
+                row = check_kernel_model(model_name, device, layout)
                 ok &= row["passed"]
                 emit({"part": "check", "model": model_name, **row})
         if "block" in layers:  # KernelDiTBlock; 2 images: batch 1 with CFG, on the Triton GEMM
@@ -110,9 +110,9 @@ MODEL_ERROR_RATIO = 1.25
 
 
 @torch.no_grad()
-def check_kernel_model(name: str, device, options: KernelOptions, images: int = 16) -> dict:
+def check_kernel_model(name: str, device, layout: str, images: int = 16) -> dict:
     """The synthetic W4A8 model of speed.py (per-token ranges, 8-bit adaLN) laid out on the kernels
-    by `options`, one forward of `images` (batch 8 with CFG), against its fake numerics in float32;
+    as MODEL_LAYOUTS[layout], one forward of `images` (batch 8 with CFG), against its fake numerics in float32;
     the fake numerics in bf16 set the tolerance (MODEL_ERROR_RATIO times their error)."""
     import copy
 
@@ -131,10 +131,9 @@ def check_kernel_model(name: str, device, options: KernelOptions, images: int = 
     del bf16
     kernels = quantized
     cast_float_parts(kernels, torch.bfloat16)
-    install_kernels(kernels, lambda _: None, options)
+    install_kernels(kernels, lambda _: None, MODEL_LAYOUTS[layout])
     error = relative_error(kernels(x.bfloat16(), t, y), reference)
     tolerance = MODEL_ERROR_RATIO * fake_error
-    layout = next(key for key, value in MODEL_LAYOUTS.items() if value == options)
     return {"layer": f"model ({layout})", "shape": [images * 256, 1152, 1152], "weight_bits": 4, "act": "per_token",
             "input": "bfloat16", "fake_bf16_relative_error": fake_error, "relative_error": error,
             "tolerance": tolerance, "passed": error < tolerance}
