@@ -62,3 +62,18 @@ def test_row_pass_benchmark_refuses_a_machine_without_a_gpu_in_one_line(monkeypa
         row_passes.main()
     assert stopped.value.code == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_cutlass_benchmark_refuses_a_machine_without_a_hopper_gpu_in_one_line(monkeypatch, capsys, tmp_path):
+    """benchmarks/cutlass_gemm.py builds and times sm90 kernels: without a Hopper GPU it says so and
+    exits with status 2, and it finds no nvcc or CUTLASS tree where there is none."""
+    from benchmarks import cutlass_gemm
+
+    assert cutlass_gemm.find_nvcc(str(tmp_path / "nvcc")) is None
+    assert cutlass_gemm.cutlass_root(str(tmp_path)) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["cutlass_gemm"])
+    with pytest.raises(SystemExit) as stopped:
+        cutlass_gemm.main()
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
