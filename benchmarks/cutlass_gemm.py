@@ -95,6 +95,7 @@ def build(nvcc: str, cutlass: Path, build_dir: Path) -> Path:
 
 
 def load(library: Path):
+    """The library's C entry point, typed for ctypes."""
     gemm = ctypes.CDLL(str(library)).scaled_int8_gemm
     gemm.restype = ctypes.c_int
     gemm.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_int] * 3 + [ctypes.c_void_p]
@@ -173,13 +174,19 @@ def main() -> None:
         refuse("benchmarks.cutlass_gemm times sm90 kernels: run it on a Hopper GPU (H100, H200)")
     if args.library:
         library = Path(args.library)
+        if not library.is_file():
+            refuse(f"--library {library}: no such file; build it by leaving --library out")
     else:
         nvcc, cutlass = find_nvcc(args.nvcc), cutlass_root(args.cutlass)
         if nvcc is None:
             refuse("no nvcc found: pass --nvcc, set CUDA_HOME, or put the CUDA toolkit's bin on PATH")
         if cutlass is None:
             refuse("no CUTLASS headers found: pip install nvidia-cutlass, or pass --cutlass <source tree>")
-        library = build(nvcc, cutlass, Path(args.build_dir))
+        try:
+            library = build(nvcc, cutlass, Path(args.build_dir))
+        except subprocess.CalledProcessError:
+            refuse(f"nvcc could not build {SOURCE.name} (its messages above): the source was written for "
+                   "CUTLASS 4.2's headers and nvcc 13.0; pass --cutlass with such a tree")
     device = torch.device("cuda")
     gemm, log = load(library), RowLog(args.output, common=provenance(card_of(device)))
     generator = torch.Generator(device=device).manual_seed(0)
