@@ -255,6 +255,9 @@ class ModulationBank:
                 setattr(layer, name, stacked[index * self.width:(index + 1) * self.width])
 
     def __call__(self, c: torch.Tensor) -> list[BlockModulation]:
+        if c.device != self.weight_codes.device:  # the model moved after install_kernels: the views did not
+            raise RuntimeError(f"the adaLN bank's weights are on {self.weight_codes.device}, the model's input on "
+                               f"{c.device}: move the model before preparing it for the triton backend")
         out = torch.ops.ditas.weight_only_linear(rows_of(F.silu(c), c.shape[-1]), self.weight_codes, self.weight_zero,
                                                  self.weight_scale, self.bias)
         return [BlockModulation(out[:, index * self.width:(index + 1) * self.width]) for index in range(self.depth)]

@@ -329,6 +329,8 @@ def test_the_adaln_bank_computes_every_blocks_modulation_in_one_call(monkeypatch
         got = model(x, t, y)
     assert calls == [(3 * 384, 64)]  # one call, for the three blocks
     assert torch.equal(got, expected)
+    with pytest.raises(RuntimeError, match="move the model before preparing it"):  # a model moved after the install
+        bank(torch.empty(2, 64, device="meta"))
 
 
 def test_the_adaln_bank_is_left_out_where_a_block_is_not_on_the_kernels():
