@@ -25,7 +25,6 @@ import functools
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -35,6 +34,8 @@ from benchmarks.hopper_gemm import graphed_ms
 from benchmarks.rowlog import RowLog, card_of, provenance
 from benchmarks.speed import bench_ms
 from benchmarks.synthetic import HIDDEN, layer_shapes
+from runtime.cli import run_cli
+from runtime.errors import UserError
 
 SOURCE = Path(__file__).parent / "cutlass" / "scaled_int8_gemm.cu"
 VARIANTS = {  # the source's variant numbers
@@ -153,12 +154,6 @@ def relative_error(out: torch.Tensor, exact: torch.Tensor) -> float:
     return ((out.double() - exact).norm() / exact.norm()).item()
 
 
-def refuse(message: str) -> None:
-    """One line naming the fix, exit status 2."""
-    print(message, file=sys.stderr)
-    sys.exit(2)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=32768, help="M of every GEMM (batch 64 with CFG: 32,768)")
@@ -171,22 +166,22 @@ def main() -> None:
                         help="JSON lines file every row is appended to as it is measured")
     args = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        refuse("benchmarks.cutlass_gemm times sm90 kernels: run it on a Hopper GPU (H100, H200)")
+        raise UserError("benchmarks.cutlass_gemm times sm90 kernels: run it on a Hopper GPU (H100, H200)")
     if args.library:
         library = Path(args.library)
         if not library.is_file():
-            refuse(f"--library {library}: no such file; build it by leaving --library out")
+            raise UserError(f"--library {library}: no such file; build it by leaving --library out")
     else:
         nvcc, cutlass = find_nvcc(args.nvcc), cutlass_root(args.cutlass)
         if nvcc is None:
-            refuse("no nvcc found: pass --nvcc, set CUDA_HOME, or put the CUDA toolkit's bin on PATH")
+            raise UserError("no nvcc found: pass --nvcc, set CUDA_HOME, or put the CUDA toolkit's bin on PATH")
         if cutlass is None:
-            refuse("no CUTLASS headers found: pip install nvidia-cutlass, or pass --cutlass <source tree>")
+            raise UserError("no CUTLASS headers found: pip install nvidia-cutlass, or pass --cutlass <source tree>")
         try:
             library = build(nvcc, cutlass, Path(args.build_dir))
-        except subprocess.CalledProcessError:
-            refuse(f"nvcc could not build {SOURCE.name} (its messages above): the source was written for "
-                   "CUTLASS 4.2's headers and nvcc 13.0; pass --cutlass with such a tree")
+        except subprocess.CalledProcessError as failure:
+            raise UserError(f"nvcc could not build {SOURCE.name} (its messages above): the source was written for "
+                   "CUTLASS 4.2's headers and nvcc 13.0; pass --cutlass with such a tree") from failure
     device = torch.device("cuda")
     gemm, log = load(library), RowLog(args.output, common=provenance(card_of(device)))
     generator = torch.Generator(device=device).manual_seed(0)
@@ -195,4 +190,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

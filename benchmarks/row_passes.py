@@ -22,7 +22,6 @@ and the codes written. Rows are appended, as measured, to --output
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +32,8 @@ from benchmarks.rowlog import RowLog, card_of, provenance
 from benchmarks.synthetic import HIDDEN, TOKENS, layer_shapes, outlier_input, quantized_layer_pair
 from quant import kernels
 from quant.triton_modules import register_kernel_op
+from runtime.cli import run_cli
+from runtime.errors import UserError
 
 # where the ranged passes' LoRA down-projection runs: as the kernels decide, or forced
 LORA_PLACEMENTS = ("default", "inside", "apart")
@@ -104,12 +105,11 @@ def main() -> None:
                         help="JSON lines file every row is appended to as it is measured")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("benchmarks.row_passes times CUDA kernels: run it on a machine with a CUDA GPU", file=sys.stderr)
-        sys.exit(2)
+        raise UserError("benchmarks.row_passes times CUDA kernels: run it on a machine with a CUDA GPU")
     device = torch.device("cuda")
     register_kernel_op()
     measure(args.batches, args.lora_placements, RowLog(args.output, common=provenance(card_of(device))), device)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

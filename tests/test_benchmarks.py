@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks.rowlog import RowLog
+from runtime.cli import run_cli
 
 
 def test_row_log_appends_each_row_at_once_with_the_common_fields_first(tmp_path, capsys):
@@ -59,7 +60,7 @@ def test_row_pass_benchmark_refuses_a_machine_without_a_gpu_in_one_line(monkeypa
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(sys, "argv", ["row_passes", "--batches", "8"])
     with pytest.raises(SystemExit) as stopped:
-        row_passes.main()
+        run_cli(row_passes.main)
     assert stopped.value.code == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
 
@@ -74,6 +75,6 @@ def test_cutlass_benchmark_refuses_a_machine_without_a_hopper_gpu_in_one_line(mo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(sys, "argv", ["cutlass_gemm"])
     with pytest.raises(SystemExit) as stopped:
-        cutlass_gemm.main()
+        run_cli(cutlass_gemm.main)
     assert stopped.value.code == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
