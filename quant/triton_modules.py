@@ -247,12 +247,12 @@ class ModulationBank:
     blocks' own. Install it after the model's last move or cast (install_kernels does)."""
 
     def __init__(self, layers: list[TritonWeightOnlyLinear]):
-        self.depth, self.width = len(layers), layers[0].out_features
+        self.width = layers[0].out_features  # every block's adaLN output, (N, width)
         for name in ("weight_codes", "weight_zero", "weight_scale", "bias"):
             stacked = torch.cat([getattr(layer, name) for layer in layers])
             setattr(self, name, stacked)
-            for index, layer in enumerate(layers):
-                setattr(layer, name, stacked[index * self.width:(index + 1) * self.width])
+            for layer, rows in zip(layers, stacked.split(self.width)):
+                setattr(layer, name, rows)
 
     def __call__(self, c: torch.Tensor) -> list[BlockModulation]:
         if c.device != self.weight_codes.device:  # the model moved after install_kernels: the views did not
@@ -260,7 +260,7 @@ class ModulationBank:
                                f"{c.device}: move the model before preparing it for the triton backend")
         out = torch.ops.ditas.weight_only_linear(rows_of(F.silu(c), c.shape[-1]), self.weight_codes, self.weight_zero,
                                                  self.weight_scale, self.bias)
-        return [BlockModulation(out[:, index * self.width:(index + 1) * self.width]) for index in range(self.depth)]
+        return [BlockModulation(values) for values in out.split(self.width, dim=1)]
 
 
 def bankable_adaln(block: nn.Module) -> TritonWeightOnlyLinear | None:
