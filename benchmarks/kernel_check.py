@@ -88,8 +88,7 @@ def check_kernels(device, models: list[str], layers: list[str], emit) -> bool:
                     ok &= row["passed"]
                     emit({"part": "check", "model": model_name, **row})
         if "model" in layers and model_name == "DiT-XL/2":  # the whole model: the synthetic one of speed.py
-            for layout in MODEL_LAYOUTS:
-                row = check_kernel_model(model_name, device, layout)
+            for row in check_kernel_model(model_name, device):
                 ok &= row["passed"]
                 emit({"part": "check", "model": model_name, **row})
         if "block" in layers:  # KernelDiTBlock; 2 images: batch 1 with CFG, on the Triton GEMM
@@ -110,10 +109,11 @@ MODEL_ERROR_RATIO = 1.25
 
 
 @torch.no_grad()
-def check_kernel_model(name: str, device, layout: str, images: int = 16) -> dict:
+def check_kernel_model(name: str, device, images: int = 16) -> list[dict]:
     """The synthetic W4A8 model of speed.py (per-token ranges, 8-bit adaLN) laid out on the kernels
-    as MODEL_LAYOUTS[layout], one forward of `images` (batch 8 with CFG), against its fake numerics in float32;
-    the fake numerics in bf16 set the tolerance (MODEL_ERROR_RATIO times their error)."""
+    as each of MODEL_LAYOUTS, one forward of `images` (batch 8 with CFG), against its fake numerics
+    in float32; the fake numerics in bf16 set the tolerance (MODEL_ERROR_RATIO times their error).
+    The model and both references are made once for all layouts."""
     import copy
 
     from benchmarks.synthetic import synthetic_quantized_dit
@@ -129,14 +129,18 @@ def check_kernel_model(name: str, device, layout: str, images: int = 16) -> dict
     bf16 = prepare_for_inference(copy.deepcopy(quantized), "fake", torch.bfloat16, log=lambda _: None)
     fake_error = relative_error(bf16(x.bfloat16(), t, y), reference)
     del bf16
-    kernels = quantized
-    cast_float_parts(kernels, torch.bfloat16)
-    install_kernels(kernels, lambda _: None, MODEL_LAYOUTS[layout])
-    error = relative_error(kernels(x.bfloat16(), t, y), reference)
     tolerance = MODEL_ERROR_RATIO * fake_error
-    return {"layer": f"model ({layout})", "shape": [images * 256, 1152, 1152], "weight_bits": 4, "act": "per_token",
-            "input": "bfloat16", "fake_bf16_relative_error": fake_error, "relative_error": error,
-            "tolerance": tolerance, "passed": error < tolerance}
+    cast_float_parts(quantized, torch.bfloat16)
+    rows = []
+    for layout, options in MODEL_LAYOUTS.items():
+        kernels = copy.deepcopy(quantized)
+        install_kernels(kernels, lambda _: None, options)
+        error = relative_error(kernels(x.bfloat16(), t, y), reference)
+        del kernels
+        rows.append({"layer": f"model ({layout})", "shape": [images * 256, 1152, 1152], "weight_bits": 4,
+                     "act": "per_token", "input": "bfloat16", "fake_bf16_relative_error": fake_error,
+                     "relative_error": error, "tolerance": tolerance, "passed": error < tolerance})
+    return rows
 
 
 # KernelDiTBlock layouts the block check runs (install_kernels's default, and batch 64's)
