@@ -184,37 +184,45 @@ def _row_qparams(qparams_ptr, rows, row_ok, M, PER_ROW: tl.constexpr):
 
 
 @triton.autotune(configs=QUANTIZE_CONFIGS,
-                 key=["M", "K", "K_PER_SPLIT", "RANK", "HAS_SMOOTH", "PER_ROW", "UNPACK"],
+                 key=["M", "K", "K_PER_SPLIT", "RANK", "HAS_SMOOTH", "PER_ROW", "UNPACK", "FROM_BOUNDS", "INIT_BOUNDS"],
                  prune_configs_by=dict(early_config_prune=_whole_chunk_tiles))
 @triton.jit
 def _quantize_rows_kernel(
     x_ptr, smooth_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr, packed_ptr, unpacked_ptr,
-    M, stride_xm, UNPACK_N,
+    bounds_ptr, init_bounds_ptr, M, stride_xm, UNPACK_N,
     K: tl.constexpr, K_PER_SPLIT: tl.constexpr, QMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr,
-    PER_ROW: tl.constexpr, UNPACK: tl.constexpr, PACKED_K: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    PER_ROW: tl.constexpr, UNPACK: tl.constexpr, PACKED_K: tl.constexpr, FROM_BOUNDS: tl.constexpr,
+    INIT_BOUNDS: tl.constexpr, INIT_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # program (i, j): rows i·BLOCK_M … and columns j·K_PER_SPLIT …; its row sums and LoRA
     # down-projection are partial sums, written to slice j of rowsum (splits, M) and down (splits, M, rank).
     # With UNPACK, the programs past the row blocks unpack the layer's packed weights (_unpack_block).
+    # FROM_BOUNDS: the qparams from bounds (_qparams_of_bounds); INIT_BOUNDS: _init_bounds.
     row_block, split = tl.program_id(0), tl.program_id(1)
     if row_block < tl.cdiv(M, BLOCK_M):
-        _quantize_row_block(x_ptr, smooth_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr, M, stride_xm,
-                            row_block, split, K, K_PER_SPLIT, QMAX, HAS_SMOOTH, RANK, PER_ROW, BLOCK_M, BLOCK_K)
+        if INIT_BOUNDS:
+            _init_bounds(init_bounds_ptr, row_block, split, M, INIT_PER_ROW, BLOCK_M)
+        _quantize_row_block(x_ptr, smooth_ptr, qparams_ptr, bounds_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr, M,
+                            stride_xm, row_block, split, K, K_PER_SPLIT, QMAX, HAS_SMOOTH, RANK, PER_ROW, FROM_BOUNDS,
+                            BLOCK_M, BLOCK_K)
     elif UNPACK:
         _unpack_block((row_block - tl.cdiv(M, BLOCK_M)) * tl.num_programs(1) + split, packed_ptr, unpacked_ptr,
                       UNPACK_N, K, PACKED_K)
 
 
 @triton.jit
-def _quantize_row_block(x_ptr, smooth_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr, M, stride_xm,
-                        row_block, split, K: tl.constexpr, K_PER_SPLIT: tl.constexpr, QMAX: tl.constexpr,
-                        HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr, PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+def _quantize_row_block(x_ptr, smooth_ptr, qparams_ptr, bounds_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr, M,
+                        stride_xm, row_block, split, K: tl.constexpr, K_PER_SPLIT: tl.constexpr, QMAX: tl.constexpr,
+                        HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr, PER_ROW: tl.constexpr,
+                        FROM_BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """The quantize pass of one row block's K chunk `split`."""
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    scale, zero = _row_qparams(qparams_ptr, rows, row_ok, M, PER_ROW)
+    if FROM_BOUNDS:
+        scale, zero = _qparams_of_bounds(bounds_ptr, qparams_ptr, rows, row_ok, M, split == 0, row_block == 0, PER_ROW,
+                                         QMAX)
+    else:
+        scale, zero = _row_qparams(qparams_ptr, rows, row_ok, M, PER_ROW)
     rowsum = tl.zeros([BLOCK_M], dtype=tl.int32)
     if RANK > 0:
         down = tl.zeros([BLOCK_M, RANK], dtype=tl.float32)
@@ -294,15 +302,55 @@ def _range_qparams(lo, hi, QMAX: tl.constexpr):
     return scale, tl.minimum(tl.maximum((tl.math.div_rn(-lo, scale) + ROUND_MAGIC) - ROUND_MAGIC, 0.0), QMAX)
 
 
+@triton.jit
+def _qparams_of_bounds(bounds_ptr, qparams_ptr, rows, row_ok, M, first_split, first_block, PER_ROW: tl.constexpr,
+                       QMAX: tl.constexpr):
+    """_row_qparams of the range [min(lo, 0), max(hi, 0)] of bounds [lo; −hi], (2, 1) or per row
+    (2, M), as a GEMM epilogue reduced them (int8_gemm's `bounds`): activation_qparams's arithmetic
+    (_range_qparams). The programs of the first K chunk also store them into qparams (2, 1) or (2,
+    M) for the GEMM's epilogue (per tensor, the first row block's)."""
+    if PER_ROW:
+        lo = tl.minimum(tl.load(bounds_ptr + rows, mask=row_ok, other=0.0), 0.0)
+        hi = tl.maximum(-tl.load(bounds_ptr + M + rows, mask=row_ok, other=0.0), 0.0)
+        scale, zero = _range_qparams(lo, hi, QMAX)
+        if first_split:
+            tl.store(qparams_ptr + rows, scale, mask=row_ok)
+            tl.store(qparams_ptr + M + rows, zero, mask=row_ok)
+        return scale[:, None], zero[:, None]
+    else:
+        lo = tl.minimum(tl.load(bounds_ptr + tl.arange(0, 1)), 0.0)
+        hi = tl.maximum(-tl.load(bounds_ptr + 1 + tl.arange(0, 1)), 0.0)
+        scale, zero = _range_qparams(lo, hi, QMAX)
+        if first_split and first_block:
+            tl.store(qparams_ptr + tl.arange(0, 1), scale)
+            tl.store(qparams_ptr + 1 + tl.arange(0, 1), zero)
+        return tl.sum(scale, axis=0), tl.sum(zero, axis=0)
+
+
+@triton.jit
+def _init_bounds(bounds_ptr, row_block, split, M, PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr):
+    """+inf into the [min, −max] bounds, (2, 1) or per row (2, M), that the GEMM after this pass
+    reduces its output into (int8_gemm's `bounds`), so that they need no fill of their own: per
+    row, the row block's own rows; per tensor, the first program's."""
+    if split == 0:
+        if PER_ROW:
+            rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+            inf = tl.full([BLOCK_M], float("inf"), tl.float32)
+            tl.store(bounds_ptr + rows, inf, mask=rows < M)
+            tl.store(bounds_ptr + M + rows, inf, mask=rows < M)
+        elif row_block == 0:
+            tl.store(bounds_ptr + tl.arange(0, 2), tl.full([2], float("inf"), tl.float32))
+
+
 @triton.autotune(configs=RANGED_QUANTIZE_CONFIGS,
-                 key=["M", "K", "RANK", "NORM", "HAS_MOMENTS", "HAS_SMOOTH", "UNPACK"])
+                 key=["M", "K", "RANK", "NORM", "HAS_MOMENTS", "HAS_SMOOTH", "UNPACK", "INIT_BOUNDS"])
 @triton.jit
 def _ranged_quantize_rows_kernel(
     x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr,
-    packed_ptr, unpacked_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, UNPACK_N,
+    packed_ptr, unpacked_ptr, init_bounds_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, UNPACK_N,
     K: tl.constexpr, QMAX: tl.constexpr, RANK: tl.constexpr, NORM: tl.constexpr, HAS_MOMENTS: tl.constexpr,
     ROUND_BF16: tl.constexpr, HAS_SMOOTH: tl.constexpr, UNPACK: tl.constexpr, PACKED_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    INIT_BOUNDS: tl.constexpr, INIT_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The quantize pass of an activation with per-token ranges that the pass takes itself: of x,
     or with NORM of LayerNorm(x)·(1 + scale) + shift (DiT's norm + adaLN modulation; no affine;
@@ -315,9 +363,12 @@ def _ranged_quantize_rows_kernel(
     (modulated or not) is multiplied by the layer's on-the-fly smoothing factors in float32, as
     quantize_rows does, before its range and codes. Writes codes − 128, row sums, the LoRA
     down-projection (one split) and each row's [scale; zero] to qparams (2, M).
-    With UNPACK, the programs past the row blocks unpack the layer's packed weights (_unpack_block)."""
+    With UNPACK, the programs past the row blocks unpack the layer's packed weights (_unpack_block);
+    with INIT_BOUNDS, _init_bounds."""
     row_block = tl.program_id(0)
     if row_block < tl.cdiv(M, BLOCK_M):
+        if INIT_BOUNDS:
+            _init_bounds(init_bounds_ptr, row_block, 0, M, INIT_PER_ROW, BLOCK_M)
         _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qparams_ptr, right_ptr, codes_ptr,
                           rowsum_ptr, down_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block, K, QMAX, RANK,
                           NORM, HAS_MOMENTS, ROUND_BF16, HAS_SMOOTH, BLOCK_M, BLOCK_K)
@@ -781,6 +832,12 @@ def unpack_programs(n: int, k: int) -> int:
     return triton.cdiv(n, UNPACK_ROWS.value) * triton.cdiv(k, PACK_SPAN)
 
 
+def _init_bounds_arguments(bounds: torch.Tensor | None, placeholder: torch.Tensor) -> dict:
+    """A row pass's arguments that fill the next GEMM's `bounds` with +inf (none to fill: off)."""
+    return dict(init_bounds_ptr=placeholder if bounds is None else bounds, INIT_BOUNDS=bounds is not None,
+                INIT_PER_ROW=bounds is not None and per_row(bounds))
+
+
 def _unpack_arguments(unpack: PackedWeight | None, placeholder: torch.Tensor) -> dict:
     """A row pass's unpack arguments (none to do: placeholder pointers, UNPACK off)."""
     if unpack is None:
@@ -790,13 +847,17 @@ def _unpack_arguments(unpack: PackedWeight | None, placeholder: torch.Tensor) ->
 
 
 def quantize_rows(x: torch.Tensor, qparams: torch.Tensor, act_bits: int, smooth_inv: torch.Tensor | None,
-                  right: torch.Tensor | None, splits: int | None = None, unpack: PackedWeight | None = None
+                  right: torch.Tensor | None, splits: int | None = None, unpack: PackedWeight | None = None,
+                  bounds: torch.Tensor | None = None, init_bounds: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(int8 codes − 128 (M, K), int32 partial row sums (splits, M), fp32 partial (q − z)·Rᵀ
     (splits, M, rank) or None) of a 2-D x with stride 1 along K: each of the `splits` (default:
     quantize_splits) programs of a row block covers one K chunk, and the partial sums add up to
-    the whole rows'. qparams: float32 (2, 1) or (2, M) [scales; zero points], on x's device.
-    `unpack`: the layer's packed weights, unpacked by the same launch."""
+    the whole rows'. qparams: float32 (2, 1) or (2, M) [scales; zero points], on x's device; with
+    `bounds` ([min, −max] of x × smooth_inv, of the same shape, as a GEMM epilogue reduced them)
+    the pass computes them from the bounds (activation_qparams) and writes them into qparams.
+    `unpack`: the layer's packed weights, unpacked by the same launch; `init_bounds`: the next
+    GEMM's bounds, which the pass fills with +inf."""
     m, k = x.shape
     rank = 0 if right is None else right.shape[0]
     splits = quantize_splits(m, k, x.device) if splits is None else splits
@@ -811,8 +872,9 @@ def quantize_rows(x: torch.Tensor, qparams: torch.Tensor, act_bits: int, smooth_
     _quantize_rows_kernel[grid](
         x, smooth_inv if smooth_inv is not None else qparams, qparams, right if right is not None else qparams,
         codes, rowsum, down, M=m, stride_xm=x.stride(0),
-        K=k, K_PER_SPLIT=k_per_split, QMAX=float(largest_code(act_bits)), HAS_SMOOTH=smooth_inv is not None, RANK=rank,
-        PER_ROW=per_row(qparams), **_unpack_arguments(unpack, codes),
+        bounds_ptr=qparams if bounds is None else bounds, K=k, K_PER_SPLIT=k_per_split,
+        QMAX=float(largest_code(act_bits)), HAS_SMOOTH=smooth_inv is not None, RANK=rank, PER_ROW=per_row(qparams),
+        FROM_BOUNDS=bounds is not None, **_unpack_arguments(unpack, codes), **_init_bounds_arguments(init_bounds, qparams),
     )
     return codes, rowsum, down if rank else None
 
@@ -832,32 +894,37 @@ def weight_only_linear(x: torch.Tensor, codes: torch.Tensor, zero: torch.Tensor,
 
 def norm_quantize_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tokens: int, eps: float,
                        act_bits: int, right: torch.Tensor | None, unpack: PackedWeight | None = None,
-                       smooth_inv: torch.Tensor | None = None, moments: torch.Tensor | None = None
+                       smooth_inv: torch.Tensor | None = None, moments: torch.Tensor | None = None,
+                       init_bounds: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """quantize_rows of LayerNorm(x)·(1 + scale) + shift (× smooth_inv) with per-token ranges, from
     x (M, K) and the per-sample shift and scale (N, K) (rows of sample i: i·tokens …): (codes −
     128, row sums (1, M), (q − z)·Rᵀ (1, M, rank) or None, qparams (2, M)). `unpack`: the layer's
     packed weights, unpacked by the same launch; `moments`: x's row moments (row_moments), as the
-    GEMM that wrote x left them (GatedResidual.moments), or None: the pass takes them itself."""
+    GEMM that wrote x left them (GatedResidual.moments), or None: the pass takes them itself;
+    `init_bounds`: as quantize_rows's."""
     check_row_moments(moments, *x.shape)
     return _ranged_pass(x, act_bits, right, unpack, smooth_inv, norm=dict(
-        shift_ptr=shift, scale_ptr=scale, stride_mod=shift.stride(0), TOKENS=tokens, EPS_NORM=eps), moments=moments)
+        shift_ptr=shift, scale_ptr=scale, stride_mod=shift.stride(0), TOKENS=tokens, EPS_NORM=eps), moments=moments,
+        init_bounds=init_bounds)
 
 
 def ranged_quantize_rows(x: torch.Tensor, act_bits: int, right: torch.Tensor | None,
-                         unpack: PackedWeight | None = None, smooth_inv: torch.Tensor | None = None
+                         unpack: PackedWeight | None = None, smooth_inv: torch.Tensor | None = None,
+                         init_bounds: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """quantize_rows of x (M, K) (× smooth_inv) with per-token ranges that the pass takes itself
     (the range from one read of x, the codes from a second, in L2), instead of a reduction
     beforehand: as norm_quantize_rows, without the norm."""
-    return _ranged_pass(x, act_bits, right, unpack, smooth_inv, norm=None)
+    return _ranged_pass(x, act_bits, right, unpack, smooth_inv, norm=None, init_bounds=init_bounds)
 
 
 def _ranged_pass(x: torch.Tensor, act_bits: int, right: torch.Tensor | None, unpack: PackedWeight | None,
-                 smooth_inv: torch.Tensor | None, norm: dict | None, moments: torch.Tensor | None = None
+                 smooth_inv: torch.Tensor | None, norm: dict | None, moments: torch.Tensor | None = None,
+                 init_bounds: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """_ranged_quantize_rows_kernel's launch; `norm`: its norm arguments, or None (no norm);
-    `moments`: the norm's row moments (norm_quantize_rows)."""
+    `moments`: the norm's row moments (norm_quantize_rows); `init_bounds`: quantize_rows's."""
     m, k = x.shape
     rank = 0 if right is None else right.shape[0]
     codes = torch.empty(m, k, dtype=torch.int8, device=x.device)
@@ -875,6 +942,7 @@ def _ranged_pass(x: torch.Tensor, act_bits: int, right: torch.Tensor | None, unp
         stride_xm=x.stride(0), K=k, QMAX=float(largest_code(act_bits)), RANK=0 if apart else rank,
         NORM=norm is not None, HAS_MOMENTS=moments is not None, ROUND_BF16=x.dtype == torch.bfloat16,
         HAS_SMOOTH=smooth_inv is not None, **(norm or placeholders), **_unpack_arguments(unpack, codes),
+        **_init_bounds_arguments(init_bounds, qparams),
     )
     if apart:
         lora_down(codes, qparams, right, down[0])

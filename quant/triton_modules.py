@@ -125,20 +125,22 @@ class TritonQuantLinear(KeepsDtypes):
         """The layer's arguments of the ditas ops, after (x, qparams): its attributes of those names."""
         return KernelTensors(**{name: getattr(self, name) for name in KernelTensors._fields})
 
-    def linear_2d(self, x2d: torch.Tensor, qparams: torch.Tensor | None) -> torch.Tensor:
+    def linear_2d(self, x2d: torch.Tensor, qparams: torch.Tensor | None,
+                  input_bounds: torch.Tensor | None = None) -> torch.Tensor:
         """The layer of 2-D x with these qparams (None: per-token ranges taken by the quantize pass,
-        where ranges_in_pass)."""
-        return torch.ops.ditas.int8_linear(x2d, qparams, **self.kernel_tensors()._asdict())
+        where ranges_in_pass, or with input_bounds from those: int8_linear's)."""
+        return torch.ops.ditas.int8_linear(x2d, qparams, **self.kernel_tensors()._asdict(), input_bounds=input_bounds)
 
     def gated_2d(self, x2d: torch.Tensor, qparams: torch.Tensor | None, residual: torch.Tensor, gate: torch.Tensor,
-                 with_moments: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """residual + gate ⊙ linear_2d(x2d, qparams) as 2-D rows, for residual (N, T, out) and the
-        per-sample gate (N, out), row r of x in sample r // T; with_moments: and the output's row
-        moments for the next LayerNorm (kernels.row_moments; else None)."""
+                 with_moments: bool = False, input_bounds: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """residual + gate ⊙ linear_2d(x2d, qparams, input_bounds) as 2-D rows, for residual (N, T,
+        out) and the per-sample gate (N, out), row r of x in sample r // T; with_moments: and the
+        output's row moments for the next LayerNorm (kernels.row_moments; else None)."""
         gate = gate if gate.stride(-1) == 1 else gate.contiguous()
         out, moments = torch.ops.ditas.int8_linear_gated(
             x2d, qparams, **self.kernel_tensors()._asdict(), residual=rows_of(residual, self.out_features),
-            gate=gate, gate_tokens=residual.shape[1], with_moments=with_moments)
+            gate=gate, gate_tokens=residual.shape[1], with_moments=with_moments, input_bounds=input_bounds)
         return out, moments if with_moments else None
 
     def input_qparams(self, x2d: torch.Tensor, own_ranges: bool) -> torch.Tensor | None:
@@ -329,24 +331,29 @@ class TritonQuantMlp(nn.Module):
 
     def forward(self, x: torch.Tensor, norm: NormModulation | None = None) -> torch.Tensor:
         """The Mlp of x, or with `norm` of LayerNorm(x)·(1 + scale) + shift (TritonQuantLinear.normed)."""
-        return self.fc2.linear_2d(*self.hidden(x, norm)).reshape(*x.shape[:-1], self.fc2.out_features)
+        hidden, qparams, bounds = self.hidden(x, norm)
+        return self.fc2.linear_2d(hidden, qparams, bounds).reshape(*x.shape[:-1], self.fc2.out_features)
 
     def gated(self, x: torch.Tensor, norm: NormModulation | None, residual: torch.Tensor, gate: torch.Tensor,
               with_moments: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """residual + gate.unsqueeze(1) ⊙ forward(x, norm), and with_moments its rows' moments
         (TritonQuantLinear.gated)."""
-        out, moments = self.fc2.gated_2d(*self.hidden(x, norm), residual, gate, with_moments)
+        hidden, qparams, bounds = self.hidden(x, norm)
+        out, moments = self.fc2.gated_2d(hidden, qparams, residual, gate, with_moments, bounds)
         return out.reshape(residual.shape), moments
 
-    def hidden(self, x: torch.Tensor, norm: NormModulation | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(GELU(fc1(…)) as 2-D rows, fc2's qparams for them)."""
+    def hidden(self, x: torch.Tensor, norm: NormModulation | None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(GELU(fc1(…)) as 2-D rows, fc2's qparams, fc2's input bounds): for a static fc2 range its
+        qparams and None, for a dynamic one None and the bounds fc1's epilogue reduced, from which
+        fc2's quantize pass takes its qparams (int8_linear's input_bounds)."""
         x2d = rows_of(x, self.fc1.in_features)
         dynamic = self.fc2.act_range is None
         first = dict(qparams=None, **norm.op_arguments(x)) if norm else dict(qparams=self.fc1.qparams(x2d))
         hidden, bounds = torch.ops.ditas.int8_linear_gelu(x2d, **first, **self.fc1.kernel_tensors()._asdict(),
                                                           bounds_scale=self.fc2.smooth_inv, with_bounds=dynamic,
                                                           bounds_per_row=self.fc2.per_token)
-        return hidden, self.fc2.qparams_of_range(bounds[0], -bounds[1]) if dynamic else self.fc2.qparams(hidden)
+        return (hidden, None, bounds) if dynamic else (hidden, self.fc2.qparams(hidden), None)
 
 
 class ResidualStream(NamedTuple):
@@ -476,23 +483,31 @@ def register_kernel_op() -> None:
 
     def run(x, qparams, *, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
             lora_left, act_bits, use_tma, group_table, norm_shift=None, norm_scale=None, norm_tokens=0,
-            norm_eps=0.0, norm_moments=None, **epilogue):
+            norm_eps=0.0, norm_moments=None, input_bounds=None, **epilogue):
         unpack = unpacked_alongside(weight, packed, group_table, *x.shape)
+        init_bounds = epilogue.get("bounds")  # the GEMM's output range: the pass fills it with +inf
         if norm_shift is not None:  # x: the residual stream; LayerNorm + modulation + quantize in one pass
             codes, rowsum, down, qparams = norm_quantize_rows(x, norm_shift, norm_scale, norm_tokens, norm_eps,
-                                                              act_bits, lora_right, unpack, smooth_inv, norm_moments)
-        elif qparams is None:  # per-token ranges taken by the pass
-            codes, rowsum, down, qparams = ranged_quantize_rows(x, act_bits, lora_right, unpack, smooth_inv)
-        else:
-            codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right, unpack=unpack)
+                                                              act_bits, lora_right, unpack, smooth_inv, norm_moments,
+                                                              init_bounds)
+        elif qparams is None and input_bounds is None:  # per-token ranges taken by the pass
+            codes, rowsum, down, qparams = ranged_quantize_rows(x, act_bits, lora_right, unpack, smooth_inv,
+                                                                init_bounds)
+        else:  # qparams given, or taken by the pass from the bounds of x that the GEMM before it left
+            if input_bounds is not None:
+                qparams = torch.empty_like(input_bounds)
+            codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right, unpack=unpack,
+                                                bounds=input_bounds, init_bounds=init_bounds)
         if unpack is not None:
             weight, packed, use_tma = unpack.unpacked, False, False
         return int8_gemm(codes, rowsum, qparams, weight, packed, column_sums, weight_zero, weight_scale, bias, down,
                          lora_left, x.dtype, use_tma, group_table=group_table, **epilogue)
 
     def tensors_of(arguments: dict) -> dict:
-        """An op's KernelTensors arguments and its norm + modulation where it has them, by name."""
-        return {name: arguments[name] for name in (*KernelTensors._fields, *NORM_ARGUMENTS) if name in arguments}
+        """An op's KernelTensors arguments, its norm + modulation and its input bounds where it has
+        them, by name."""
+        return {name: arguments[name] for name in (*KernelTensors._fields, *NORM_ARGUMENTS, "input_bounds")
+                if name in arguments}
 
     def fake_rule(op, shapes):
         """A fake-tensor rule reading the op's arguments by name, however they were passed."""
@@ -509,10 +524,13 @@ def register_kernel_op() -> None:
                     lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
                     group_table: torch.Tensor | None, norm_shift: torch.Tensor | None = None,
                     norm_scale: torch.Tensor | None = None, norm_tokens: int = 0, norm_eps: float = 0.0,
-                    norm_moments: torch.Tensor | None = None) -> torch.Tensor:
-        """The layer of 2-D x; qparams None: with per-token ranges taken by the quantize pass; with
-        norm_shift (and qparams None), the layer of LayerNorm(x)·(1 + norm_scale) + norm_shift
-        (TritonQuantLinear.normed), its mean and variance from norm_moments where given."""
+                    norm_moments: torch.Tensor | None = None,
+                    input_bounds: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer of 2-D x; qparams None: with per-token ranges taken by the quantize pass, or
+        with input_bounds ([min, −max] of x × smooth_inv, (2, 1) or (2, M), as int8_linear_gelu
+        returns them) from those; with norm_shift (and qparams None), the layer of
+        LayerNorm(x)·(1 + norm_scale) + norm_shift (TritonQuantLinear.normed), its mean and
+        variance from norm_moments where given."""
         return run(x, qparams, **tensors_of(locals()))
 
     torch.library.custom_op("ditas::int8_linear", mutates_args=())(int8_linear).register_fake(
@@ -523,9 +541,11 @@ def register_kernel_op() -> None:
                           column_sums: torch.Tensor, weight_zero: torch.Tensor, weight_scale: torch.Tensor,
                           bias: torch.Tensor | None, lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
                           group_table: torch.Tensor | None, residual: torch.Tensor, gate: torch.Tensor,
-                          gate_tokens: int, with_moments: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                          gate_tokens: int, with_moments: bool, input_bounds: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """residual + gate ⊙ the layer of 2-D x (TritonQuantLinear.gated_2d), and with_moments the
-        output's row moments (kernels.row_moments; else an empty tensor)."""
+        output's row moments (kernels.row_moments; else an empty tensor); input_bounds: as
+        int8_linear's."""
         moments = row_moments(x.shape[0], weight.shape[0], x.device) if with_moments else x.new_empty(0)
         gated = GatedResidual(residual, gate, gate_tokens, moments if with_moments else None)
         return run(x, qparams, **tensors_of(locals()), gated=gated), moments
@@ -545,10 +565,11 @@ def register_kernel_op() -> None:
                          norm_scale: torch.Tensor | None = None, norm_tokens: int = 0, norm_eps: float = 0.0,
                          norm_moments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """GELU(linear(x)), and [min, −max] of its output × bounds_scale, (2, 1) or per row (2, M)
-        (+inf when not with_bounds)."""
+        (+inf when not with_bounds; else the quantize pass fills them with +inf before the GEMM)."""
         tensors = tensors_of(locals())
-        bounds = torch.full((2, x.shape[0] if bounds_per_row else 1), float("inf"), dtype=torch.float32,
-                            device=x.device)
+        shape = (2, x.shape[0] if bounds_per_row else 1)
+        bounds = (torch.empty(shape, dtype=torch.float32, device=x.device) if with_bounds
+                  else torch.full(shape, float("inf"), dtype=torch.float32, device=x.device))
         out = run(x, qparams, **tensors, gelu=True, bounds=bounds if with_bounds else None,
                   bounds_scale=bounds_scale)
         return out, bounds

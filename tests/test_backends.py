@@ -185,6 +185,47 @@ def test_quantize_pass_split_over_k_gives_the_same_codes_sums_and_gemm(splits):
     torch.testing.assert_close(gemm(*split), gemm(*whole), rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("act_granularity,splits", [("per_token", 1), ("per_token", 3), ("per_tensor", 2)])
+def test_quantize_pass_takes_its_qparams_from_the_bounds_a_gemm_left(act_granularity, splits):
+    """quantize_rows's `bounds` ([min, −max] of x × smooth_inv, as fc1's epilogue leaves them for
+    fc2): the qparams it writes are activation_qparams's of the range including 0, bit for bit, and
+    the codes, row sums and down-projection those of the pass given them."""
+    kernel = TritonQuantLinear(random_quant_linear(96, 40, rank=8, smooth=True, act_granularity=act_granularity))
+    x = torch.randn(37, 96) * 0.5 + 3  # positive rows: the range's low end is clamped to 0
+    qparams = kernel.qparams(x)
+    smoothed = x * kernel.smooth_inv
+    per_token = act_granularity == "per_token"
+    lo, hi = (smoothed.amin(dim=1), smoothed.amax(dim=1)) if per_token else (smoothed.min()[None], smoothed.max()[None])
+    bounds = torch.stack([lo, -hi])
+    written = torch.full_like(qparams, float("nan"))
+    got = quantize_rows(x, written, 8, kernel.smooth_inv, kernel.lora_right, splits=splits, bounds=bounds)
+    expected = quantize_rows(x, qparams, 8, kernel.smooth_inv, kernel.lora_right, splits=splits)
+    assert torch.equal(written, qparams)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+def test_quantize_passes_fill_the_next_gemms_bounds(per_token):
+    """`init_bounds` of every quantize pass: the bounds the GEMM after it reduces its output into
+    (int8_gemm's `bounds`) hold +inf afterwards, whatever they held (every row, 37: a partial row
+    block; per tensor, both entries); the pass's own results do not change."""
+    from quant.kernels import norm_quantize_rows, ranged_quantize_rows
+
+    x, right = torch.randn(37, 64) * 3, torch.randn(16, 64)
+    shift, scale = torch.randn(3, 64) * 0.3, torch.randn(3, 64) * 0.3
+    qparams = TritonQuantLinear(random_quant_linear(64, 16, act_granularity="per_token")).qparams(x)
+    passes = (lambda **kw: quantize_rows(x, qparams, 8, None, right, splits=2, **kw),
+              lambda **kw: ranged_quantize_rows(x, 8, right, **kw),
+              lambda **kw: norm_quantize_rows(x, shift, scale, 13, 1e-6, 8, right, **kw))
+    for run in passes:
+        bounds = torch.full((2, 37 if per_token else 1), -7.0)
+        filled = run(init_bounds=bounds)
+        assert torch.equal(bounds, torch.full_like(bounds, float("inf")))
+        for a, b in zip(filled, run()):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("act_granularity", ["per_token", "per_tensor"])
 def test_kernel_blocks_compute_the_same_as_the_plain_block(act_granularity, monkeypatch):
     """KernelDiTBlock: its gated residual updates (in proj's and fc2's epilogues) and, per token,

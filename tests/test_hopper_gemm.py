@@ -52,9 +52,9 @@ def compile_in_own_process(kind: str, cases: list) -> list[dict]:
 
 # Variants of the Triton kernels that the CPU interpreter runs but never compiles: the GEMM with
 # per-row ranges, GELU and an output range per row, the quantize pass with small row blocks (and
-# with or without W4 weights to unpack), the one taking its own per-token ranges (and LayerNorm +
-# modulation too), the LoRA's down-projection apart from it, and the weight-only kernel of the
-# 8-bit adaLN.
+# with or without W4 weights to unpack, its qparams from a GEMM's bounds, filling the next GEMM's
+# bounds), the one taking its own per-token ranges (and LayerNorm + modulation too), the LoRA's
+# down-projection apart from it, and the weight-only kernel of the 8-bit adaLN.
 TRITON_VARIANTS = {
     "gemm per row, GELU + range": ["gemm", {"PER_ROW": True, "GELU": True, "BOUNDS": True, "BOUNDS_SCALED": True,
                                              "BOUNDS_PER_ROW": True, "SPLITS": 3}, {}],
@@ -71,6 +71,12 @@ TRITON_VARIANTS = {
     "… 64 rows": ["lora_down", {"BLOCK_M": 64}, {}],
     "quantize pass, 4 rows a program": ["quantize", {"BLOCK_M": 4, "BLOCK_K": 256}, {}],
     "… no weights to unpack beside the rows": ["quantize", {"UNPACK": False}, {}],
+    "… its qparams from the bounds fc1's epilogue left (fc2's), per row": ["quantize", {"FROM_BOUNDS": True}, {}],
+    "… from the bounds per tensor": ["quantize", {"FROM_BOUNDS": True, "PER_ROW": False}, {}],
+    "… filling the next GEMM's bounds, per row": ["quantize", {"INIT_BOUNDS": True, "INIT_PER_ROW": True}, {}],
+    "LayerNorm + modulation + quantize pass filling the next GEMM's bounds, per row": [
+        "ranged_quantize", {"INIT_BOUNDS": True, "INIT_PER_ROW": True}, {}],
+    "… filling them per tensor": ["ranged_quantize", {"INIT_BOUNDS": True}, {}],
     "8-bit weight-only layer (adaLN), 16 rows": ["weight_only", {}, {}],
     "… 128 rows": ["weight_only", {"BLOCK_M": 128}, {}],
 }
