@@ -14,6 +14,10 @@ Parts (--parts):
 - profile: GPU kernel time of one forward per --rows entry and --batches entry, by kind of
   kernel (torch profiler), the kernels launched per forward and the longest ones with their
   launch counts, beside the host's wall time per eager forward.
+- timeline: 10 sampling steps replayed from CUDA graphs, profiled, per --rows and --batches entry:
+  the GPU's window per step, the time its kernels and copies take, and the idle gaps between
+  them (counted against the kind of the activity after each gap), by kind. Whether a row loses
+  to another in its kernels or between them (launch latency the graphs do not remove).
 - sample: 50-step sampling with CFG through the samplers' own `sampling.generate` (2 × batch
   rows), random weights, no VAE, for every --rows and --batches entry, with and/or without CUDA
   graphs (--cuda-graph): ms per step, images per second, peak GPU memory, model bytes, and for
@@ -33,8 +37,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import statistics
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -291,6 +298,60 @@ def profile_forward(model, dtype, args, device, batch: int, forwards: int = 2) -
             "kernels_per_forward": sum(calls for _, calls, _ in top), "top_kernels": top[:TOP_KERNELS]}
 
 
+TIMELINE_STEPS = 10  # sampling steps the timeline part profiles
+GPU_ACTIVITIES = ("kernel", "gpu_memcpy", "gpu_memset")  # trace event categories that occupy the GPU
+
+
+def gpu_timeline(events: list[dict], steps: int) -> dict:
+    """Where `steps` sampling steps' GPU time goes, from a Chrome trace's events (name, cat, ts and
+    dur in µs): the window from the first GPU activity to the end of the last, the activities' own
+    time and the idle gaps before them, in ms per step, in all and by kind (kernel_kind; copies and
+    fills by category)."""
+    gpu = sorted((e for e in events if e.get("cat") in GPU_ACTIVITIES and "dur" in e), key=lambda e: e["ts"])
+    busy, gaps = Counter(), Counter()
+    end = gpu[0]["ts"] if gpu else 0.0
+    for event in gpu:
+        kind = kernel_kind(event["name"]) if event["cat"] == "kernel" else event["cat"]
+        gaps[kind] += max(0.0, event["ts"] - end)
+        busy[kind] += event["dur"]
+        end = max(end, event["ts"] + event["dur"])
+
+    def per_step(micros: float) -> float:
+        return round(micros / 1000 / steps, 4)
+
+    return {"activities_per_step": len(gpu) / steps,
+            "window_ms_per_step": per_step(end - gpu[0]["ts"]) if gpu else 0.0,
+            "busy_ms_per_step": per_step(sum(busy.values())), "gap_ms_per_step": per_step(sum(gaps.values())),
+            "busy_ms_per_step_by_kind": {kind: per_step(v) for kind, v in busy.most_common()},
+            "gap_ms_per_step_by_kind": {kind: per_step(v) for kind, v in gaps.most_common()}}
+
+
+@torch.no_grad()
+def step_timeline(model, args, device, batch: int) -> dict:
+    """gpu_timeline of TIMELINE_STEPS sampling steps with CFG, each model call a CUDA graph replay
+    (captured by a WARMUP_STEPS run first), with the profiled run's wall ms per step (the
+    profiler's own host work included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    spec = spec_from_name(args.model, image_size=args.image_size)
+    noise = DeviceNoise((batch, spec.in_channels, spec.input_size, spec.input_size), device)
+    labels = torch.randint(0, spec.num_classes, (batch,), device=device, generator=noise.generator)
+    graphs = StepGraphs()
+    generate(model, create_diffusion(str(WARMUP_STEPS)), labels, noise, CFG_SCALE, graphs=graphs)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        generate(model, create_diffusion(str(TIMELINE_STEPS)), labels, noise, CFG_SCALE, graphs=graphs)
+        torch.cuda.synchronize()
+        wall_ms = 1000 * (time.perf_counter() - start) / TIMELINE_STEPS
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    return {"steps": TIMELINE_STEPS, "profiled_wall_ms_per_step": round(wall_ms, 4),
+            **gpu_timeline(events, TIMELINE_STEPS)}
+
+
 def main(args: argparse.Namespace) -> None:
     device = torch.device("cuda")
     register_kernel_op()
@@ -301,7 +362,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"kernel check: {'all passed' if passed else 'FAILED'}", flush=True)
     if "gemm" in args.parts:
         gemm_microbenchmark(device, args.gemm_batch, args.gemm_variants, log.add)
-    if "profile" in args.parts or "sample" in args.parts:
+    if {"profile", "timeline", "sample"} & set(args.parts):
         torch.backends.cuda.matmul.allow_tf32 = True  # the published sampler's setting (fp32 row)
         for name in args.rows:  # one model per row serves every batch and part
             torch._dynamo.reset()  # each row compiles from scratch, as in a fresh process
@@ -314,6 +375,9 @@ def main(args: argparse.Namespace) -> None:
                 if "profile" in args.parts:
                     log.add({"part": "profile", **settings, "batch": batch,
                              **profile_forward(model, row.dtype, args, device, batch)})
+                if "timeline" in args.parts:
+                    log.add({"part": "timeline", **settings, "batch": batch, "cuda_graph": True,
+                             **step_timeline(model, args, device, batch)})
                 if "sample" in args.parts:
                     for graph in args.cuda_graph:
                         start = time.perf_counter()
@@ -369,12 +433,12 @@ def print_tables(rows: list[dict]) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["check", "gemm", "sample"],
-                        choices=["check", "gemm", "profile", "sample"])
+                        choices=["check", "gemm", "profile", "timeline", "sample"])
     parser.add_argument("--rows", nargs="+",
                         default=["bf16-compile", "w8a8-token-compile", "w4a8-token-compile", "w4a8-compile"],
                         choices=list(ROWS),
-                        help="models of the profile and sample parts (default: bf16, the default recipe's per-token "
-                             "W8A8 and W4A8, and W4A8 with the paper's per-tensor ranges)")
+                        help="models of the profile, timeline and sample parts (default: bf16, the default recipe's "
+                             "per-token W8A8 and W4A8, and W4A8 with the paper's per-tensor ranges)")
     parser.add_argument("--check-models", nargs="+", default=list(HIDDEN), choices=list(HIDDEN),
                         help="whose layer shapes the check part runs, in this order")
     parser.add_argument("--check-layers", nargs="+", default=[*layer_shapes(1), "mlp", "adaln", "block", "model"],
@@ -390,7 +454,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="DiT-XL/2")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64],
-                        help="images per batch of the profile and sample parts (2× rows with CFG)")
+                        help="images per batch of the profile, timeline and sample parts (2× rows with CFG)")
     parser.add_argument("--gemm-batch", type=int, default=64, help="images whose rows the gemm part multiplies")
     parser.add_argument("--cuda-graph", nargs="+", default=["on"], choices=["on", "off"],
                         help="sample part: model calls replayed from CUDA graphs (on), eager launches (off), or both")

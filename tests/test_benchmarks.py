@@ -65,6 +65,30 @@ def test_row_pass_benchmark_refuses_a_machine_without_a_gpu_in_one_line(monkeypa
     assert capsys.readouterr().err.strip().count("\n") == 0
 
 
+def test_the_timeline_splits_graphed_steps_into_gpu_work_and_the_gaps_before_it():
+    """benchmarks/speed.py's timeline part: from a trace's events (µs), per step, the GPU's window,
+    its kernels' and copies' own time and the idle time before each, by kind; host events and
+    overlapping activities count no gap."""
+    from benchmarks.speed import gpu_timeline
+
+    events = [
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 500},  # host work: not the GPU's
+        {"cat": "kernel", "name": "nvjet_sm90_tst_bias", "ts": 100, "dur": 10},
+        {"cat": "kernel", "name": "_ranged_quantize_rows_kernel", "ts": 114, "dur": 6},  # 4 idle before
+        {"cat": "kernel", "name": "_int8_gemm_ws_kernel", "ts": 118, "dur": 12},  # overlaps: no gap
+        {"cat": "gpu_memcpy", "name": "Memcpy DtoD", "ts": 140, "dur": 2},  # 10 idle before
+        {"cat": "kernel", "name": "_ranged_quantize_rows_kernel", "ts": 143, "dur": 5},  # 1 idle
+    ]
+    timeline = gpu_timeline(events, steps=2)
+    assert timeline["activities_per_step"] == 2.5
+    assert timeline["window_ms_per_step"] == 0.024  # 100 … 148 µs over 2 steps
+    assert timeline["busy_ms_per_step"] == 0.0175 and timeline["gap_ms_per_step"] == 0.0075
+    assert timeline["gap_ms_per_step_by_kind"] == {"gpu_memcpy": 0.005, "quantize pass": 0.0025,
+                                                   "float GEMM (cuBLAS)": 0.0, "int8 GEMM + epilogue": 0.0}
+    assert timeline["busy_ms_per_step_by_kind"]["quantize pass"] == 0.0055
+    assert gpu_timeline([], steps=1)["activities_per_step"] == 0
+
+
 def test_cutlass_benchmark_refuses_a_machine_without_a_hopper_gpu_in_one_line(monkeypatch, capsys, tmp_path):
     """benchmarks/cutlass_gemm.py builds and times sm90 kernels: without a Hopper GPU it says so and
     exits with status 2, and it finds no nvcc or CUTLASS tree where there is none."""
