@@ -163,6 +163,11 @@ class Modulation(NamedTuple):
     scale_mlp: torch.Tensor
     gate_mlp: torch.Tensor
 
+    @classmethod
+    def of(cls, values: torch.Tensor) -> Modulation:
+        """The chunks of an (N, 6D) adaLN output."""
+        return cls(*values.chunk(6, dim=1))
+
 
 class DiTBlock(nn.Module):
     """A transformer block with adaptive layer norm zero (adaLN-Zero) conditioning."""
@@ -177,7 +182,7 @@ class DiTBlock(nn.Module):
 
     def modulation(self, c: torch.Tensor) -> Modulation:
         """(N, D) conditioning -> the six (N, D) adaLN chunks."""
-        return Modulation(*self.adaLN_modulation(c).chunk(6, dim=1))
+        return Modulation.of(self.adaLN_modulation(c))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         m = self.modulation(c)

@@ -399,7 +399,7 @@ class KernelDiTBlock(DiTBlock):
     def forward(self, x: torch.Tensor | ResidualStream, c: torch.Tensor | BlockModulation
                 ) -> torch.Tensor | ResidualStream:
         x, moments = x if isinstance(x, ResidualStream) else (x, None)
-        m = Modulation(*c.values.chunk(6, dim=1)) if isinstance(c, BlockModulation) else self.modulation(c)
+        m = Modulation.of(c.values) if isinstance(c, BlockModulation) else self.modulation(c)
         rows = x.shape[0] * x.shape[1]
         fuse_norms, gated = rows < self.fuse_norms_below_rows, rows < self.gate_residuals_below_rows
         with_moments = fuse_norms and self.norm_moments_from_update
