@@ -318,13 +318,13 @@ def _qparams_of_bounds(bounds_ptr, qparams_ptr, rows, row_ok, M, first_split, fi
             tl.store(qparams_ptr + M + rows, zero, mask=row_ok)
         return scale[:, None], zero[:, None]
     else:
-        lo = tl.minimum(tl.load(bounds_ptr + tl.arange(0, 1)), 0.0)
-        hi = tl.maximum(-tl.load(bounds_ptr + 1 + tl.arange(0, 1)), 0.0)
+        lo = tl.minimum(tl.load(bounds_ptr), 0.0)
+        hi = tl.maximum(-tl.load(bounds_ptr + 1), 0.0)
         scale, zero = _range_qparams(lo, hi, QMAX)
         if first_split and first_block:
-            tl.store(qparams_ptr + tl.arange(0, 1), scale)
-            tl.store(qparams_ptr + 1 + tl.arange(0, 1), zero)
-        return tl.sum(scale, axis=0), tl.sum(zero, axis=0)
+            tl.store(qparams_ptr, scale)
+            tl.store(qparams_ptr + 1, zero)
+        return scale, zero
 
 
 @triton.jit
