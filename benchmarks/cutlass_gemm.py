@@ -181,7 +181,7 @@ def main() -> None:
             library = build(nvcc, cutlass, Path(args.build_dir))
         except subprocess.CalledProcessError as failure:
             raise UserError(f"nvcc could not build {SOURCE.name} (its messages above): the source was written for "
-                   "CUTLASS 4.2's headers and nvcc 13.0; pass --cutlass with such a tree") from failure
+                            "CUTLASS 4.2's headers and nvcc 13.0; pass --cutlass with such a tree") from failure
     device = torch.device("cuda")
     gemm, log = load(library), RowLog(args.output, common=provenance(card_of(device)))
     generator = torch.Generator(device=device).manual_seed(0)

@@ -8,8 +8,8 @@ Per batch (M = batch × 2 (CFG) × 256 rows), with the synthetic per-token W4A8 
   1,152), taking the rows' mean and variance itself or (`norm from moments`) from the moments a
   gated epilogue leaves (KernelOptions.norm_moments_from_update);
 - `proj`: proj's ranged pass (its own per-token ranges, K = 1,152);
-- `fc2`: fc2's quantize pass (ranges given, as fc1's epilogue leaves them; smoothed on the fly;
-  K = 4,608);
+- `fc2`: fc2's quantize pass (its qparams given; in the model the pass computes them from the
+  bounds fc1's epilogue leaves, quantize_rows's `bounds`; smoothed on the fly; K = 4,608);
 - `proj gated GEMM`: proj's pass and its Gluon/Triton GEMM with the gated residual update,
   writing the moments or not (what the norm's moments cost where they are made).
 The ranged passes (`norm`, `proj`) run with the LoRA's down-projection where
