@@ -12,10 +12,9 @@ Per batch (M = batch × 2 (CFG) × 256 rows), with the synthetic per-token W4A8 
   bounds fc1's epilogue leaves, quantize_rows's `bounds`; smoothed on the fly; K = 4,608);
 - `proj gated GEMM`: proj's pass and its Gluon/Triton GEMM with the gated residual update,
   writing the moments or not (what the norm's moments cost where they are made).
-The passes run with the LoRA's down-projection where kernels.LORA_BESIDE_BELOW_ROWS and
-LORA_DOWN_APART_FROM_ROWS put it, and with `--lora-placements inside beside apart` also inside
-the pass, beside its row blocks (programs of its own in the same launch) and, for the ranged
-passes (`norm`, `proj`), apart (kernels.lora_down after the pass), at every size. Effective GB/s counts the activation's bytes read once
+The ranged passes (`norm`, `proj`) run with the LoRA's down-projection where
+kernels.LORA_DOWN_APART_FROM_ROWS puts it, and with `--lora-placements inside apart` also
+inside the pass and apart at every size. Effective GB/s counts the activation's bytes read once
 and the codes written. Rows are appended, as measured, to --output
 (benchmarks/results/quantize_pass.jsonl) with the call id, card, date and commit.
 """
@@ -36,17 +35,13 @@ from quant.triton_modules import register_kernel_op
 from runtime.cli import run_cli
 from runtime.errors import UserError
 
-# where the passes' LoRA down-projection runs: as the kernels decide, or forced
-LORA_PLACEMENTS = ("default", "inside", "beside", "apart")
-EVERY_SIZE = 1 << 40
+# where the ranged passes' LoRA down-projection runs: as the kernels decide, or forced
+LORA_PLACEMENTS = ("default", "inside", "apart")
 
 
-def lora_settings(placement: str) -> dict:
-    """The kernels' row thresholds that put the LoRA's down-projection at `placement` at every size
-    (`default`: the kernels' own)."""
-    return {"default": {}, "inside": dict(LORA_BESIDE_BELOW_ROWS=0, LORA_DOWN_APART_FROM_ROWS=None),
-            "beside": dict(LORA_BESIDE_BELOW_ROWS=EVERY_SIZE, LORA_DOWN_APART_FROM_ROWS=None),
-            "apart": dict(LORA_BESIDE_BELOW_ROWS=0, LORA_DOWN_APART_FROM_ROWS=0)}[placement]
+def lora_threshold(placement: str, default: int | None) -> int | None:
+    """kernels.LORA_DOWN_APART_FROM_ROWS for a placement (`default`: the kernels' own threshold)."""
+    return {"default": default, "inside": None, "apart": 0}[placement]
 
 
 def row_passes(rows: int, device) -> dict[str, tuple[Callable[[], object], int, int]]:
@@ -81,25 +76,20 @@ def row_passes(rows: int, device) -> dict[str, tuple[Callable[[], object], int, 
     }
 
 
-RANGED = ("norm", "norm from moments", "proj")  # the passes every LoRA placement applies to
-PLACED = (*RANGED, "fc2")  # fc2's pass: inside or beside
+RANGED = ("norm", "norm from moments", "proj")  # the passes the LoRA placement applies to
 
 
 def measure(batches: list[int], placements: list[str], log: RowLog, device) -> None:
-    defaults = {name: getattr(kernels, name) for name in ("LORA_BESIDE_BELOW_ROWS", "LORA_DOWN_APART_FROM_ROWS")}
+    default = kernels.LORA_DOWN_APART_FROM_ROWS
     for batch in batches:
         rows = 2 * batch * TOKENS
         for name, (run, k, moved) in row_passes(rows, device).items():
-            for placement in placements if name in PLACED else ["default"]:
-                if placement == "apart" and name not in RANGED:
-                    continue
-                for setting, value in lora_settings(placement).items():
-                    setattr(kernels, setting, value)
+            for placement in placements if name in RANGED else ["default"]:
+                kernels.LORA_DOWN_APART_FROM_ROWS = lora_threshold(placement, default)
                 try:
                     us = 1000 * graphed_ms(run)
                 finally:
-                    for setting, value in defaults.items():
-                        setattr(kernels, setting, value)
+                    kernels.LORA_DOWN_APART_FROM_ROWS = default
                 log.add({"kernel": name, "batch": batch, "M": rows, "K": k, "lora_down": placement,
                          "us (graphed)": round(us, 1), "GB_per_s": round(moved / us / 1000, 1) if moved else None})
 
@@ -109,9 +99,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 64],
                         help="images per batch; each pass has 2 × batch × 256 rows")
     parser.add_argument("--lora-placements", nargs="+", default=["default"], choices=LORA_PLACEMENTS,
-                        help="where the passes' LoRA down-projection runs: as the kernels decide (default), inside "
-                             "the pass, beside its row blocks in the same launch, or apart (kernels.lora_down, ranged "
-                             "passes only), at every size")
+                        help="where the ranged passes' LoRA down-projection runs: as kernels.LORA_DOWN_APART_FROM_ROWS "
+                             "decides (default), inside the pass, or apart (kernels.lora_down) at every size")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "quantize_pass.jsonl"),
                         help="JSON lines file every row is appended to as it is measured")
     args = parser.parse_args()

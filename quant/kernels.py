@@ -162,13 +162,6 @@ LORA_DOWN_CONFIGS = _configs(
 # nothing was measured.
 LORA_DOWN_APART_FROM_ROWS: int | None = 32768
 
-# Calls of fewer rows compute the LoRA's down-projection in programs of their own, beside the
-# pass's row blocks in the same launch (LORA_BESIDE of the pass kernels): a row block's codes then
-# wait only on its loads, and the down-projection's programs, which take the same ranges and codes
-# from the same tiles themselves, run at the same time on multiprocessors that a small call leaves
-# idle. Larger calls keep it in the pass (and from LORA_DOWN_APART_FROM_ROWS apart).
-LORA_BESIDE_BELOW_ROWS = 4096
-
 WEIGHT_ONLY_CONFIGS = _configs(
     [dict(BLOCK_N=32, BLOCK_K=128, warps=4, stages=4), dict(BLOCK_N=64, BLOCK_K=128, warps=4, stages=4),
      dict(BLOCK_N=64, BLOCK_K=256, warps=4, stages=3), dict(BLOCK_N=128, BLOCK_K=128, warps=8, stages=3)],
@@ -191,8 +184,7 @@ def _row_qparams(qparams_ptr, rows, row_ok, M, PER_ROW: tl.constexpr):
 
 
 @triton.autotune(configs=QUANTIZE_CONFIGS,
-                 key=["M", "K", "K_PER_SPLIT", "RANK", "HAS_SMOOTH", "PER_ROW", "UNPACK", "FROM_BOUNDS", "INIT_BOUNDS",
-                      "LORA_BESIDE"],
+                 key=["M", "K", "K_PER_SPLIT", "RANK", "HAS_SMOOTH", "PER_ROW", "UNPACK", "FROM_BOUNDS", "INIT_BOUNDS"],
                  prune_configs_by=dict(early_config_prune=_whole_chunk_tiles))
 @triton.jit
 def _quantize_rows_kernel(
@@ -200,49 +192,35 @@ def _quantize_rows_kernel(
     bounds_ptr, init_bounds_ptr, M, stride_xm, UNPACK_N,
     K: tl.constexpr, K_PER_SPLIT: tl.constexpr, QMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr,
     PER_ROW: tl.constexpr, UNPACK: tl.constexpr, PACKED_K: tl.constexpr, FROM_BOUNDS: tl.constexpr,
-    INIT_BOUNDS: tl.constexpr, INIT_PER_ROW: tl.constexpr, LORA_BESIDE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    INIT_BOUNDS: tl.constexpr, INIT_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # program (i, j): rows i·BLOCK_M … and columns j·K_PER_SPLIT …; its row sums and LoRA
     # down-projection are partial sums, written to slice j of rowsum (splits, M) and down (splits, M, rank).
-    # With LORA_BESIDE, a second set of row blocks after the first computes the down-projection and
-    # the first only the codes and row sums; with UNPACK, the programs past the row blocks unpack the
-    # layer's packed weights (_unpack_block). FROM_BOUNDS: the qparams from bounds
-    # (_qparams_of_bounds); INIT_BOUNDS: _init_bounds.
+    # With UNPACK, the programs past the row blocks unpack the layer's packed weights (_unpack_block).
+    # FROM_BOUNDS: the qparams from bounds (_qparams_of_bounds); INIT_BOUNDS: _init_bounds.
     row_block, split = tl.program_id(0), tl.program_id(1)
-    blocks = tl.cdiv(M, BLOCK_M)
-    if row_block < blocks:
+    if row_block < tl.cdiv(M, BLOCK_M):
         if INIT_BOUNDS:
             _init_bounds(init_bounds_ptr, row_block, split, M, INIT_PER_ROW, BLOCK_M)
         _quantize_row_block(x_ptr, smooth_ptr, qparams_ptr, bounds_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr, M,
-                            stride_xm, row_block, split, K, K_PER_SPLIT, QMAX, HAS_SMOOTH, 0 if LORA_BESIDE else RANK,
-                            PER_ROW, FROM_BOUNDS, True, BLOCK_M, BLOCK_K)
-    elif LORA_BESIDE:
-        if row_block < 2 * blocks:
-            _quantize_row_block(x_ptr, smooth_ptr, qparams_ptr, bounds_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr,
-                                M, stride_xm, row_block - blocks, split, K, K_PER_SPLIT, QMAX, HAS_SMOOTH, RANK,
-                                PER_ROW, FROM_BOUNDS, False, BLOCK_M, BLOCK_K)
-        elif UNPACK:
-            _unpack_block((row_block - 2 * blocks) * tl.num_programs(1) + split, packed_ptr, unpacked_ptr, UNPACK_N,
-                          K, PACKED_K)
+                            stride_xm, row_block, split, K, K_PER_SPLIT, QMAX, HAS_SMOOTH, RANK, PER_ROW, FROM_BOUNDS,
+                            BLOCK_M, BLOCK_K)
     elif UNPACK:
-        _unpack_block((row_block - blocks) * tl.num_programs(1) + split, packed_ptr, unpacked_ptr, UNPACK_N, K,
-                      PACKED_K)
+        _unpack_block((row_block - tl.cdiv(M, BLOCK_M)) * tl.num_programs(1) + split, packed_ptr, unpacked_ptr,
+                      UNPACK_N, K, PACKED_K)
 
 
 @triton.jit
 def _quantize_row_block(x_ptr, smooth_ptr, qparams_ptr, bounds_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr, M,
                         stride_xm, row_block, split, K: tl.constexpr, K_PER_SPLIT: tl.constexpr, QMAX: tl.constexpr,
                         HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr, PER_ROW: tl.constexpr,
-                        FROM_BOUNDS: tl.constexpr, CODES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The quantize pass of one row block's K chunk `split`: with CODES its codes, row sums (and
-    qparams taken from bounds), with RANK > 0 its LoRA down-projection."""
+                        FROM_BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The quantize pass of one row block's K chunk `split`."""
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     if FROM_BOUNDS:
-        # only the programs that write the codes store the qparams (a down-projection's would store the same)
-        scale, zero = _qparams_of_bounds(bounds_ptr, qparams_ptr, rows, row_ok, M, (split == 0) & CODES,
-                                         row_block == 0, PER_ROW, QMAX)
+        scale, zero = _qparams_of_bounds(bounds_ptr, qparams_ptr, rows, row_ok, M, split == 0, row_block == 0, PER_ROW,
+                                         QMAX)
     else:
         scale, zero = _row_qparams(qparams_ptr, rows, row_ok, M, PER_ROW)
     rowsum = tl.zeros([BLOCK_M], dtype=tl.int32)
@@ -255,13 +233,11 @@ def _quantize_row_block(x_ptr, smooth_ptr, qparams_ptr, bounds_ptr, right_ptr, c
         mask = row_ok[:, None] & col_ok[None, :]
         x = _smoothed_tile(x_ptr, smooth_ptr, rows, cols, mask, col_ok, stride_xm, HAS_SMOOTH)
         q, shifted = _quantized_tile(x, scale, zero, mask, QMAX)
-        if CODES:
-            tl.store(codes_ptr + rows[:, None] * K + cols[None, :], shifted.to(tl.int8), mask=mask)
-            rowsum += tl.sum(shifted, axis=1)
+        tl.store(codes_ptr + rows[:, None] * K + cols[None, :], shifted.to(tl.int8), mask=mask)
+        rowsum += tl.sum(shifted, axis=1)
         if RANK > 0:
             down = _lora_down_step(down, q, zero, mask, right_ptr, ranks, cols, col_ok, K)
-    if CODES:
-        tl.store(rowsum_ptr + split * M + rows, rowsum, mask=row_ok)
+    tl.store(rowsum_ptr + split * M + rows, rowsum, mask=row_ok)
     if RANK > 0:
         tl.store(down_ptr + (split * M + rows[:, None]) * RANK + ranks[None, :], down, mask=row_ok[:, None])
 
@@ -367,15 +343,14 @@ def _init_bounds(bounds_ptr, row_block, split, M, PER_ROW: tl.constexpr, BLOCK_M
 
 
 @triton.autotune(configs=RANGED_QUANTIZE_CONFIGS,
-                 key=["M", "K", "RANK", "NORM", "HAS_MOMENTS", "HAS_SMOOTH", "UNPACK", "INIT_BOUNDS", "LORA_BESIDE"])
+                 key=["M", "K", "RANK", "NORM", "HAS_MOMENTS", "HAS_SMOOTH", "UNPACK", "INIT_BOUNDS"])
 @triton.jit
 def _ranged_quantize_rows_kernel(
     x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr,
     packed_ptr, unpacked_ptr, init_bounds_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, UNPACK_N,
     K: tl.constexpr, QMAX: tl.constexpr, RANK: tl.constexpr, NORM: tl.constexpr, HAS_MOMENTS: tl.constexpr,
     ROUND_BF16: tl.constexpr, HAS_SMOOTH: tl.constexpr, UNPACK: tl.constexpr, PACKED_K: tl.constexpr,
-    INIT_BOUNDS: tl.constexpr, INIT_PER_ROW: tl.constexpr, LORA_BESIDE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    INIT_BOUNDS: tl.constexpr, INIT_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The quantize pass of an activation with per-token ranges that the pass takes itself: of x,
     or with NORM of LayerNorm(x)·(1 + scale) + shift (DiT's norm + adaLN modulation; no affine;
@@ -388,38 +363,26 @@ def _ranged_quantize_rows_kernel(
     (modulated or not) is multiplied by the layer's on-the-fly smoothing factors in float32, as
     quantize_rows does, before its range and codes. Writes codes − 128, row sums, the LoRA
     down-projection (one split) and each row's [scale; zero] to qparams (2, M).
-    With LORA_BESIDE, a second set of row blocks after the first computes the down-projection (the
-    same ranges and codes, from the same tiles) and the first does not; with UNPACK, the programs
-    past the row blocks unpack the layer's packed weights (_unpack_block); with INIT_BOUNDS,
-    _init_bounds."""
+    With UNPACK, the programs past the row blocks unpack the layer's packed weights (_unpack_block);
+    with INIT_BOUNDS, _init_bounds."""
     row_block = tl.program_id(0)
-    blocks = tl.cdiv(M, BLOCK_M)
-    if row_block < blocks:
+    if row_block < tl.cdiv(M, BLOCK_M):
         if INIT_BOUNDS:
             _init_bounds(init_bounds_ptr, row_block, 0, M, INIT_PER_ROW, BLOCK_M)
         _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qparams_ptr, right_ptr, codes_ptr,
-                          rowsum_ptr, down_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block, K, QMAX,
-                          0 if LORA_BESIDE else RANK, NORM, HAS_MOMENTS, ROUND_BF16, HAS_SMOOTH, True, BLOCK_M,
-                          BLOCK_K)
-    elif LORA_BESIDE:
-        if row_block < 2 * blocks:
-            _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qparams_ptr, right_ptr, codes_ptr,
-                              rowsum_ptr, down_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block - blocks, K,
-                              QMAX, RANK, NORM, HAS_MOMENTS, ROUND_BF16, HAS_SMOOTH, False, BLOCK_M, BLOCK_K)
-        elif UNPACK:
-            _unpack_block(row_block - 2 * blocks, packed_ptr, unpacked_ptr, UNPACK_N, K, PACKED_K)
+                          rowsum_ptr, down_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block, K, QMAX, RANK,
+                          NORM, HAS_MOMENTS, ROUND_BF16, HAS_SMOOTH, BLOCK_M, BLOCK_K)
     elif UNPACK:
-        _unpack_block(row_block - blocks, packed_ptr, unpacked_ptr, UNPACK_N, K, PACKED_K)
+        _unpack_block(row_block - tl.cdiv(M, BLOCK_M), packed_ptr, unpacked_ptr, UNPACK_N, K, PACKED_K)
 
 
 @triton.jit
 def _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qparams_ptr, right_ptr, codes_ptr,
                       rowsum_ptr, down_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block, K: tl.constexpr,
                       QMAX: tl.constexpr, RANK: tl.constexpr, NORM: tl.constexpr, HAS_MOMENTS: tl.constexpr,
-                      ROUND_BF16: tl.constexpr, HAS_SMOOTH: tl.constexpr, CODES: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The ranged pass of one row block: with CODES its qparams, codes and row sums, with RANK > 0
-    its LoRA down-projection. Its tile loops stay loops: unrolled (tl.static_range) the
+                      ROUND_BF16: tl.constexpr, HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """The ranged pass of one row block. Its tile loops stay loops: unrolled (tl.static_range) the
     pass ran 1.1-1.2x faster alone, but in the model at batch 8 sampling took 6 % longer (and a
     software-pipelined loop 1 % longer) than looped; at batch 1 the three were within 1 %
     (benchmarks/RESULTS.md, tenth session)."""
@@ -461,9 +424,8 @@ def _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qpar
         lo = tl.minimum(lo, tl.min(y, axis=1))
         hi = tl.maximum(hi, tl.max(y, axis=1))
     scale, zero = _range_qparams(lo, hi, QMAX)
-    if CODES:
-        tl.store(qparams_ptr + rows, scale, mask=row_ok)
-        tl.store(qparams_ptr + M + rows, zero, mask=row_ok)
+    tl.store(qparams_ptr + rows, scale, mask=row_ok)
+    tl.store(qparams_ptr + M + rows, zero, mask=row_ok)
     scale, zero = scale[:, None], zero[:, None]
     rowsum = tl.zeros([BLOCK_M], dtype=tl.int32)
     if RANK > 0:
@@ -476,13 +438,11 @@ def _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qpar
         y = _pass_input_tile(x_ptr, smooth_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd,
                              stride_xm, stride_mod, K, NORM, ROUND_BF16, HAS_SMOOTH)
         q, shifted = _quantized_tile(y, scale, zero, mask, QMAX)
-        if CODES:
-            tl.store(codes_ptr + rows[:, None] * K + cols[None, :], shifted.to(tl.int8), mask=mask)
-            rowsum += tl.sum(shifted, axis=1)
+        tl.store(codes_ptr + rows[:, None] * K + cols[None, :], shifted.to(tl.int8), mask=mask)
+        rowsum += tl.sum(shifted, axis=1)
         if RANK > 0:
             down = _lora_down_step(down, q, zero, mask, right_ptr, ranks, cols, col_ok, K)
-    if CODES:
-        tl.store(rowsum_ptr + rows, rowsum, mask=row_ok)
+    tl.store(rowsum_ptr + rows, rowsum, mask=row_ok)
     if RANK > 0:
         tl.store(down_ptr + rows[:, None] * RANK + ranks[None, :], down, mask=row_ok[:, None])
 
@@ -906,25 +866,17 @@ def quantize_rows(x: torch.Tensor, qparams: torch.Tensor, act_bits: int, smooth_
     codes = torch.empty(m, k, dtype=torch.int8, device=x.device)
     rowsum = torch.empty(splits, m, dtype=torch.int32, device=x.device)
     down = torch.empty(splits, m, max(rank, 1), dtype=torch.float32, device=x.device)
-    # the unpack's programs follow the row blocks (twice as many with the LoRA beside), `splits` to a row of the grid
+    # the unpack's programs follow the row blocks, `splits` to a row of the grid
     unpack_grid_rows = 0 if unpack is None else triton.cdiv(unpack_programs(unpack.packed.shape[0], k), splits)
-    beside = lora_beside(rank, m)
-    grid = lambda meta: ((1 + beside) * triton.cdiv(m, meta["BLOCK_M"]) + unpack_grid_rows, splits)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) + unpack_grid_rows, splits)  # noqa: E731
     _quantize_rows_kernel[grid](
         x, smooth_inv if smooth_inv is not None else qparams, qparams, right if right is not None else qparams,
         codes, rowsum, down, M=m, stride_xm=x.stride(0),
         bounds_ptr=qparams if bounds is None else bounds, K=k, K_PER_SPLIT=k_per_split,
         QMAX=float(largest_code(act_bits)), HAS_SMOOTH=smooth_inv is not None, RANK=rank, PER_ROW=per_row(qparams),
-        FROM_BOUNDS=bounds is not None, LORA_BESIDE=beside, **_unpack_arguments(unpack, codes),
-        **_init_bounds_arguments(init_bounds, qparams),
+        FROM_BOUNDS=bounds is not None, **_unpack_arguments(unpack, codes), **_init_bounds_arguments(init_bounds, qparams),
     )
     return codes, rowsum, down if rank else None
-
-
-def lora_beside(rank: int, m: int) -> bool:
-    """Whether a pass of m rows computes its LoRA down-projection in programs beside its row blocks
-    (LORA_BESIDE_BELOW_ROWS)."""
-    return rank > 0 and m < LORA_BESIDE_BELOW_ROWS
 
 
 def weight_only_linear(x: torch.Tensor, codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor,
@@ -981,17 +933,16 @@ def _ranged_pass(x: torch.Tensor, act_bits: int, right: torch.Tensor | None, unp
     qparams = torch.empty(2, m, dtype=torch.float32, device=x.device)
     placeholders = dict(shift_ptr=x, scale_ptr=x, stride_mod=0, TOKENS=1, EPS_NORM=0.0)  # never read without NORM
     unpack_blocks = 0 if unpack is None else unpack_programs(unpack.packed.shape[0], k)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) + unpack_blocks,)  # noqa: E731
     apart = rank > 0 and LORA_DOWN_APART_FROM_ROWS is not None and m >= LORA_DOWN_APART_FROM_ROWS
-    beside = not apart and lora_beside(rank, m)
-    grid = lambda meta: ((1 + beside) * triton.cdiv(m, meta["BLOCK_M"]) + unpack_blocks,)  # noqa: E731
     _ranged_quantize_rows_kernel[grid](
         x_ptr=x, smooth_ptr=qparams if smooth_inv is None else smooth_inv,
         moments_ptr=qparams if moments is None else moments, qparams_ptr=qparams,
         right_ptr=right if right is not None else qparams, codes_ptr=codes, rowsum_ptr=rowsum, down_ptr=down, M=m,
         stride_xm=x.stride(0), K=k, QMAX=float(largest_code(act_bits)), RANK=0 if apart else rank,
         NORM=norm is not None, HAS_MOMENTS=moments is not None, ROUND_BF16=x.dtype == torch.bfloat16,
-        HAS_SMOOTH=smooth_inv is not None, LORA_BESIDE=beside, **(norm or placeholders),
-        **_unpack_arguments(unpack, codes), **_init_bounds_arguments(init_bounds, qparams),
+        HAS_SMOOTH=smooth_inv is not None, **(norm or placeholders), **_unpack_arguments(unpack, codes),
+        **_init_bounds_arguments(init_bounds, qparams),
     )
     if apart:
         lora_down(codes, qparams, right, down[0])

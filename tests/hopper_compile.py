@@ -104,8 +104,7 @@ TRITON_KERNELS = {
         unpacked_ptr=torch.int8, bounds_ptr=torch.float32, init_bounds_ptr=torch.float32, M=4096, stride_xm=4608,
         UNPACK_N=1152),
         dict(K=4608, K_PER_SPLIT=4608, QMAX=255.0, HAS_SMOOTH=True, RANK=32, PER_ROW=True, UNPACK=True,
-             PACKED_K=2304, FROM_BOUNDS=False, INIT_BOUNDS=False, INIT_PER_ROW=False, LORA_BESIDE=False, BLOCK_M=32,
-             BLOCK_K=128)),
+             PACKED_K=2304, FROM_BOUNDS=False, INIT_BOUNDS=False, INIT_PER_ROW=False, BLOCK_M=32, BLOCK_K=128)),
     "ranged_quantize": (kernels._ranged_quantize_rows_kernel, dict(
         x_ptr=torch.bfloat16, smooth_ptr=torch.float32, shift_ptr=torch.bfloat16, scale_ptr=torch.bfloat16,
         moments_ptr=torch.float32, qparams_ptr=torch.float32, right_ptr=torch.bfloat16, codes_ptr=torch.int8,
@@ -113,7 +112,7 @@ TRITON_KERNELS = {
         init_bounds_ptr=torch.float32, M=4096, stride_xm=1152, stride_mod=6912, TOKENS=256, EPS_NORM=1e-6,
         UNPACK_N=3456),
         dict(K=1152, QMAX=255.0, RANK=32, NORM=True, HAS_MOMENTS=False, ROUND_BF16=True, HAS_SMOOTH=False, UNPACK=True,
-             PACKED_K=576, INIT_BOUNDS=False, INIT_PER_ROW=False, LORA_BESIDE=False, BLOCK_M=32, BLOCK_K=128)),
+             PACKED_K=576, INIT_BOUNDS=False, INIT_PER_ROW=False, BLOCK_M=32, BLOCK_K=128)),
     "lora_down": (kernels._lora_down_kernel, dict(
         codes_ptr=torch.int8, qparams_ptr=torch.float32, right_ptr=torch.bfloat16, down_ptr=torch.float32, M=32768),
         dict(K=1152, RANK=32, BLOCK_M=128, BLOCK_K=128)),

@@ -460,39 +460,6 @@ def test_ranged_passes_give_the_same_down_projection_with_the_lora_apart(monkeyp
         assert torch.equal(run()[2], inside[2])
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-def test_passes_give_the_same_outputs_with_the_lora_beside_their_row_blocks(splits, monkeypatch):
-    """kernels.LORA_BESIDE_BELOW_ROWS: the down-projection by programs of its own beside the row
-    blocks (which then write only codes, sums and qparams) gives every output of the pass that
-    computes it inline, bit for bit, and the W4 unpack after both sets of programs still covers the
-    whole weight (37 rows: a partial row block; 3 splits of fc2's pass, its qparams from bounds)."""
-    from quant import kernels
-
-    generator = torch.Generator().manual_seed(13)
-    x = torch.randn(37, 200, generator=generator) * 3 + 0.5
-    right = torch.randn(16, 200, generator=generator)
-    shift, scale = torch.randn(3, 200, generator=generator) * 0.3, torch.randn(3, 200, generator=generator) * 0.3
-    bounds = torch.stack([x.amin(dim=1), -x.amax(dim=1)])
-    weight_codes = torch.randint(0, 16, (70, 200), dtype=torch.uint8, generator=generator)
-
-    def from_bounds(unpack):
-        qparams = torch.full((2, 37), -1.0)  # written by the pass
-        return *kernels.quantize_rows(x, qparams, 8, None, right, splits=splits, unpack=unpack, bounds=bounds), qparams
-
-    passes = (lambda unpack: kernels.norm_quantize_rows(x, shift, scale, 13, 1e-6, 8, right, unpack),
-              lambda unpack: kernels.ranged_quantize_rows(x, 8, right, unpack), from_bounds)
-    for run in passes:
-        outputs = {}
-        for below in (0, 38):  # inline, then beside (37 rows < 38)
-            monkeypatch.setattr(kernels, "LORA_BESIDE_BELOW_ROWS", below)
-            unpack = kernels.PackedWeight(pack_split(weight_codes), torch.full((70, 200), 99, dtype=torch.int8))
-            outputs[below] = [*run(unpack), unpack.unpacked]
-        assert kernels.lora_beside(16, 37) and not kernels.lora_beside(0, 37)
-        for beside, inline in zip(outputs[38], outputs[0]):
-            assert torch.equal(beside, inline)
-        assert torch.equal(outputs[38][-1], unpack_signed(pack_split(weight_codes), 200))
-
-
 def test_a_layer_refuses_own_ranges_its_pass_would_compute_wrongly():
     """The ranged pass takes per-token ranges of x (times the smoothing factors) itself: asking it
     of a per-tensor (possibly static) layer fails loudly rather than quantizing with other ranges;

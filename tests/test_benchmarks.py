@@ -51,20 +51,12 @@ def test_fp8_rows_map_their_amax_to_e4m3s_largest_value_and_w4_codes_are_exact()
 
 def test_row_pass_benchmark_refuses_a_machine_without_a_gpu_in_one_line(monkeypatch, capsys):
     """benchmarks/row_passes.py times CUDA graphs: without a GPU it says so and exits with status 2,
-    and its LoRA placements set the kernels' thresholds so that a pass of any size puts the
-    down-projection there (default: the kernels' own)."""
+    and its LoRA placements map to kernels.LORA_DOWN_APART_FROM_ROWS (inside: never apart; apart:
+    from any size)."""
     from benchmarks import row_passes
-    from quant import kernels
 
-    def placed(rows: int) -> str:
-        apart = kernels.LORA_DOWN_APART_FROM_ROWS is not None and rows >= kernels.LORA_DOWN_APART_FROM_ROWS
-        return "apart" if apart else "beside" if kernels.lora_beside(32, rows) else "inside"
-
-    assert row_passes.lora_settings("default") == {}
-    for placement in ("inside", "beside", "apart"):
-        for setting, value in row_passes.lora_settings(placement).items():
-            monkeypatch.setattr(kernels, setting, value)
-        assert placed(512) == placed(32768) == placement
+    assert row_passes.lora_threshold("default", 32768) == 32768
+    assert row_passes.lora_threshold("inside", 32768) is None and row_passes.lora_threshold("apart", 32768) == 0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(sys, "argv", ["row_passes", "--batches", "8"])
     with pytest.raises(SystemExit) as stopped:

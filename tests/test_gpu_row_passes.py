@@ -99,53 +99,6 @@ def test_on_the_gpu_the_lora_down_projection_apart_matches_the_pass(norm, monkey
         torch.testing.assert_close(down, inside[2], rtol=1e-4, atol=1e-3 * inside[2].abs().max().item())
 
 
-@pytest.mark.parametrize("rows", [512, 4096])
-def test_on_the_gpu_the_lora_beside_the_row_blocks_gives_the_passes_outputs(rows, monkeypatch):
-    """kernels.LORA_BESIDE_BELOW_ROWS on the model's three pass kinds (fc1's norm pass from the
-    moments proj's gated epilogue left, proj's ranged pass, fc2's pass taking its qparams from
-    bounds): codes, row sums and qparams those of the pass with the LoRA inline, bit for bit (none
-    of the three depends on the tile widths the autotuner picks), and the down-projection that of
-    the codes (float64 reference) up to bf16 products' float32 sums."""
-    from benchmarks.synthetic import outlier_input, quantized_layer_pair
-    from quant import kernels
-    from quant.triton_modules import register_kernel_op
-
-    register_kernel_op()
-    device = torch.device("cuda")
-    _, proj = quantized_layer_pair(XL_HIDDEN, XL_HIDDEN, 4, False, device, act_granularity="per_token")
-    _, fc1 = quantized_layer_pair(XL_HIDDEN, 4 * XL_HIDDEN, 4, False, device, act_granularity="per_token")
-    _, fc2 = quantized_layer_pair(4 * XL_HIDDEN, XL_HIDDEN, 4, True, device, act_granularity="per_token")
-    attended = outlier_input(rows, XL_HIDDEN, device, torch.bfloat16, seed=5)
-    residual = outlier_input(rows, XL_HIDDEN, device, torch.bfloat16, seed=6) * 4
-    adaln = torch.randn(rows // 256, 6 * XL_HIDDEN, device=device, dtype=torch.bfloat16) * 0.3
-    x, moments = proj.gated_2d(attended, None, residual.reshape(-1, 256, XL_HIDDEN), adaln[:, :XL_HIDDEN],
-                               with_moments=True)
-    shift, scale = adaln[:, XL_HIDDEN:2 * XL_HIDDEN], adaln[:, 2 * XL_HIDDEN:3 * XL_HIDDEN]
-    hidden = outlier_input(rows, 4 * XL_HIDDEN, device, torch.bfloat16, seed=7)
-    smoothed = hidden.float() * fc2.smooth_inv
-    bounds = torch.stack([smoothed.amin(dim=1), -smoothed.amax(dim=1)])
-
-    def fc2_pass():
-        qparams = torch.empty(2, rows, device=device)
-        return *kernels.quantize_rows(hidden, qparams, 8, fc2.smooth_inv, fc2.lora_right, bounds=bounds), qparams
-
-    passes = {"fc1": (lambda: kernels.norm_quantize_rows(x, shift, scale, 256, 1e-6, 8, fc1.lora_right,
-                                                         moments=moments), fc1.lora_right),
-              "proj": (lambda: kernels.ranged_quantize_rows(attended, 8, proj.lora_right), proj.lora_right),
-              "fc2": (fc2_pass, fc2.lora_right)}
-    for name, (run, right) in passes.items():
-        monkeypatch.setattr(kernels, "LORA_BESIDE_BELOW_ROWS", 0)
-        inline = run()
-        monkeypatch.setattr(kernels, "LORA_BESIDE_BELOW_ROWS", rows + 1)
-        codes, rowsum, down, qparams = run()
-        assert torch.equal(codes, inline[0]) and torch.equal(rowsum, inline[1]), name
-        assert torch.equal(qparams, inline[3]), name
-        centered = codes.double() + 128 - qparams[1].double()[:, None]
-        expected = centered @ right.double().T
-        torch.testing.assert_close(down.sum(dim=0).double(), expected, rtol=1e-4,
-                                   atol=1e-4 * expected.abs().max().item(), msg=name)
-
-
 def test_on_the_gpu_the_norm_pass_takes_its_moments_from_the_gated_epilogue():
     """proj's gated update at batch 64's 32,768 rows writes the rows' moments on the Gluon GEMM;
     fc1's norm pass from them gives the ranges and codes of the pass that reads the rows for them
