@@ -74,17 +74,17 @@ UNPACK_BESIDE_PASS_BELOW_ROWS = 4096
 # GEMM (quant/hopper_gemm.py), which measured faster than the GEMM here at all four DiT-XL/2
 # shapes at 4,096 and 32,768 rows, timed as the samplers run them (CUDA graphs;
 # benchmarks/RESULTS.md), and at 512 rows on its 64-row tiles (hopper_gemm.tile_config) 1.13x
-# (qkv's shape) and 1.18x (fc2's), proj's equal. A GELU (fc1) or an output range in the epilogue
-# (fc1's GELU + fc2's range) goes there only from WARP_SPECIALISED_EPILOGUE_FROM_ROWS rows: with
-# the epilogue's inputs prefetched (twelfth session), graphed, at 4,096 rows GELU + range per
+# (qkv's shape) and 1.18x (fc2's), proj's equal. fc1's GELU + fc2's range in the epilogue too:
+# with the epilogue's inputs prefetched (twelfth session), graphed, at 4,096 rows GELU + range per
 # tensor 657 against 453 TOPS, per row (qkv's shape) 664 against 412, GELU alone 695 against 532
-# (thirteenth session); at 32,768 rows 864 against 573 per tensor. Before the prefetch, GELU was
-# 0.9x at 512 rows and GELU + range 314 against 433 TOPS at 4,096. Not there either: layers
-# narrower than WARP_SPECIALISED_MIN_SIDE in N or K (the demo's 256-wide ones: not measured there,
-# and the Triton GEMM is what the demo's FD was checked with), float32 output (its staging tiles
-# do not fit beside the slots) and packed weights unpacked in the main loop.
+# (thirteenth session); at 32,768 rows 864 against 573 per tensor; at 512 rows fc1 took 13.7
+# against 17.9 µs a call in the model, and sampling at batch 1 3.06-3.07 against 3.18-3.26
+# ms/step (W4A8), 2.92 against 3.07 (W8A8; seventeenth session; before the prefetch GELU was
+# 0.9x there). Not there: layers narrower than WARP_SPECIALISED_MIN_SIDE in N or K (the demo's
+# 256-wide ones: not measured there, and the Triton GEMM is what the demo's FD was checked with),
+# float32 output (its staging tiles do not fit beside the slots) and packed weights unpacked in
+# the main loop.
 WARP_SPECIALISED_FROM_ROWS = 512
-WARP_SPECIALISED_EPILOGUE_FROM_ROWS = 4096
 WARP_SPECIALISED_MIN_SIDE = 1152  # DiT-XL/2's narrowest layer (proj)
 # The quantize pass splits K into chunks of this many columns over programs when its rows alone
 # give fewer than QUANTIZE_PROGRAMS_PER_SM programs per multiprocessor.
@@ -788,8 +788,8 @@ def check_row_moments(moments: torch.Tensor | None, m: int, n: int) -> None:
                          f"{shape}, not {moments.dtype} {tuple(moments.shape)}")
 
 
-def warp_specialised_suits(m: int, n: int, k: int, rank: int, packed: bool, gelu: bool, bounds, out_dtype,
-                           device: torch.device, gated: GatedResidual | None = None) -> bool:
+def warp_specialised_suits(m: int, n: int, k: int, rank: int, packed: bool, out_dtype, device: torch.device,
+                           gated: GatedResidual | None = None) -> bool:
     """Whether a call goes to quant/hopper_gemm.py's kernel (WARP_SPECIALISED_FROM_ROWS says why;
     a gated residual update only where each of its row tiles lies in one sample)."""
     if not (device.type == "cuda" and not packed and out_dtype in (torch.bfloat16, torch.float16)
@@ -798,8 +798,6 @@ def warp_specialised_suits(m: int, n: int, k: int, rank: int, packed: bool, gelu
         return False
     from .hopper_gemm import gate_tiles_fit, tile_config
 
-    if (gelu or bounds is not None) and m < WARP_SPECIALISED_EPILOGUE_FROM_ROWS:
-        return False
     return gated is None or gate_tiles_fit(gated.tokens, tile_config(m))
 
 
@@ -1006,8 +1004,7 @@ def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, 
     n = weight.shape[0]
     rank = 0 if left is None else left.shape[1]
     if warp_specialised is None:
-        warp_specialised = warp_specialised_suits(m, n, k, rank, packed, gelu, bounds, out_dtype, codes.device,
-                                                  gated)
+        warp_specialised = warp_specialised_suits(m, n, k, rank, packed, out_dtype, codes.device, gated)
     if warp_specialised:
         from .hopper_gemm import int8_gemm_ws
 
