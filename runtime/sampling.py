@@ -76,7 +76,7 @@ class StepGraphs:
 
     def _capture(self, fn, inputs):
         static_inputs = [t.clone() for t in inputs]
-        side = torch.cuda.Stream(device=static_inputs[0].device)
+        side = warmup_stream(static_inputs[0].device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(self.warmup_calls):
@@ -86,6 +86,15 @@ class StepGraphs:
         with torch.cuda.graph(graph):
             static_output = fn(*static_inputs)
         return graph, static_inputs, static_output
+
+
+@functools.cache
+def warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream of every capture's warm-up calls on `device`. One for all: cuBLAS keeps a
+    workspace (32 MiB on Hopper) for each stream it has run on, for the process's life, so a new
+    stream per capture would hold one more per graph (speed.py's peak memory grew by about that
+    much with every timed row of one model, 0.03 GiB: benchmarks/RESULTS.md, seventeenth session)."""
+    return torch.cuda.Stream(device=device)
 
 
 def compile_blocks(model: torch.nn.Module) -> None:
