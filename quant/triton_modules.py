@@ -228,9 +228,13 @@ class TritonWeightOnlyLinear(KeepsDtypes):
         self.register_buffer("bias", source.bias.float().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.ditas.weight_only_linear(rows_of(x, self.in_features), self.weight_codes, self.weight_zero,
-                                                 self.weight_scale, self.bias)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return weight_only_rows(self, rows_of(x, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+
+
+def weight_only_rows(layer: TritonWeightOnlyLinear | ModulationBank, x2d: torch.Tensor) -> torch.Tensor:
+    """The weight-only op on 2-D rows with the codes, zero points, scales and bias `layer` holds."""
+    return torch.ops.ditas.weight_only_linear(x2d, layer.weight_codes, layer.weight_zero, layer.weight_scale,
+                                              layer.bias)
 
 
 class BlockModulation(NamedTuple):
@@ -260,8 +264,7 @@ class ModulationBank:
         if c.device != self.weight_codes.device:  # the model moved after install_kernels: the views did not
             raise RuntimeError(f"the adaLN bank's weights are on {self.weight_codes.device}, the model's input on "
                                f"{c.device}: move the model before preparing it for the triton backend")
-        out = torch.ops.ditas.weight_only_linear(rows_of(F.silu(c), c.shape[-1]), self.weight_codes, self.weight_zero,
-                                                 self.weight_scale, self.bias)
+        out = weight_only_rows(self, rows_of(F.silu(c), c.shape[-1]))
         return [BlockModulation(values) for values in out.split(self.width, dim=1)]
 
 
