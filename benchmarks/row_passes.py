@@ -8,8 +8,9 @@ Per batch (M = batch × 2 (CFG) × 256 rows), with the synthetic per-token W4A8 
   1,152), taking the rows' mean and variance itself or (`norm from moments`) from the moments a
   gated epilogue leaves (KernelOptions.norm_moments_from_update);
 - `proj`: proj's ranged pass (its own per-token ranges, K = 1,152);
-- `fc2`: fc2's quantize pass (its qparams given; in the model the pass computes them from the
-  bounds fc1's epilogue leaves, quantize_rows's `bounds`; smoothed on the fly; K = 4,608);
+- `fc2 from bounds`: fc2's quantize pass as the model runs it, its qparams taken from the
+  per-token bounds fc1's epilogue leaves (quantize_rows's `bounds`; smoothed on the fly; K =
+  4,608; the rows named `fc2`, to the seventeenth session, gave it the qparams);
 - `proj gated GEMM`: proj's pass and its Gluon/Triton GEMM with the gated residual update,
   writing the moments or not (what the norm's moments cost where they are made).
 The ranged passes (`norm`, `proj`) run with the LoRA's down-projection where
@@ -57,7 +58,9 @@ def row_passes(rows: int, device) -> dict[str, tuple[Callable[[], object], int, 
     gate, shift, scale = adaln[:, :hidden], adaln[:, hidden:2 * hidden], adaln[:, 2 * hidden:3 * hidden]
     x, moments = proj.gated_2d(attended, None, residual, gate, with_moments=True)
     hidden_4x = outlier_input(rows, 4 * hidden, device, torch.bfloat16, seed=7)
-    fc2_qparams = fc2.qparams(hidden_4x)
+    smoothed = hidden_4x.float() * fc2.smooth_inv
+    fc2_bounds = torch.stack([smoothed.amin(dim=1), -smoothed.amax(dim=1)])  # [min; −max], as fc1's epilogue leaves them
+    fc2_qparams = torch.empty_like(fc2_bounds)  # the pass writes them
 
     def moved(k: int) -> int:  # bf16 read once, int8 codes written
         return rows * k * 3
@@ -68,8 +71,9 @@ def row_passes(rows: int, device) -> dict[str, tuple[Callable[[], object], int, 
         "norm from moments": (lambda: kernels.norm_quantize_rows(x, shift, scale, TOKENS, 1e-6, 8, fc1.lora_right,
                                                                  moments=moments), hidden, moved(hidden)),
         "proj": (lambda: kernels.ranged_quantize_rows(attended, 8, proj.lora_right), hidden, moved(hidden)),
-        "fc2": (lambda: kernels.quantize_rows(hidden_4x, fc2_qparams, 8, fc2.smooth_inv, fc2.lora_right),
-                4 * hidden, moved(4 * hidden)),
+        "fc2 from bounds": (lambda: kernels.quantize_rows(hidden_4x, fc2_qparams, 8, fc2.smooth_inv,
+                                                          fc2.lora_right, bounds=fc2_bounds), 4 * hidden,
+                            moved(4 * hidden)),
         "proj gated GEMM, moments written": (lambda: proj.gated_2d(attended, None, residual, gate, True),
                                              hidden, 0),
         "proj gated GEMM, no moments": (lambda: proj.gated_2d(attended, None, residual, gate, False), hidden, 0),
