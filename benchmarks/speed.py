@@ -204,13 +204,21 @@ CFG_SCALE = 1.5
 
 
 @torch.no_grad()
-def time_sampling(model, args, device, batch: int, graphs: StepGraphs | None) -> dict:
-    """Sampling of `batch` images with CFG through sampling.generate, as the samplers run it."""
+def warmed_up(model, args, device, batch: int, graphs: StepGraphs | None) -> tuple[DeviceNoise, torch.Tensor]:
+    """(noise, labels) of `batch` images, after a WARMUP_STEPS sampling run with them (compilation,
+    autotuning and, with `graphs`, the capture), finished on the GPU."""
     spec = spec_from_name(args.model, image_size=args.image_size)
     noise = DeviceNoise((batch, spec.in_channels, spec.input_size, spec.input_size), device)
     labels = torch.randint(0, spec.num_classes, (batch,), device=device, generator=noise.generator)
     generate(model, create_diffusion(str(WARMUP_STEPS)), labels, noise, CFG_SCALE, graphs=graphs)
     torch.cuda.synchronize()
+    return noise, labels
+
+
+@torch.no_grad()
+def time_sampling(model, args, device, batch: int, graphs: StepGraphs | None) -> dict:
+    """Sampling of `batch` images with CFG through sampling.generate, as the samplers run it."""
+    noise, labels = warmed_up(model, args, device, batch, graphs)
     torch.cuda.reset_peak_memory_stats()
     diffusion = create_diffusion(str(args.num_sampling_steps))
     runs = []
@@ -334,12 +342,8 @@ def step_timeline(model, args, device, batch: int) -> dict:
     profiler's own host work included)."""
     from torch.profiler import ProfilerActivity, profile
 
-    spec = spec_from_name(args.model, image_size=args.image_size)
-    noise = DeviceNoise((batch, spec.in_channels, spec.input_size, spec.input_size), device)
-    labels = torch.randint(0, spec.num_classes, (batch,), device=device, generator=noise.generator)
     graphs = StepGraphs()
-    generate(model, create_diffusion(str(WARMUP_STEPS)), labels, noise, CFG_SCALE, graphs=graphs)
-    torch.cuda.synchronize()
+    noise, labels = warmed_up(model, args, device, batch, graphs)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         generate(model, create_diffusion(str(TIMELINE_STEPS)), labels, noise, CFG_SCALE, graphs=graphs)
