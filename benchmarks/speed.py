@@ -370,7 +370,13 @@ def main(args: argparse.Namespace) -> None:
     if {"profile", "timeline", "sample"} & set(args.parts):
         torch.backends.cuda.matmul.allow_tf32 = True  # the published sampler's setting (fp32 row)
         for name in args.rows:  # one model per row serves every batch and part
-            torch._dynamo.reset()  # each row compiles from scratch, as in a fresh process
+            # each row compiles from scratch, as in a fresh process, and its peak memory holds
+            # nothing of the row before (the seventeenth session's final call: W8A8's peak 1.44
+            # GiB at batch 1, the row after W4A8's, 1.01 at batch 8): the compiled code that refers
+            # to the last model goes, then the model itself
+            torch._dynamo.reset()
+            gc.collect()
+            torch.cuda.empty_cache()
             model = build_row(name, args, device)
             row = ROWS[name]
             settings = {"row": name, "model": args.model, "compiled": row.compiled, "act": row.act_granularity,
@@ -389,12 +395,7 @@ def main(args: argparse.Namespace) -> None:
                         result = time_sampling(model, args, device, batch, StepGraphs() if graph == "on" else None)
                         log.add({"part": "sample", **settings, "batch": batch, "cuda_graph": graph == "on",
                                  "steps": args.num_sampling_steps, **result, "wall_s": time.perf_counter() - start})
-            # free the row before the next one's peak memory is taken (the seventeenth session's
-            # final call: W8A8's peak 1.44 GiB at batch 1, the row after W4A8's, 1.01 at batch 8)
             del model
-            torch._dynamo.reset()
-            gc.collect()
-            torch.cuda.empty_cache()
         # which tiles the autotuners chose, per call shape: small calls' timings move with them
         log.add({"part": "autotuned", "configs": autotuned_configs()})
     print_tables(log.rows)
