@@ -191,6 +191,8 @@ def check_fused_mlp(hidden: int, bits: int, dtype, tolerance: float, device, act
     stored output (exact), and the whole MLP against fake, which may not exceed 1.25× the error
     of the unfused kernel chain: two quantized layers in a row amplify small differences (an
     fc1 output that differs in the last bit can move an fc2 code by one step)."""
+    from quant.kernels import range_bounds
+
     fake_mlp, fused = quantized_mlp_pair(hidden, bits, device, act_granularity)
     fc1, fc2 = fused.fc1, fused.fc2
     x = outlier_input(LARGE_ROWS, hidden, device, dtype, seed=bits)
@@ -200,12 +202,10 @@ def check_fused_mlp(hidden: int, bits: int, dtype, tolerance: float, device, act
         stored, bounds = torch.ops.ditas.int8_linear_gelu(x, fc1.qparams(x), **fc1.kernel_tensors()._asdict(),
                                                           bounds_scale=fc2.smooth_inv, with_bounds=True,
                                                           bounds_per_row=fc2.per_token)
-        scaled = stored.float() * fc2.smooth_inv
-        low, high = (scaled.amin(dim=1), scaled.amax(dim=1)) if fc2.per_token else (scaled.min(), scaled.max())
         reference = fake_mlp(x.float()).float()
         unfused = fc2(torch.nn.functional.gelu(fc1(x), approximate="tanh"))
         row |= {"fc1_gelu_error": relative_error(stored, fake_mlp.act(fake_mlp.fc1(x.float())).float()),
-                "range_exact": bool(torch.equal(bounds[0], low.reshape(-1)) and torch.equal(-bounds[1], high.reshape(-1))),
+                "range_exact": bool(torch.equal(bounds, range_bounds(stored.float() * fc2.smooth_inv, fc2.per_token))),
                 "relative_error": relative_error(fused(x), reference),
                 "unfused_chain_error": relative_error(unfused, reference)}
     except Exception as failure:  # noqa: BLE001

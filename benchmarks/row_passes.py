@@ -58,8 +58,7 @@ def row_passes(rows: int, device) -> dict[str, tuple[Callable[[], object], int, 
     gate, shift, scale = adaln[:, :hidden], adaln[:, hidden:2 * hidden], adaln[:, 2 * hidden:3 * hidden]
     x, moments = proj.gated_2d(attended, None, residual, gate, with_moments=True)
     hidden_4x = outlier_input(rows, 4 * hidden, device, torch.bfloat16, seed=7)
-    smoothed = hidden_4x.float() * fc2.smooth_inv
-    fc2_bounds = torch.stack([smoothed.amin(dim=1), -smoothed.amax(dim=1)])  # [min; −max], as fc1's epilogue leaves them
+    fc2_bounds = kernels.range_bounds(hidden_4x.float() * fc2.smooth_inv, per_row=True)  # as fc1's epilogue leaves them
     fc2_qparams = torch.empty_like(fc2_bounds)  # the pass writes them
 
     def moved(k: int) -> int:  # bf16 read once, int8 codes written

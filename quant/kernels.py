@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .primitives import EPS, largest_code
+from .primitives import EPS, largest_code, row_first_range
 
 # Kernels read module globals only as tl.constexpr objects.
 ACT_SHIFT = tl.constexpr(128)  # activation codes are stored as q − 128 (int8)
@@ -799,6 +799,14 @@ def warp_specialised_suits(m: int, n: int, k: int, rank: int, packed: bool, out_
     from .hopper_gemm import gate_tiles_fit, tile_config
 
     return gated is None or gate_tiles_fit(gated.tokens, tile_config(m))
+
+
+def range_bounds(x2d: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """[min; −max] of 2-D x's rows (2, M), or of the whole of it (2, 1): the bounds a GEMM epilogue
+    reduces its output into (int8_gemm's `bounds`) and a quantize pass takes qparams from
+    (quantize_rows's `bounds`), from torch's reductions."""
+    lo, hi = row_first_range(x2d, "per_token" if per_row else "per_tensor")
+    return torch.stack([lo.reshape(-1), -hi.reshape(-1)])
 
 
 def per_row(qparams: torch.Tensor) -> bool:

@@ -23,6 +23,7 @@ from quant.kernels import (  # noqa: E402
     int8_gemm,
     pack_split,
     quantize_rows,
+    range_bounds,
     unpack_signed,
 )
 from quant.modules import QuantLinear  # noqa: E402
@@ -141,11 +142,7 @@ def test_gemm_epilogue_reduces_the_range_of_its_scaled_output(act_granularity):
     out = int8_gemm(*args, gelu=True, bounds=bounds, bounds_scale=scale)
     plain = int8_gemm(*args)
     torch.testing.assert_close(out, torch.nn.functional.gelu(plain, approximate="tanh"), rtol=1e-5, atol=1e-6)
-    scaled = out * scale
-    if per_token:
-        assert torch.equal(bounds[0], scaled.amin(dim=1)) and torch.equal(-bounds[1], scaled.amax(dim=1))
-    else:
-        assert bounds[0] == scaled.min() and -bounds[1] == scaled.max()
+    assert torch.equal(bounds, range_bounds(out * scale, per_token))
 
 
 def test_row_wise_range_equals_the_whole_tensor_range():
@@ -193,10 +190,7 @@ def test_quantize_pass_takes_its_qparams_from_the_bounds_a_gemm_left(act_granula
     kernel = TritonQuantLinear(random_quant_linear(96, 40, rank=8, smooth=True, act_granularity=act_granularity))
     x = torch.randn(37, 96) * 0.5 + 3  # positive rows: the range's low end is clamped to 0
     qparams = kernel.qparams(x)
-    smoothed = x * kernel.smooth_inv
-    per_token = act_granularity == "per_token"
-    lo, hi = (smoothed.amin(dim=1), smoothed.amax(dim=1)) if per_token else (smoothed.min()[None], smoothed.max()[None])
-    bounds = torch.stack([lo, -hi])
+    bounds = range_bounds(x * kernel.smooth_inv, per_row=act_granularity == "per_token")
     written = torch.full_like(qparams, float("nan"))
     got = quantize_rows(x, written, 8, kernel.smooth_inv, kernel.lora_right, splits=splits, bounds=bounds)
     expected = quantize_rows(x, qparams, 8, kernel.smooth_inv, kernel.lora_right, splits=splits)
