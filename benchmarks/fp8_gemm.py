@@ -64,7 +64,7 @@ def measure(batch: int, log: RowLog, device) -> None:
         reference = (a.float() @ weight.t()) * scale_a * scale_b + bias.float()
         bf16_weight = (weight * layer.weight_scale.float()[:, None]).to(torch.bfloat16)
         qparams = layer.qparams(x)
-        codes, rowsum, down = quantize_rows(x, qparams, 8, None, layer.lora_right)
+        codes, rowsum, down = quantize_rows(x, qparams, 8, None, layer.split_right)
         int8 = functools.partial(int8_gemm, codes, rowsum, qparams, layer.weight, layer.packed, layer.column_sums,
                                  layer.weight_zero, layer.weight_scale, layer.bias, down, layer.lora_left,
                                  torch.bfloat16, layer.use_tma)

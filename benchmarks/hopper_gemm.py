@@ -84,7 +84,7 @@ def measure(config_name: str, batch: int, log: RowLog, device) -> None:
             if granularity == "per_token":
                 layer.act_granularity = "per_token"
             qparams = layer.qparams(x)
-            codes, rowsum, down = quantize_rows(x, qparams, 8, layer.smooth_inv, layer.lora_right)
+            codes, rowsum, down = quantize_rows(x, qparams, 8, layer.smooth_inv, layer.split_right)
             extra, bounds_shape = {}, None
             if epilogue == "gelu":
                 extra = dict(gelu=True)
@@ -122,7 +122,7 @@ def measure(config_name: str, batch: int, log: RowLog, device) -> None:
     x = outlier_input(512, k, device, torch.bfloat16, seed=3)
     _, layer = quantized_layer_pair(k, n, 8, False, device)
     qparams = layer.qparams(x)
-    codes, rowsum, down = quantize_rows(x, qparams, 8, layer.smooth_inv, layer.lora_right, splits=3)
+    codes, rowsum, down = quantize_rows(x, qparams, 8, layer.smooth_inv, layer.split_right, splits=3)
     tail = (layer.column_sums, layer.weight_zero, layer.weight_scale, layer.bias, down, layer.lora_left,
             torch.bfloat16)
     reference = int8_gemm(codes, rowsum, qparams, layer.weight, False, *tail, warp_specialised=False)
@@ -147,7 +147,7 @@ def run_once(config_name: str, batch: int, device) -> None:
         for granularity in ("per_tensor", "per_token"):
             layer.act_granularity = granularity
             qparams = layer.qparams(x)
-            codes, rowsum, down = quantize_rows(x, qparams, 8, layer.smooth_inv, layer.lora_right)
+            codes, rowsum, down = quantize_rows(x, qparams, 8, layer.smooth_inv, layer.split_right)
             extra = {}
             if granularity == "per_token" and role == "fc1":
                 extra = dict(gelu=True, bounds=torch.full((2, m), float("inf"), device=device),

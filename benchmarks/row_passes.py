@@ -65,13 +65,13 @@ def row_passes(rows: int, device) -> dict[str, tuple[Callable[[], object], int, 
         return rows * k * 3
 
     return {
-        "norm": (lambda: kernels.norm_quantize_rows(x, shift, scale, TOKENS, 1e-6, 8, fc1.lora_right),
+        "norm": (lambda: kernels.norm_quantize_rows(x, shift, scale, TOKENS, 1e-6, 8, fc1.split_right),
                  hidden, moved(hidden)),
-        "norm from moments": (lambda: kernels.norm_quantize_rows(x, shift, scale, TOKENS, 1e-6, 8, fc1.lora_right,
+        "norm from moments": (lambda: kernels.norm_quantize_rows(x, shift, scale, TOKENS, 1e-6, 8, fc1.split_right,
                                                                  moments=moments), hidden, moved(hidden)),
-        "proj": (lambda: kernels.ranged_quantize_rows(attended, 8, proj.lora_right), hidden, moved(hidden)),
+        "proj": (lambda: kernels.ranged_quantize_rows(attended, 8, proj.split_right), hidden, moved(hidden)),
         "fc2 from bounds": (lambda: kernels.quantize_rows(hidden_4x, fc2_qparams, 8, fc2.smooth_inv,
-                                                          fc2.lora_right, bounds=fc2_bounds), 4 * hidden,
+                                                          fc2.split_right, bounds=fc2_bounds), 4 * hidden,
                             moved(4 * hidden)),
         "proj gated GEMM, moments written": (lambda: proj.gated_2d(attended, None, residual, gate, True),
                                              hidden, 0),

@@ -146,7 +146,7 @@ def gemm_microbenchmark(device, batch: int, variants: list[str], emit) -> None:
             bits, options, gemm_options = GEMM_VARIANTS[variant]
             _, kernel = quantized_layer_pair(k, n, bits, role == "fc2", device, **options)
             qparams = kernel.qparams(x)
-            codes, rowsum, down = quantize_rows(x, qparams, 8, kernel.smooth_inv, kernel.lora_right)
+            codes, rowsum, down = quantize_rows(x, qparams, 8, kernel.smooth_inv, kernel.split_right)
             gemm = functools.partial(int8_gemm, codes, rowsum, qparams, kernel.weight, kernel.packed,
                                      kernel.column_sums, kernel.weight_zero, kernel.weight_scale, kernel.bias, down,
                                      kernel.lora_left, torch.bfloat16, kernel.use_tma, **gemm_options)
@@ -163,7 +163,7 @@ def gemm_microbenchmark(device, batch: int, variants: list[str], emit) -> None:
             if not options and not gemm_options:  # the defaults: also the whole layer
                 row[f"w{bits}a8_layer_TFLOPs"] = flops / bench_ms(functools.partial(kernel, x)) / 1e9
             row[f"quantize_ms_w{bits}"] = bench_ms(functools.partial(quantize_rows, x, qparams, 8, kernel.smooth_inv,
-                                                                     kernel.lora_right))
+                                                                     kernel.split_right))
         emit(row)
 
 

@@ -23,6 +23,14 @@ their way before its main loop: column vectors and rows of L copied into shared 
 (_prefetch_columns), row values and the LoRA's operand loaded into registers (_load_rows); and
 calls whose tiles are all whole load without predicates (WHOLE_M, WHOLE_N).
 
+Small calls (`kernels.lora_down_in_gemm`) also compute the LoRA's down-projection (q − z)·R̃ᵀ in
+the main loop (DOWN_IN_LOOP), and their quantize pass leaves it out: each ring slot holds the
+step's columns of R̃'s two int8 halves (quant/split_lora.py) beside the codes and weights, and
+after the step's main wgmma two int8 wgmmas multiply the codes in place by them. At 512 rows the
+GEMM's tiles wait on their loads more than on the tensor cores; bf16 R as a wgmma's register
+operand instead (the codes through the registers) made sampling 25 % slower at batch 1
+(benchmarks/RESULTS.md, nineteenth session).
+
 `kernels.int8_gemm` sends it the calls it measured faster on (`kernels.warp_specialised_suits`).
 
 Same arithmetic as `kernels.int8_gemm` (the module docstring there derives the corrections):
@@ -50,10 +58,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .split_lora import LOW_SCALE, SplitRight
+
 if TYPE_CHECKING:
     from .kernels import GatedResidual
 
 ACT_SHIFT = gl.constexpr(128)  # activation codes are stored as q − 128 (kernels.ACT_SHIFT)
+SPLIT_LOW_SCALE = gl.constexpr(LOW_SCALE)  # the LoRA's R̃ ≈ high + low / SPLIT_LOW_SCALE (split_lora)
 LOADER_REGISTERS = gl.constexpr(40)  # the loader only issues TMA copies; the math warpgroups get the rest
 # Slots of a math partition's column vectors in shared memory (_prefetch_columns writes them, the
 # epilogue reads them): int32 ones, and float32 ones (slot counts are powers of 2: one spare)
@@ -79,12 +90,17 @@ DEFAULT_CONFIG = TileConfig()
 # with them (eleventh session); at 32,768 rows they were slower (751 against 917 TOPS on qkv's
 # shape). Between 4,096 and 32,768 rows nothing was measured.
 SMALL_CALL_CONFIG = TileConfig(block_m=64, stages=6)
+# With the LoRA's down-projection in the main loop each slot also holds a step's columns of R̃
+# (rank 32: 8 KB), and six slots no longer fit beside the staging tiles (246 KB of 227).
+SMALL_CALL_DOWN_IN_LOOP_CONFIG = TileConfig(block_m=64, stages=5)
 LARGE_TILES_FROM_ROWS = 8192
 
 
-def tile_config(m: int) -> TileConfig:
-    """The tiles of a call of m rows."""
-    return DEFAULT_CONFIG if m >= LARGE_TILES_FROM_ROWS else SMALL_CALL_CONFIG
+def tile_config(m: int, down_in_loop: bool = False) -> TileConfig:
+    """The tiles of a call of m rows (down_in_loop: whose main loop computes the LoRA's down-projection)."""
+    if m >= LARGE_TILES_FROM_ROWS:
+        return DEFAULT_CONFIG
+    return SMALL_CALL_DOWN_IN_LOOP_CONFIG if down_in_loop else SMALL_CALL_CONFIG
 
 
 def gate_tiles_fit(tokens: int, config: TileConfig) -> bool:
@@ -105,9 +121,10 @@ def _tile_origin(tile, tiles_m, tiles_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.cons
 
 
 @gluon.jit
-def _loader(a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K: gl.constexpr, STAGES: gl.constexpr,
-            GROUP_M: gl.constexpr):
-    """Loads the program's tiles, in order, K step by K step, into the ring of STAGES slots."""
+def _loader(a_desc, b_desc, right_desc, a_bufs, b_bufs, right_bufs, ready, free, M, N, K: gl.constexpr,
+            STAGES: gl.constexpr, GROUP_M: gl.constexpr, DOWN_IN_LOOP: gl.constexpr):
+    """Loads the program's tiles, in order, K step by K step, into the ring of STAGES slots (with
+    DOWN_IN_LOOP, each step's columns of the LoRA's R̃ too)."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
@@ -120,7 +137,12 @@ def _loader(a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K: gl.constexpr, 
             slot = step % STAGES
             # a slot's first use waits for parity 1 of a fresh barrier, which passes at once
             mbarrier.wait(free.index(slot), ((step // STAGES) & 1) ^ 1)
-            mbarrier.expect(ready.index(slot), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+            if DOWN_IN_LOOP:
+                mbarrier.expect(ready.index(slot), a_desc.block_type.nbytes + b_desc.block_type.nbytes
+                                + right_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(right_desc, [0, k], ready.index(slot), right_bufs.index(slot))
+            else:
+                mbarrier.expect(ready.index(slot), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(a_desc, [off_m, k], ready.index(slot), a_bufs.index(slot))
             tma.async_copy_global_to_shared(b_desc, [off_n, k], ready.index(slot), b_bufs.index(slot))
             step += 1
@@ -191,11 +213,11 @@ def _column(vectors, slot: gl.constexpr):
 @gluon.jit
 def _load_rows(off_m, M, qparams_ptr, rowsum_ptr, down_ptr, layout: gl.constexpr, lora_operand: gl.constexpr,
                BLOCK_M: gl.constexpr, PER_ROW: gl.constexpr, SPLITS: gl.constexpr, RANK: gl.constexpr,
-               WHOLE_M: gl.constexpr):
+               DOWN_IN_LOOP: gl.constexpr, WHOLE_M: gl.constexpr):
     """A tile's row values, loaded into registers before its main loop (which they outlast, for
     the same reason as _prefetch_columns): the activation scales and zero points, the row sums of
-    the codes, and for the LoRA, `down` in the register-operand layout of its wgmma with the
-    scales of its rows."""
+    the codes, and for the LoRA, `down` in the register-operand layout of its wgmma (unless the
+    main loop computes it: DOWN_IN_LOOP) with the scales of its rows."""
     rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
     if PER_ROW:
         scale_x = _load(qparams_ptr + rows, rows < M, 1.0, WHOLE_M)[:, None]
@@ -213,8 +235,10 @@ def _load_rows(off_m, M, qparams_ptr, rowsum_ptr, down_ptr, layout: gl.constexpr
         down_rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, lora_operand))
         row_ok = (down_rows < M)[:, None]
         down = gl.zeros([BLOCK_M, RANK], gl.float32, lora_operand)
-        for split in gl.static_range(SPLITS):
-            down += _load(down_ptr + (split * M + down_rows[:, None]) * RANK + ranks[None, :], row_ok, 0.0, WHOLE_M)
+        if not DOWN_IN_LOOP:
+            for split in gl.static_range(SPLITS):
+                down += _load(down_ptr + (split * M + down_rows[:, None]) * RANK + ranks[None, :], row_ok, 0.0,
+                              WHOLE_M)
         if PER_ROW:
             down_scale = _load(qparams_ptr + down_rows, down_rows < M, 1.0, WHOLE_M)[:, None]
         else:
@@ -324,16 +348,37 @@ def _prefetch_residual(residual_desc, out_smem, loaded, off_m, off_n):
 
 
 @gluon.jit
-def _math(a_bufs, b_bufs, ready, free, turn, left_smem, columns_i32, columns_f32, rowsum_ptr, colsum_ptr, wzero_ptr,
-          wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem, bounds_ptr, bounds_scale_ptr,
-          residual_desc, loaded, gate_ptr, moments_ptr, M, N, stride_gate, GATE_TOKENS,
+def _split_down(acc_high, acc_low, off_m, M, qparams_ptr, right_sums_ptr, PER_ROW: gl.constexpr,
+                WHOLE_M: gl.constexpr):
+    """(q − z)·R̃ᵀ of a tile from the codes' products with R̃'s halves (as kernels._lora_down): per
+    half the exact integer codes·halfᵀ − (z − 128)·Σhalf (codes − (z − 128) = q − z), then high +
+    low / LOW_SCALE in float32."""
+    layout: gl.constexpr = acc_high.type.layout
+    HALF: gl.constexpr = acc_high.shape[1]
+    ranks = gl.arange(0, HALF, layout=gl.SliceLayout(0, layout))
+    if PER_ROW:
+        rows = off_m + gl.arange(0, acc_high.shape[0], layout=gl.SliceLayout(1, layout))
+        zero = (_load(qparams_ptr + M + rows, rows < M, 0.0, WHOLE_M) - ACT_SHIFT).to(gl.int32)[:, None]
+    else:
+        zero = (gl.load(qparams_ptr + 1) - ACT_SHIFT).to(gl.int32)
+    high = (acc_high - zero * gl.load(right_sums_ptr + ranks)[None, :]).to(gl.float32)
+    low = (acc_low - zero * gl.load(right_sums_ptr + HALF + ranks)[None, :]).to(gl.float32)
+    return high + low * (1.0 / SPLIT_LOW_SCALE)
+
+
+@gluon.jit
+def _math(a_bufs, b_bufs, right_bufs, right_sums_ptr, ready, free, turn, left_smem, columns_i32,
+          columns_f32, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr,
+          out_desc, out_smem, bounds_ptr, bounds_scale_ptr, residual_desc, loaded, gate_ptr, moments_ptr, M, N,
+          stride_gate, GATE_TOKENS,
           K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr, BOUNDS: gl.constexpr,
           BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr, BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr,
-          GATED: gl.constexpr, MOMENTS: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
-          CONSUMERS: gl.constexpr, FIRST: gl.constexpr, WARPS: gl.constexpr, INSTR_N: gl.constexpr,
-          WHOLE_M: gl.constexpr, WHOLE_N: gl.constexpr):
+          GATED: gl.constexpr, MOMENTS: gl.constexpr, DOWN_IN_LOOP: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, FIRST: gl.constexpr,
+          WARPS: gl.constexpr, INSTR_N: gl.constexpr, WHOLE_M: gl.constexpr, WHOLE_N: gl.constexpr):
     """Tiles FIRST, FIRST + CONSUMERS, … of this program: main loop, then epilogue. left_smem,
-    columns_i32, columns_f32, out_smem and loaded hold every partition's: this one takes part FIRST."""
+    columns_i32, columns_f32, out_smem and loaded hold every partition's: this one takes part FIRST.
+    With DOWN_IN_LOOP the main loop also computes the LoRA's down-projection: two int8 wgmmas a
+    step, finished by _split_down."""
     BLOCK_M: gl.constexpr = a_bufs.shape[1]
     BLOCK_K: gl.constexpr = a_bufs.shape[2]
     BLOCK_N: gl.constexpr = b_bufs.shape[1]
@@ -349,6 +394,10 @@ def _math(a_bufs, b_bufs, ready, free, turn, left_smem, columns_i32, columns_f32
                                                           instr_shape=[16, INSTR_N, 16])
     # down is loaded straight into the register-operand layout of the LoRA's wgmma
     lora_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=lora_layout, k_width=2)
+    # DOWN_IN_LOOP: the codes times R̃'s two int8 halves, each rank columns
+    HALF: gl.constexpr = right_bufs.shape[1] // 2
+    split_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                           instr_shape=[16, HALF, 32])
     tiles_m = gl.cdiv(M, BLOCK_M)
     tiles_n = gl.cdiv(N, BLOCK_N)
     programs = gl.num_programs(0)
@@ -361,7 +410,11 @@ def _math(a_bufs, b_bufs, ready, free, turn, left_smem, columns_i32, columns_f32
         _prefetch_columns(columns_i32, columns_f32, left_smem, off_n, N, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
                           bounds_scale_ptr, left_ptr, HAS_BIAS, RANK, BOUNDS_SCALED, WARPS, WHOLE_N)
         scale_x, zero_x, rowsum, down, down_scale = _load_rows(off_m, M, qparams_ptr, rowsum_ptr, down_ptr, layout,
-                                                               lora_operand, BLOCK_M, PER_ROW, SPLITS, RANK, WHOLE_M)
+                                                               lora_operand, BLOCK_M, PER_ROW, SPLITS, RANK,
+                                                               DOWN_IN_LOOP, WHOLE_M)
+        if DOWN_IN_LOOP:
+            acc_high = gl.zeros([BLOCK_M, HALF], gl.int32, split_layout)
+            acc_low = gl.zeros([BLOCK_M, HALF], gl.int32, split_layout)
         if CONSUMERS == 2:
             # Main loops take turns (partition 0 first: parity 1 of a fresh barrier passes at
             # once). Besides keeping the tensor cores for one main loop at a time, this keeps
@@ -373,14 +426,27 @@ def _math(a_bufs, b_bufs, ready, free, turn, left_smem, columns_i32, columns_f32
             slot = step % STAGES
             mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
             acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
-            # one wgmma in flight: the previous step's has finished reading its slot
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+            if DOWN_IN_LOOP:
+                right_slot = right_bufs.index(slot)
+                acc_high = warpgroup_mma(a_bufs.index(slot), right_slot.slice(0, HALF).permute((1, 0)), acc_high,
+                                         is_async=True)
+                acc_low = warpgroup_mma(a_bufs.index(slot), right_slot.slice(HALF, HALF).permute((1, 0)), acc_low,
+                                        is_async=True)
+                # this step's two down-projection wgmmas in flight: the previous step's are done with their slot
+                acc, acc_high, acc_low = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc_high, acc_low))
+            else:
+                # one wgmma in flight: the previous step's has finished reading its slot
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
             mbarrier.arrive(free.index((step + STAGES - 1) % STAGES), pred=kk > 0)
             step += 1
         if CONSUMERS == 2:
             mbarrier.arrive(turn.index(1 - FIRST))  # every step of this tile is issued: the other's turn
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(free.index((step + STAGES - 1) % STAGES))
+        if DOWN_IN_LOOP:
+            acc_high, acc_low = warpgroup_mma_wait(num_outstanding=0, deps=(acc_high, acc_low))
+            down = gl.convert_layout(_split_down(acc_high, acc_low, off_m, M, qparams_ptr, right_sums_ptr, PER_ROW,
+                                                 WHOLE_M), lora_operand)
         step += (CONSUMERS - 1) * K_STEPS  # the other partition's tile
         turns += 1
         _epilogue(acc, off_m, off_n, M, N, scale_x, zero_x, rowsum, down, down_scale, columns_i32, columns_f32,
@@ -392,17 +458,24 @@ def _math(a_bufs, b_bufs, ready, free, turn, left_smem, columns_i32, columns_f32
 
 @gluon.jit
 def _int8_gemm_ws_kernel(
-    a_desc, b_desc, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr,
+    a_desc, b_desc, right_desc, right_sums_ptr, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr,
+    bias_ptr, qparams_ptr, down_ptr, left_ptr,
     out_desc, bounds_ptr, bounds_scale_ptr, residual_desc, gate_ptr, moments_ptr, M, N, stride_gate, GATE_TOKENS,
     K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr, BOUNDS: gl.constexpr,
     BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr, BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr,
-    GATED: gl.constexpr, MOMENTS: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr,
-    INSTR_N: gl.constexpr, LEFT_RANK: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr, WHOLE_M: gl.constexpr,
-    WHOLE_N: gl.constexpr, num_warps: gl.constexpr,
+    GATED: gl.constexpr, MOMENTS: gl.constexpr, DOWN_IN_LOOP: gl.constexpr,
+    STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, INSTR_N: gl.constexpr,
+    LEFT_RANK: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr, WHOLE_M: gl.constexpr, WHOLE_N: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + a_desc.block_type.shape, a_desc.layout)
     b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+    if DOWN_IN_LOOP:  # each step's columns of R̃'s halves (2·rank, K)
+        right_bufs = gl.allocate_shared_memory(right_desc.dtype, [STAGES] + right_desc.block_type.shape,
+                                               right_desc.layout)
+    else:  # never read
+        right_bufs = a_bufs
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -424,29 +497,34 @@ def _int8_gemm_ws_kernel(
     # `+ (index,)` loses its constexprs: the partitions are spelled out, differing in FIRST alone)
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (_math, (a_bufs, b_bufs, ready, free, turn, left_smem, columns_i32, columns_f32, rowsum_ptr,
-                     colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem,
-                     bounds_ptr, bounds_scale_ptr, residual_desc, loaded, gate_ptr, moments_ptr, M, N, stride_gate,
-                     GATE_TOKENS, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS,
-                     GATED, MOMENTS, STAGES,
+            (_math, (a_bufs, b_bufs, right_bufs, right_sums_ptr, ready, free, turn,
+                     left_smem, columns_i32, columns_f32, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
+                     qparams_ptr, down_ptr, left_ptr,
+                     out_desc, out_smem, bounds_ptr, bounds_scale_ptr, residual_desc, loaded, gate_ptr, moments_ptr,
+                     M, N, stride_gate, GATE_TOKENS, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW,
+                     BOUNDS_PER_ROW, SPLITS, GATED, MOMENTS, DOWN_IN_LOOP, STAGES,
                      GROUP_M, CONSUMERS, 0, num_warps, INSTR_N, WHOLE_M, WHOLE_N)),
-            (_math, (a_bufs, b_bufs, ready, free, turn, left_smem, columns_i32, columns_f32, rowsum_ptr,
-                     colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem,
-                     bounds_ptr, bounds_scale_ptr, residual_desc, loaded, gate_ptr, moments_ptr, M, N, stride_gate,
-                     GATE_TOKENS, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS,
-                     GATED, MOMENTS, STAGES,
+            (_math, (a_bufs, b_bufs, right_bufs, right_sums_ptr, ready, free, turn,
+                     left_smem, columns_i32, columns_f32, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
+                     qparams_ptr, down_ptr, left_ptr,
+                     out_desc, out_smem, bounds_ptr, bounds_scale_ptr, residual_desc, loaded, gate_ptr, moments_ptr,
+                     M, N, stride_gate, GATE_TOKENS, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW,
+                     BOUNDS_PER_ROW, SPLITS, GATED, MOMENTS, DOWN_IN_LOOP, STAGES,
                      GROUP_M, CONSUMERS, 1, num_warps, INSTR_N, WHOLE_M, WHOLE_N)),
-            (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M)),
+            (_loader, (a_desc, b_desc, right_desc, a_bufs, b_bufs, right_bufs, ready, free, M, N, K, STAGES,
+                       GROUP_M, DOWN_IN_LOOP)),
         ], [num_warps, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
     else:
         gl.warp_specialize([
-            (_math, (a_bufs, b_bufs, ready, free, turn, left_smem, columns_i32, columns_f32, rowsum_ptr,
-                     colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr, qparams_ptr, down_ptr, left_ptr, out_desc, out_smem,
-                     bounds_ptr, bounds_scale_ptr, residual_desc, loaded, gate_ptr, moments_ptr, M, N, stride_gate,
-                     GATE_TOKENS, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW, BOUNDS_PER_ROW, SPLITS,
-                     GATED, MOMENTS, STAGES,
+            (_math, (a_bufs, b_bufs, right_bufs, right_sums_ptr, ready, free, turn,
+                     left_smem, columns_i32, columns_f32, rowsum_ptr, colsum_ptr, wzero_ptr, wscale_ptr, bias_ptr,
+                     qparams_ptr, down_ptr, left_ptr,
+                     out_desc, out_smem, bounds_ptr, bounds_scale_ptr, residual_desc, loaded, gate_ptr, moments_ptr,
+                     M, N, stride_gate, GATE_TOKENS, K, HAS_BIAS, RANK, GELU, BOUNDS, BOUNDS_SCALED, PER_ROW,
+                     BOUNDS_PER_ROW, SPLITS, GATED, MOMENTS, DOWN_IN_LOOP, STAGES,
                      GROUP_M, CONSUMERS, 0, num_warps, INSTR_N, WHOLE_M, WHOLE_N)),
-            (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, free, M, N, K, STAGES, GROUP_M)),
+            (_loader, (a_desc, b_desc, right_desc, a_bufs, b_bufs, right_bufs, ready, free, M, N, K, STAGES,
+                       GROUP_M, DOWN_IN_LOOP)),
         ], [1], [LOADER_REGISTERS])
 
 
@@ -467,19 +545,30 @@ def int8_gemm_ws(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tenso
                  colsum: torch.Tensor, zero_w: torch.Tensor, scale_w: torch.Tensor, bias: torch.Tensor | None,
                  down: torch.Tensor | None, left: torch.Tensor | None, out_dtype: torch.dtype, gelu: bool = False,
                  bounds: torch.Tensor | None = None, bounds_scale: torch.Tensor | None = None,
-                 gated: GatedResidual | None = None, config: TileConfig | None = None) -> torch.Tensor:
+                 gated: GatedResidual | None = None, config: TileConfig | None = None,
+                 right: SplitRight | None = None) -> torch.Tensor:
     """`kernels.int8_gemm` for int8 (N, K) weights on Hopper (same arguments, no packed codes);
-    `config`: the tiles (None: tile_config's for the call's rows)."""
+    `config`: the tiles (None: tile_config's for the call's rows). `right`: the LoRA's R̃
+    (split_lora), for a main loop that computes the down-projection (q − z)·R̃ᵀ from the codes
+    itself, where `down` is None (the quantize pass then leaves it out)."""
     from .kernels import MOMENT_COLUMNS, check_row_moments, multiprocessors, per_row
 
     m, k = codes.shape
-    config = tile_config(m) if config is None else config
+    down_in_loop = right is not None
+    if down_in_loop and (down is not None or left is None or right.codes.shape != (2 * left.shape[1], k)
+                         or right.codes.dtype != torch.int8):
+        raise ValueError("a down-projection in the main loop takes R̃'s int8 halves (2·rank, K) beside L, "
+                         "and no `down`")
+    config = tile_config(m, down_in_loop) if config is None else config
     n = weight.shape[0]
     warps = math_warps(config)
     a_desc = TensorDescriptor.from_tensor(codes, [config.block_m, config.block_k],
                                           gl.NVMMASharedLayout.get_default_for([config.block_m, config.block_k], gl.int8))
     b_desc = TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k],
                                           gl.NVMMASharedLayout.get_default_for([config.block_n, config.block_k], gl.int8))
+    right_desc = a_desc if right is None else TensorDescriptor.from_tensor(  # a_desc: never read
+        right.codes, [right.codes.shape[0], config.block_k],
+        gl.NVMMASharedLayout.get_default_for([right.codes.shape[0], config.block_k], gl.int8))
     out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
     out_desc = TensorDescriptor.from_tensor(out, [config.block_m, config.block_n], gl.NVMMASharedLayout.get_default_for(
         [config.block_m, config.block_n], _GLUON_DTYPES[out_dtype]))
@@ -499,15 +588,15 @@ def int8_gemm_ws(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tenso
     else:
         residual_desc, gate, tokens = out_desc, placeholder, config.block_m
     _int8_gemm_ws_kernel[(min(tiles, multiprocessors(codes.device)),)](
-        a_desc, b_desc, rowsum, colsum, zero_w, scale_w, placeholder if bias is None else bias, qparams,
+        a_desc, b_desc, right_desc, rowsum if right is None else right.sums, rowsum, colsum, zero_w, scale_w, placeholder if bias is None else bias, qparams,
         placeholder if down is None else down, placeholder if left is None else left, out_desc,
         placeholder if bounds is None else bounds, placeholder if bounds_scale is None else bounds_scale,
         residual_desc, gate, placeholder if moments is None else moments, m, n, gate.stride(0), tokens,
         K=k, HAS_BIAS=bias is not None, RANK=rank, GELU=gelu, BOUNDS=bounds is not None,
         BOUNDS_SCALED=bounds_scale is not None, PER_ROW=per_row(qparams),
         BOUNDS_PER_ROW=bounds is not None and per_row(bounds), SPLITS=rowsum.shape[0], GATED=gated is not None,
-        MOMENTS=moments is not None, STAGES=config.stages, GROUP_M=config.group_m, CONSUMERS=config.consumers,
-        INSTR_N=wgmma_instr_n(config.block_n), LEFT_RANK=max(rank, 16), CONSUMER_REGISTERS=config.consumer_registers,
+        MOMENTS=moments is not None, DOWN_IN_LOOP=down_in_loop, STAGES=config.stages, GROUP_M=config.group_m,
+        CONSUMERS=config.consumers, INSTR_N=wgmma_instr_n(config.block_n), LEFT_RANK=max(rank, 16), CONSUMER_REGISTERS=config.consumer_registers,
         WHOLE_M=m % config.block_m == 0, WHOLE_N=n % config.block_n == 0, num_warps=warps,
     )
     return out

@@ -12,8 +12,9 @@ codes of b ≤ 4 bits), so that with z' = z − shift
 an int8 tensor-core GEMM plus per-row (Σ_k q') and per-column (Σ_k c') corrections, all in int32.
 
 `quantize_rows` reads x once: it applies fc2's on-the-fly smoothing, writes the int8 codes and
-their row sums, and computes the LoRA down-projection (q − z_x)·Rᵀ from the same tile (the
-reference feeds the quantized activation to the LoRA branch too). With few rows it also splits
+their row sums, and computes the LoRA down-projection (q − z_x)·R̃ᵀ from the same tile (the
+reference feeds the quantized activation to the LoRA branch too), as int8 products with R̃'s two
+halves (quant/split_lora.py: the kernels' L·R is (L·diag(s))·R̃). With few rows it also splits
 K over programs (each writes partial row sums and down-projections, which the GEMM epilogue adds
 up in a fixed order: deterministic, unlike atomics), so that a small call still fills the GPU.
 `int8_gemm` runs the GEMM and, in its epilogue, the zero-point corrections, both scales, the LoRA
@@ -35,9 +36,11 @@ import triton
 import triton.language as tl
 
 from .primitives import EPS, largest_code, row_first_range
+from .split_lora import LOW_SCALE, SplitRight
 
 # Kernels read module globals only as tl.constexpr objects.
 ACT_SHIFT = tl.constexpr(128)  # activation codes are stored as q − 128 (int8)
+SPLIT_LOW_SCALE = tl.constexpr(LOW_SCALE)  # the LoRA's R̃ ≈ high + low / SPLIT_LOW_SCALE (split_lora)
 PACKED_SHIFT = tl.constexpr(8)  # packed (≤ 4-bit) weight codes are used as c − 8
 BYTE_SHIFT = 128  # unpacked weight codes are stored as c − 128
 SCALE_FLOOR = tl.constexpr(EPS)  # activation_qparams's smallest scale
@@ -161,6 +164,13 @@ LORA_DOWN_CONFIGS = _configs(
 # (batch 8) 9.51 against 9.09 (benchmarks/RESULTS.md, fourteenth session). Between the two
 # nothing was measured.
 LORA_DOWN_APART_FROM_ROWS: int | None = 32768
+# Calls of fewer rows that go to the Gluon GEMM compute the LoRA's down-projection in its main loop,
+# with two int8 wgmmas of the codes already in its ring against R̃'s halves (quant/hopper_gemm.py),
+# and their quantize pass leaves it out (None: never). At batch 1 (512 rows) W4A8 sampling took
+# 2.74-2.77 ms/step against 2.95-3.04 with it in the passes (bf16 2.81); at batch 8 (4,096 rows,
+# where the tensor cores bound the GEMM) 9.18-9.21 against 8.71 (benchmarks/RESULTS.md, nineteenth
+# session). Between the two nothing was measured.
+LORA_DOWN_IN_GEMM_BELOW_ROWS: int | None = 4096
 
 WEIGHT_ONLY_CONFIGS = _configs(
     [dict(BLOCK_N=32, BLOCK_K=128, warps=4, stages=4), dict(BLOCK_N=64, BLOCK_K=128, warps=4, stages=4),
@@ -188,8 +198,8 @@ def _row_qparams(qparams_ptr, rows, row_ok, M, PER_ROW: tl.constexpr):
                  prune_configs_by=dict(early_config_prune=_whole_chunk_tiles))
 @triton.jit
 def _quantize_rows_kernel(
-    x_ptr, smooth_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr, packed_ptr, unpacked_ptr,
-    bounds_ptr, init_bounds_ptr, M, stride_xm, UNPACK_N,
+    x_ptr, smooth_ptr, qparams_ptr, right_ptr, right_sums_ptr, codes_ptr, rowsum_ptr, down_ptr, packed_ptr,
+    unpacked_ptr, bounds_ptr, init_bounds_ptr, M, stride_xm, UNPACK_N,
     K: tl.constexpr, K_PER_SPLIT: tl.constexpr, QMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr,
     PER_ROW: tl.constexpr, UNPACK: tl.constexpr, PACKED_K: tl.constexpr, FROM_BOUNDS: tl.constexpr,
     INIT_BOUNDS: tl.constexpr, INIT_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -202,7 +212,8 @@ def _quantize_rows_kernel(
     if row_block < tl.cdiv(M, BLOCK_M):
         if INIT_BOUNDS:
             _init_bounds(init_bounds_ptr, row_block, split, M, INIT_PER_ROW, BLOCK_M)
-        _quantize_row_block(x_ptr, smooth_ptr, qparams_ptr, bounds_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr, M,
+        _quantize_row_block(x_ptr, smooth_ptr, qparams_ptr, bounds_ptr, right_ptr, right_sums_ptr, codes_ptr, rowsum_ptr,
+                            down_ptr, M,
                             stride_xm, row_block, split, K, K_PER_SPLIT, QMAX, HAS_SMOOTH, RANK, PER_ROW, FROM_BOUNDS,
                             BLOCK_M, BLOCK_K)
     elif UNPACK:
@@ -211,9 +222,9 @@ def _quantize_rows_kernel(
 
 
 @triton.jit
-def _quantize_row_block(x_ptr, smooth_ptr, qparams_ptr, bounds_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr, M,
-                        stride_xm, row_block, split, K: tl.constexpr, K_PER_SPLIT: tl.constexpr, QMAX: tl.constexpr,
-                        HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr, PER_ROW: tl.constexpr,
+def _quantize_row_block(x_ptr, smooth_ptr, qparams_ptr, bounds_ptr, right_ptr, right_sums_ptr, codes_ptr, rowsum_ptr,
+                        down_ptr, M, stride_xm, row_block, split, K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+                        QMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr, PER_ROW: tl.constexpr,
                         FROM_BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """The quantize pass of one row block's K chunk `split`."""
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -225,20 +236,23 @@ def _quantize_row_block(x_ptr, smooth_ptr, qparams_ptr, bounds_ptr, right_ptr, c
         scale, zero = _row_qparams(qparams_ptr, rows, row_ok, M, PER_ROW)
     rowsum = tl.zeros([BLOCK_M], dtype=tl.int32)
     if RANK > 0:
-        down = tl.zeros([BLOCK_M, RANK], dtype=tl.float32)
+        acc_high = tl.zeros([BLOCK_M, RANK], dtype=tl.int32)
+        acc_low = tl.zeros([BLOCK_M, RANK], dtype=tl.int32)
         ranks = tl.arange(0, RANK)
     for k0 in range(0, K_PER_SPLIT, BLOCK_K):  # columns past K (the last chunk's tail) are masked
         cols = split * K_PER_SPLIT + k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         mask = row_ok[:, None] & col_ok[None, :]
         x = _smoothed_tile(x_ptr, smooth_ptr, rows, cols, mask, col_ok, stride_xm, HAS_SMOOTH)
-        q, shifted = _quantized_tile(x, scale, zero, mask, QMAX)
-        tl.store(codes_ptr + rows[:, None] * K + cols[None, :], shifted.to(tl.int8), mask=mask)
+        shifted = _quantized_tile(x, scale, zero, mask, QMAX)
+        codes = shifted.to(tl.int8)
+        tl.store(codes_ptr + rows[:, None] * K + cols[None, :], codes, mask=mask)
         rowsum += tl.sum(shifted, axis=1)
         if RANK > 0:
-            down = _lora_down_step(down, q, zero, mask, right_ptr, ranks, cols, col_ok, K)
+            acc_high, acc_low = _lora_down_step(acc_high, acc_low, codes, right_ptr, ranks, cols, col_ok, K, RANK)
     tl.store(rowsum_ptr + split * M + rows, rowsum, mask=row_ok)
     if RANK > 0:
+        down = _lora_down(acc_high, acc_low, zero, right_sums_ptr, ranks, RANK, split == 0)
         tl.store(down_ptr + (split * M + rows[:, None]) * RANK + ranks[None, :], down, mask=row_ok[:, None])
 
 
@@ -259,35 +273,49 @@ def _times_smoothing(x, smooth_ptr, cols, col_ok, HAS_SMOOTH: tl.constexpr):
 
 @triton.jit
 def _quantized_tile(x, scale, zero, mask, QMAX: tl.constexpr):
-    """(q, q − 128 as int32, 0 outside `mask`): x's activation codes, rounded half to even."""
+    """x's activation codes q − 128 as int32, 0 outside `mask` (q rounded half to even)."""
     q = tl.minimum(tl.maximum((x / scale + ROUND_MAGIC) - ROUND_MAGIC + zero, 0.0), QMAX)
-    return q, tl.where(mask, q - ACT_SHIFT, 0.0).to(tl.int32)
+    return tl.where(mask, q - ACT_SHIFT, 0.0).to(tl.int32)
 
 
 @triton.jit
-def _lora_down_step(down, q, zero, mask, right_ptr, ranks, cols, col_ok, K: tl.constexpr):
-    """down + (q − z)·Rᵀ over the columns `cols` (the LoRA's down-projection of the quantized x)."""
-    centered = tl.where(mask, q - zero, 0.0).to(LORA_DTYPE)  # integers |v| ≤ 255: exact in bf16
-    right = tl.load(right_ptr + ranks[None, :] * K + cols[:, None], mask=col_ok[:, None], other=0.0)
-    return tl.dot(centered, right, down)
+def _lora_down_step(acc_high, acc_low, codes, right_ptr, ranks, cols, col_ok, K: tl.constexpr, RANK: tl.constexpr):
+    """The LoRA's down-projection over the columns `cols`: codes (q − 128, int8, 0 outside the
+    tile) times each half of R̃ (split_lora), summed exactly in int32."""
+    high = tl.load(right_ptr + ranks[None, :] * K + cols[:, None], mask=col_ok[:, None], other=0)
+    low = tl.load(right_ptr + (RANK + ranks[None, :]) * K + cols[:, None], mask=col_ok[:, None], other=0)
+    return tl.dot(codes, high, acc_high, out_dtype=tl.int32), tl.dot(codes, low, acc_low, out_dtype=tl.int32)
+
+
+@triton.jit
+def _lora_down(acc_high, acc_low, zero, right_sums_ptr, ranks, RANK: tl.constexpr, WITH_ZERO):
+    """(q − z)·R̃ᵀ in float32 from _lora_down_step's sums: less the zero points' share (z − 128)·Σ
+    of each half's row (once over all of K: WITH_ZERO in one K chunk of a split pass), then high +
+    low / SPLIT_LOW_SCALE."""
+    if WITH_ZERO:
+        shift = (zero - ACT_SHIFT).to(tl.int32)  # zero points are integers
+        acc_high -= shift * tl.load(right_sums_ptr + ranks)[None, :]
+        acc_low -= shift * tl.load(right_sums_ptr + RANK + ranks)[None, :]
+    return acc_high.to(tl.float32) + acc_low.to(tl.float32) * (1.0 / SPLIT_LOW_SCALE)
 
 
 @triton.autotune(configs=LORA_DOWN_CONFIGS, key=["M", "K", "RANK"])
 @triton.jit
-def _lora_down_kernel(codes_ptr, qparams_ptr, right_ptr, down_ptr, M, K: tl.constexpr, RANK: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(q − z)·Rᵀ of the activation codes (codes − 128, (M, K)) with per-row zero points (qparams
+def _lora_down_kernel(codes_ptr, qparams_ptr, right_ptr, right_sums_ptr, down_ptr, M, K: tl.constexpr,
+                      RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(q − z)·R̃ᵀ of the activation codes (codes − 128, (M, K)) with per-row zero points (qparams
     (2, M)) into down (M, RANK): the down-projection a ranged pass leaves apart (lora_down)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     zero = tl.load(qparams_ptr + M + rows, mask=row_ok, other=0.0)[:, None]
     ranks = tl.arange(0, RANK)
-    down = tl.zeros([BLOCK_M, RANK], dtype=tl.float32)
+    acc_high = tl.zeros([BLOCK_M, RANK], dtype=tl.int32)
+    acc_low = tl.zeros([BLOCK_M, RANK], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        q = _activation_tile(codes_ptr, rows, row_ok, k0, K, BLOCK_K).to(tl.float32) + ACT_SHIFT
-        down = _lora_down_step(down, q, zero, row_ok[:, None] & col_ok[None, :], right_ptr, ranks, cols, col_ok, K)
+        codes = _activation_tile(codes_ptr, rows, row_ok, k0, K, BLOCK_K)
+        acc_high, acc_low = _lora_down_step(acc_high, acc_low, codes, right_ptr, ranks, cols, cols < K, K, RANK)
+    down = _lora_down(acc_high, acc_low, zero, right_sums_ptr, ranks, RANK, True)
     tl.store(down_ptr + rows[:, None] * RANK + ranks[None, :], down, mask=row_ok[:, None])
 
 
@@ -346,8 +374,8 @@ def _init_bounds(bounds_ptr, row_block, split, M, PER_ROW: tl.constexpr, BLOCK_M
                  key=["M", "K", "RANK", "NORM", "HAS_MOMENTS", "HAS_SMOOTH", "UNPACK", "INIT_BOUNDS"])
 @triton.jit
 def _ranged_quantize_rows_kernel(
-    x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qparams_ptr, right_ptr, codes_ptr, rowsum_ptr, down_ptr,
-    packed_ptr, unpacked_ptr, init_bounds_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, UNPACK_N,
+    x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qparams_ptr, right_ptr, right_sums_ptr, codes_ptr,
+    rowsum_ptr, down_ptr, packed_ptr, unpacked_ptr, init_bounds_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, UNPACK_N,
     K: tl.constexpr, QMAX: tl.constexpr, RANK: tl.constexpr, NORM: tl.constexpr, HAS_MOMENTS: tl.constexpr,
     ROUND_BF16: tl.constexpr, HAS_SMOOTH: tl.constexpr, UNPACK: tl.constexpr, PACKED_K: tl.constexpr,
     INIT_BOUNDS: tl.constexpr, INIT_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -369,16 +397,16 @@ def _ranged_quantize_rows_kernel(
     if row_block < tl.cdiv(M, BLOCK_M):
         if INIT_BOUNDS:
             _init_bounds(init_bounds_ptr, row_block, 0, M, INIT_PER_ROW, BLOCK_M)
-        _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qparams_ptr, right_ptr, codes_ptr,
-                          rowsum_ptr, down_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block, K, QMAX, RANK,
-                          NORM, HAS_MOMENTS, ROUND_BF16, HAS_SMOOTH, BLOCK_M, BLOCK_K)
+        _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qparams_ptr, right_ptr, right_sums_ptr,
+                          codes_ptr, rowsum_ptr, down_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block, K,
+                          QMAX, RANK, NORM, HAS_MOMENTS, ROUND_BF16, HAS_SMOOTH, BLOCK_M, BLOCK_K)
     elif UNPACK:
         _unpack_block(row_block - tl.cdiv(M, BLOCK_M), packed_ptr, unpacked_ptr, UNPACK_N, K, PACKED_K)
 
 
 @triton.jit
-def _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qparams_ptr, right_ptr, codes_ptr,
-                      rowsum_ptr, down_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block, K: tl.constexpr,
+def _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qparams_ptr, right_ptr, right_sums_ptr,
+                      codes_ptr, rowsum_ptr, down_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block, K: tl.constexpr,
                       QMAX: tl.constexpr, RANK: tl.constexpr, NORM: tl.constexpr, HAS_MOMENTS: tl.constexpr,
                       ROUND_BF16: tl.constexpr, HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_K: tl.constexpr):
@@ -429,7 +457,8 @@ def _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qpar
     scale, zero = scale[:, None], zero[:, None]
     rowsum = tl.zeros([BLOCK_M], dtype=tl.int32)
     if RANK > 0:
-        down = tl.zeros([BLOCK_M, RANK], dtype=tl.float32)
+        acc_high = tl.zeros([BLOCK_M, RANK], dtype=tl.int32)
+        acc_low = tl.zeros([BLOCK_M, RANK], dtype=tl.int32)
         ranks = tl.arange(0, RANK)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -437,13 +466,15 @@ def _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qpar
         mask = row_ok[:, None] & col_ok[None, :]
         y = _pass_input_tile(x_ptr, smooth_ptr, shift_ptr, scale_ptr, rows, samples, cols, mask, mean, rstd,
                              stride_xm, stride_mod, K, NORM, ROUND_BF16, HAS_SMOOTH)
-        q, shifted = _quantized_tile(y, scale, zero, mask, QMAX)
-        tl.store(codes_ptr + rows[:, None] * K + cols[None, :], shifted.to(tl.int8), mask=mask)
+        shifted = _quantized_tile(y, scale, zero, mask, QMAX)
+        codes = shifted.to(tl.int8)
+        tl.store(codes_ptr + rows[:, None] * K + cols[None, :], codes, mask=mask)
         rowsum += tl.sum(shifted, axis=1)
         if RANK > 0:
-            down = _lora_down_step(down, q, zero, mask, right_ptr, ranks, cols, col_ok, K)
+            acc_high, acc_low = _lora_down_step(acc_high, acc_low, codes, right_ptr, ranks, cols, col_ok, K, RANK)
     tl.store(rowsum_ptr + rows, rowsum, mask=row_ok)
     if RANK > 0:
+        down = _lora_down(acc_high, acc_low, zero, right_sums_ptr, ranks, RANK, True)
         tl.store(down_ptr + rows[:, None] * RANK + ranks[None, :], down, mask=row_ok[:, None])
 
 
@@ -801,6 +832,21 @@ def warp_specialised_suits(m: int, n: int, k: int, rank: int, packed: bool, out_
     return gated is None or gate_tiles_fit(gated.tokens, tile_config(m))
 
 
+def lora_down_in_gemm(m: int, n: int, k: int, rank: int, packed: bool, out_dtype, device: torch.device,
+                      gated: GatedResidual | None = None) -> bool:
+    """Whether a call's GEMM computes its LoRA's down-projection itself (LORA_DOWN_IN_GEMM_BELOW_ROWS)
+    rather than its quantize pass; `packed`: whether the GEMM gets the weight codes still packed
+    (stays_packed)."""
+    return (rank in (16, 32) and LORA_DOWN_IN_GEMM_BELOW_ROWS is not None and m < LORA_DOWN_IN_GEMM_BELOW_ROWS
+            and warp_specialised_suits(m, n, k, rank, packed, out_dtype, device, gated))
+
+
+def stays_packed(packed: bool, group_table: torch.Tensor | None, m: int, unpack_from_rows: int = UNPACK_FROM_ROWS
+                 ) -> bool:
+    """Whether int8_gemm multiplies a call's weight codes as packed (else it unpacks them to int8 first)."""
+    return packed and group_table is None and m < unpack_from_rows
+
+
 def range_bounds(x2d: torch.Tensor, per_row: bool) -> torch.Tensor:
     """[min; −max] of 2-D x's rows (2, M), or of the whole of it (2, 1): the bounds a GEMM epilogue
     reduces its output into (int8_gemm's `bounds`) and a quantize pass takes qparams from
@@ -853,19 +899,19 @@ def _unpack_arguments(unpack: PackedWeight | None, placeholder: torch.Tensor) ->
 
 
 def quantize_rows(x: torch.Tensor, qparams: torch.Tensor, act_bits: int, smooth_inv: torch.Tensor | None,
-                  right: torch.Tensor | None, splits: int | None = None, unpack: PackedWeight | None = None,
+                  right: SplitRight | None, splits: int | None = None, unpack: PackedWeight | None = None,
                   bounds: torch.Tensor | None = None, init_bounds: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(int8 codes − 128 (M, K), int32 partial row sums (splits, M), fp32 partial (q − z)·Rᵀ
-    (splits, M, rank) or None) of a 2-D x with stride 1 along K: each of the `splits` (default:
-    quantize_splits) programs of a row block covers one K chunk, and the partial sums add up to
-    the whole rows'. qparams: float32 (2, 1) or (2, M) [scales; zero points], on x's device; with
+    """(int8 codes − 128 (M, K), int32 partial row sums (splits, M), fp32 partial (q − z)·R̃ᵀ
+    (splits, M, rank) or None, `right` the LoRA's R̃: split_lora) of a 2-D x with stride 1 along K:
+    each of the `splits` (default: quantize_splits) programs of a row block covers one K chunk,
+    and the partial sums add up to the whole rows'. qparams: float32 (2, 1) or (2, M) [scales; zero points], on x's device; with
     `bounds` ([min, −max] of x × smooth_inv, of the same shape, as a GEMM epilogue reduced them)
     the pass computes them from the bounds (activation_qparams) and writes them into qparams.
     `unpack`: the layer's packed weights, unpacked by the same launch; `init_bounds`: the next
     GEMM's bounds, which the pass fills with +inf."""
     m, k = x.shape
-    rank = 0 if right is None else right.shape[0]
+    rank = 0 if right is None else right.rank
     splits = quantize_splits(m, k, x.device) if splits is None else splits
     k_per_split = triton.cdiv(triton.cdiv(k, SPLIT_K_CHUNK), splits) * SPLIT_K_CHUNK
     splits = triton.cdiv(k, k_per_split)  # no empty chunk
@@ -876,8 +922,8 @@ def quantize_rows(x: torch.Tensor, qparams: torch.Tensor, act_bits: int, smooth_
     unpack_grid_rows = 0 if unpack is None else triton.cdiv(unpack_programs(unpack.packed.shape[0], k), splits)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) + unpack_grid_rows, splits)  # noqa: E731
     _quantize_rows_kernel[grid](
-        x, smooth_inv if smooth_inv is not None else qparams, qparams, right if right is not None else qparams,
-        codes, rowsum, down, M=m, stride_xm=x.stride(0),
+        x, smooth_inv if smooth_inv is not None else qparams, qparams, **_right_arguments(right, qparams),
+        codes_ptr=codes, rowsum_ptr=rowsum, down_ptr=down, M=m, stride_xm=x.stride(0),
         bounds_ptr=qparams if bounds is None else bounds, K=k, K_PER_SPLIT=k_per_split,
         QMAX=float(largest_code(act_bits)), HAS_SMOOTH=smooth_inv is not None, RANK=rank, PER_ROW=per_row(qparams),
         FROM_BOUNDS=bounds is not None, **_unpack_arguments(unpack, codes), **_init_bounds_arguments(init_bounds, qparams),
@@ -899,13 +945,13 @@ def weight_only_linear(x: torch.Tensor, codes: torch.Tensor, zero: torch.Tensor,
 
 
 def norm_quantize_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tokens: int, eps: float,
-                       act_bits: int, right: torch.Tensor | None, unpack: PackedWeight | None = None,
+                       act_bits: int, right: SplitRight | None, unpack: PackedWeight | None = None,
                        smooth_inv: torch.Tensor | None = None, moments: torch.Tensor | None = None,
                        init_bounds: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """quantize_rows of LayerNorm(x)·(1 + scale) + shift (× smooth_inv) with per-token ranges, from
     x (M, K) and the per-sample shift and scale (N, K) (rows of sample i: i·tokens …): (codes −
-    128, row sums (1, M), (q − z)·Rᵀ (1, M, rank) or None, qparams (2, M)). `unpack`: the layer's
+    128, row sums (1, M), (q − z)·R̃ᵀ (1, M, rank) or None, qparams (2, M)). `unpack`: the layer's
     packed weights, unpacked by the same launch; `moments`: x's row moments (row_moments), as the
     GEMM that wrote x left them (GatedResidual.moments), or None: the pass takes them itself;
     `init_bounds`: as quantize_rows's."""
@@ -915,7 +961,7 @@ def norm_quantize_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
         init_bounds=init_bounds)
 
 
-def ranged_quantize_rows(x: torch.Tensor, act_bits: int, right: torch.Tensor | None,
+def ranged_quantize_rows(x: torch.Tensor, act_bits: int, right: SplitRight | None,
                          unpack: PackedWeight | None = None, smooth_inv: torch.Tensor | None = None,
                          init_bounds: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -925,14 +971,14 @@ def ranged_quantize_rows(x: torch.Tensor, act_bits: int, right: torch.Tensor | N
     return _ranged_pass(x, act_bits, right, unpack, smooth_inv, norm=None, init_bounds=init_bounds)
 
 
-def _ranged_pass(x: torch.Tensor, act_bits: int, right: torch.Tensor | None, unpack: PackedWeight | None,
+def _ranged_pass(x: torch.Tensor, act_bits: int, right: SplitRight | None, unpack: PackedWeight | None,
                  smooth_inv: torch.Tensor | None, norm: dict | None, moments: torch.Tensor | None = None,
                  init_bounds: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """_ranged_quantize_rows_kernel's launch; `norm`: its norm arguments, or None (no norm);
     `moments`: the norm's row moments (norm_quantize_rows); `init_bounds`: quantize_rows's."""
     m, k = x.shape
-    rank = 0 if right is None else right.shape[0]
+    rank = 0 if right is None else right.rank
     codes = torch.empty(m, k, dtype=torch.int8, device=x.device)
     rowsum = torch.empty(1, m, dtype=torch.int32, device=x.device)
     down = torch.empty(1, m, max(rank, 1), dtype=torch.float32, device=x.device)
@@ -944,8 +990,7 @@ def _ranged_pass(x: torch.Tensor, act_bits: int, right: torch.Tensor | None, unp
     _ranged_quantize_rows_kernel[grid](
         x_ptr=x, smooth_ptr=qparams if smooth_inv is None else smooth_inv,
         moments_ptr=qparams if moments is None else moments, qparams_ptr=qparams,
-        right_ptr=right if right is not None else qparams, codes_ptr=codes, rowsum_ptr=rowsum, down_ptr=down, M=m,
-        stride_xm=x.stride(0), K=k, QMAX=float(largest_code(act_bits)), RANK=0 if apart else rank,
+        **_right_arguments(right, qparams), codes_ptr=codes, rowsum_ptr=rowsum, down_ptr=down, M=m, stride_xm=x.stride(0), K=k, QMAX=float(largest_code(act_bits)), RANK=0 if apart else rank,
         NORM=norm is not None, HAS_MOMENTS=moments is not None, ROUND_BF16=x.dtype == torch.bfloat16,
         HAS_SMOOTH=smooth_inv is not None, **(norm or placeholders), **_unpack_arguments(unpack, codes),
         **_init_bounds_arguments(init_bounds, qparams),
@@ -955,13 +1000,19 @@ def _ranged_pass(x: torch.Tensor, act_bits: int, right: torch.Tensor | None, unp
     return codes, rowsum, down if rank else None, qparams
 
 
-def lora_down(codes: torch.Tensor, qparams: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out (M, rank) = (q − z)·Rᵀ of a ranged pass's codes (codes − 128, (M, K)) with their
-    per-row qparams (2, M) and the LoRA's R (rank, K)."""
+def lora_down(codes: torch.Tensor, qparams: torch.Tensor, right: SplitRight, out: torch.Tensor) -> torch.Tensor:
+    """out (M, rank) = (q − z)·R̃ᵀ of a ranged pass's codes (codes − 128, (M, K)) with their
+    per-row qparams (2, M) and the LoRA's R̃ (split_lora)."""
     m, k = codes.shape
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
-    _lora_down_kernel[grid](codes, qparams, right, out, M=m, K=k, RANK=right.shape[0])
+    _lora_down_kernel[grid](codes, qparams, right.codes, right.sums, out, M=m, K=k, RANK=right.rank)
     return out
+
+
+def _right_arguments(right: SplitRight | None, placeholder: torch.Tensor) -> dict:
+    """A pass's right_ptr and right_sums_ptr: R̃'s codes and row sums, or a placeholder never read (rank 0)."""
+    codes, sums = (placeholder, placeholder) if right is None else right
+    return dict(right_ptr=codes, right_sums_ptr=sums)
 
 
 def unpack_signed(packed: torch.Tensor, k: int) -> torch.Tensor:
@@ -989,7 +1040,7 @@ def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, 
               use_tma: bool = False, gelu: bool = False, bounds: torch.Tensor | None = None,
               bounds_scale: torch.Tensor | None = None, unpack_from_rows: int = UNPACK_FROM_ROWS,
               group_table: torch.Tensor | None = None, warp_specialised: bool | None = None,
-              gated: GatedResidual | None = None) -> torch.Tensor:
+              gated: GatedResidual | None = None, right: SplitRight | None = None) -> torch.Tensor:
     """The GEMM with its epilogue: out (M, N) = s_x s_w (Σ q'c' − corrections) + s_x·down·Lᵀ + b,
     then GELU (tanh) with `gelu`.
     `weight` is int8 (N, K) signed codes, or (packed) uint8 codes in the split layout (pack_split);
@@ -1003,11 +1054,13 @@ def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, 
     `group_table` (N, groups, 2) uint8 [k, z]: packed two-level group codes, unpacked to int8
     (c − z)·k before the GEMM at any M (`zero_w` is then 0 and `scale_w` the row scale).
     `warp_specialised`: run quant/hopper_gemm.py's kernel (None: where warp_specialised_suits).
-    `gated`: out = residual + gate ⊙ (the above), computed in the epilogue (no GELU then)."""
+    `gated`: out = residual + gate ⊙ (the above), computed in the epilogue (no GELU then).
+    `right`: the LoRA's R̃ (split_lora), where the GEMM computes the down-projection from the codes
+    itself (lora_down_in_gemm; `down` None): only on quant/hopper_gemm.py's kernel."""
     m, k = codes.shape
     if group_table is not None:  # two-level groups: always unpacked first (zero point 0 after it)
         weight, packed, use_tma = unpack_two_level(weight, group_table, k), False, False
-    elif packed and m >= unpack_from_rows:
+    elif packed and not stays_packed(packed, group_table, m, unpack_from_rows):
         weight, packed, use_tma = unpack_signed(weight, k), False, False
     n = weight.shape[0]
     rank = 0 if left is None else left.shape[1]
@@ -1017,7 +1070,10 @@ def int8_gemm(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tensor, 
         from .hopper_gemm import int8_gemm_ws
 
         return int8_gemm_ws(codes, rowsum, qparams, weight, colsum, zero_w, scale_w, bias, down, left, out_dtype,
-                            gelu, bounds, bounds_scale, gated)
+                            gelu, bounds, bounds_scale, gated, right=right)
+    if right is not None:
+        raise ValueError("only the warp-specialised GEMM computes the LoRA's down-projection itself "
+                         "(kernels.lora_down_in_gemm)")
     if use_tma:
         _ensure_descriptor_allocator()
     out = torch.empty(m, n, dtype=out_dtype, device=codes.device)

@@ -21,6 +21,7 @@ from models import DiTBlock, Modulation, modulate
 from .backends import swap_covered_layers
 from .modules import KeepsDtypes, QuantLinear, WeightOnlyLinear
 from .primitives import activation_qparams, row_first_range, unpack_int4
+from .split_lora import SplitRight, split_lora
 from .targets import swap_modules
 
 MAX_KERNEL_ACT_BITS = 8
@@ -43,6 +44,7 @@ class KernelTensors(NamedTuple):
     act_bits: int
     use_tma: bool
     group_table: torch.Tensor | None
+    lora_right_sums: torch.Tensor | None
 
 
 def kernel_unsupported_reason(layer: QuantLinear) -> str | None:
@@ -61,7 +63,8 @@ def kernel_unsupported_reason(layer: QuantLinear) -> str | None:
 class TritonQuantLinear(KeepsDtypes):
     """The same function as a QuantLinear, computed by the int8 kernels. Built from a QuantLinear;
     holds only what the kernels read (codes signed or packed, int32 column sums and zero points,
-    float32 scales and bias, bf16 LoRA factors padded to a rank multiple of 16)."""
+    float32 scales and bias, the LoRA's factors as split_lora holds them: L·diag(s) in bf16 and R̃
+    in two int8 halves, padded to a rank multiple of 16)."""
 
     def __init__(self, source: QuantLinear, use_tma: bool | None = None):
         super().__init__()
@@ -97,13 +100,20 @@ class TritonQuantLinear(KeepsDtypes):
         self.register_buffer("bias", None if source.bias is None else source.bias.float().contiguous())
         self.register_buffer("smooth_inv", None if source.smooth_inv is None else source.smooth_inv.float())
         self.register_buffer("act_range", None if source.act_range is None else source.act_range.float())
-        left, right = source.lora_left, source.lora_right
+        left, right = source.lora_left, None
         if left is not None:
             padded = -(-left.shape[1] // LORA_MULTIPLE) * LORA_MULTIPLE
-            left = F.pad(left.float(), (0, padded - left.shape[1])).to(LORA_TORCH_DTYPE).contiguous()
-            right = F.pad(right.float(), (0, 0, 0, padded - right.shape[0])).to(LORA_TORCH_DTYPE).contiguous()
+            left, right = split_lora(F.pad(left.float(), (0, padded - left.shape[1])),
+                                     F.pad(source.lora_right.float(), (0, 0, 0, padded - left.shape[1])))
+            left = left.to(LORA_TORCH_DTYPE).contiguous()
         self.register_buffer("lora_left", left)
-        self.register_buffer("lora_right", right)
+        self.register_buffer("lora_right", None if right is None else right.codes)
+        self.register_buffer("lora_right_sums", None if right is None else right.sums)
+
+    @property
+    def split_right(self) -> SplitRight | None:
+        """The LoRA's R̃ as the kernels take it (quant/split_lora.py), or None without a LoRA."""
+        return None if self.lora_right is None else SplitRight(self.lora_right, self.lora_right_sums)
 
     @property
     def per_token(self) -> bool:
@@ -475,36 +485,45 @@ def register_kernel_op() -> None:
     from .kernels import (
         GatedResidual,
         int8_gemm,
+        lora_down_in_gemm,
         norm_quantize_rows,
         quantize_rows,
         ranged_quantize_rows,
         row_moments,
         row_moments_shape,
+        stays_packed,
         unpacked_alongside,
         weight_only_linear,
     )
 
     def run(x, qparams, *, smooth_inv, lora_right, weight, packed, column_sums, weight_zero, weight_scale, bias,
-            lora_left, act_bits, use_tma, group_table, norm_shift=None, norm_scale=None, norm_tokens=0,
-            norm_eps=0.0, norm_moments=None, input_bounds=None, **epilogue):
+            lora_left, act_bits, use_tma, group_table, lora_right_sums, norm_shift=None, norm_scale=None,
+            norm_tokens=0, norm_eps=0.0, norm_moments=None, input_bounds=None, **epilogue):
         unpack = unpacked_alongside(weight, packed, group_table, *x.shape)
         init_bounds = epilogue.get("bounds")  # the GEMM's output range: the pass fills it with +inf
+        right = None if lora_right is None else SplitRight(lora_right, lora_right_sums)
+        # where the GEMM computes the LoRA's down-projection itself, the pass leaves it out
+        rank = 0 if right is None else right.rank
+        down_in_gemm = lora_down_in_gemm(x.shape[0], weight.shape[0], x.shape[1], rank,
+                                         unpack is None and stays_packed(packed, group_table, x.shape[0]), x.dtype,
+                                         x.device, epilogue.get("gated"))
+        gemm_right, right = (right, None) if down_in_gemm else (None, right)
         if norm_shift is not None:  # x: the residual stream; LayerNorm + modulation + quantize in one pass
             codes, rowsum, down, qparams = norm_quantize_rows(x, norm_shift, norm_scale, norm_tokens, norm_eps,
-                                                              act_bits, lora_right, unpack, smooth_inv, norm_moments,
+                                                              act_bits, right, unpack, smooth_inv, norm_moments,
                                                               init_bounds)
         elif qparams is None and input_bounds is None:  # per-token ranges taken by the pass
-            codes, rowsum, down, qparams = ranged_quantize_rows(x, act_bits, lora_right, unpack, smooth_inv,
+            codes, rowsum, down, qparams = ranged_quantize_rows(x, act_bits, right, unpack, smooth_inv,
                                                                 init_bounds)
         else:  # qparams given, or taken by the pass from the bounds of x that the GEMM before it left
             if input_bounds is not None:
                 qparams = torch.empty_like(input_bounds)
-            codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, lora_right, unpack=unpack,
+            codes, rowsum, down = quantize_rows(x, qparams, act_bits, smooth_inv, right, unpack=unpack,
                                                 bounds=input_bounds, init_bounds=init_bounds)
         if unpack is not None:
             weight, packed, use_tma = unpack.unpacked, False, False
         return int8_gemm(codes, rowsum, qparams, weight, packed, column_sums, weight_zero, weight_scale, bias, down,
-                         lora_left, x.dtype, use_tma, group_table=group_table, **epilogue)
+                         lora_left, x.dtype, use_tma, group_table=group_table, right=gemm_right, **epilogue)
 
     def tensors_of(arguments: dict) -> dict:
         """An op's KernelTensors arguments, its norm + modulation and its input bounds where it has
@@ -525,9 +544,9 @@ def register_kernel_op() -> None:
                     lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool, column_sums: torch.Tensor,
                     weight_zero: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                     lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
-                    group_table: torch.Tensor | None, norm_shift: torch.Tensor | None = None,
-                    norm_scale: torch.Tensor | None = None, norm_tokens: int = 0, norm_eps: float = 0.0,
-                    norm_moments: torch.Tensor | None = None,
+                    group_table: torch.Tensor | None, lora_right_sums: torch.Tensor | None,
+                    norm_shift: torch.Tensor | None = None, norm_scale: torch.Tensor | None = None,
+                    norm_tokens: int = 0, norm_eps: float = 0.0, norm_moments: torch.Tensor | None = None,
                     input_bounds: torch.Tensor | None = None) -> torch.Tensor:
         """The layer of 2-D x; qparams None: with per-token ranges taken by the quantize pass, or
         with input_bounds ([min, −max] of x × smooth_inv, (2, 1) or (2, M), as int8_linear_gelu
@@ -543,7 +562,8 @@ def register_kernel_op() -> None:
                           lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool,
                           column_sums: torch.Tensor, weight_zero: torch.Tensor, weight_scale: torch.Tensor,
                           bias: torch.Tensor | None, lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
-                          group_table: torch.Tensor | None, residual: torch.Tensor, gate: torch.Tensor,
+                          group_table: torch.Tensor | None, lora_right_sums: torch.Tensor | None,
+                          residual: torch.Tensor, gate: torch.Tensor,
                           gate_tokens: int, with_moments: bool, input_bounds: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """residual + gate ⊙ the layer of 2-D x (TritonQuantLinear.gated_2d), and with_moments the
@@ -563,7 +583,8 @@ def register_kernel_op() -> None:
                          lora_right: torch.Tensor | None, weight: torch.Tensor, packed: bool,
                          column_sums: torch.Tensor, weight_zero: torch.Tensor, weight_scale: torch.Tensor,
                          bias: torch.Tensor | None, lora_left: torch.Tensor | None, act_bits: int, use_tma: bool,
-                         group_table: torch.Tensor | None, bounds_scale: torch.Tensor | None, with_bounds: bool,
+                         group_table: torch.Tensor | None, lora_right_sums: torch.Tensor | None,
+                         bounds_scale: torch.Tensor | None, with_bounds: bool,
                          bounds_per_row: bool, norm_shift: torch.Tensor | None = None,
                          norm_scale: torch.Tensor | None = None, norm_tokens: int = 0, norm_eps: float = 0.0,
                          norm_moments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

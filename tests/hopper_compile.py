@@ -39,10 +39,12 @@ HOPPER = GPUTarget("cuda", 90, 32)
 
 
 def compile_for_hopper(config: hopper_gemm.TileConfig, rank: int, gelu: bool, per_row: bool, gated: bool,
-                       partial: bool = False, moments: bool = False):
+                       partial: bool = False, moments: bool = False, down_in_loop: bool = False, splits: int = 1):
     """triton.compile of the kernel for sm_90a with DiT-XL/2's qkv shape, or with `partial`, one
     whose last row and column tiles are partial (host tensors stand in for the device ones: only
-    dtypes and alignment enter the signature); `moments`: the gated update's row moments too."""
+    dtypes and alignment enter the signature); `moments`: the gated update's row moments too;
+    `down_in_loop`: the LoRA's down-projection in the main loop; `splits`: the quantize pass's K
+    chunks whose partial sums the GEMM adds up."""
     m, k, n = (4000, 1152, 3400) if partial else (4096, 1152, 3456)
     kernel = hopper_gemm._int8_gemm_ws_kernel
     descriptors = {
@@ -52,18 +54,23 @@ def compile_for_hopper(config: hopper_gemm.TileConfig, rank: int, gelu: bool, pe
         "b_desc": TensorDescriptor.from_tensor(torch.empty(n, k, dtype=torch.int8), [config.block_n, config.block_k],
                                                gl.NVMMASharedLayout.get_default_for([config.block_n, config.block_k],
                                                                                     gl.int8)),
+        "right_desc": TensorDescriptor.from_tensor(  # R̃'s halves (2·rank, K)
+            torch.empty(2 * max(rank, 16), k, dtype=torch.int8), [2 * max(rank, 16), config.block_k],
+            gl.NVMMASharedLayout.get_default_for([2 * max(rank, 16), config.block_k], gl.int8)),
         "out_desc": TensorDescriptor.from_tensor(torch.empty(m, n, dtype=torch.bfloat16), [config.block_m, config.block_n],
                                                  gl.NVMMASharedLayout.get_default_for([config.block_m, config.block_n],
                                                                                       gl.bfloat16)),
     }
     f32, i32, bf16 = torch.float32, torch.int32, torch.bfloat16
-    values = descriptors | dict(rowsum_ptr=i32, colsum_ptr=i32, wzero_ptr=i32, wscale_ptr=f32, bias_ptr=f32,
-                                qparams_ptr=f32, down_ptr=f32, left_ptr=bf16, bounds_ptr=f32,
+    values = descriptors | dict(right_sums_ptr=i32, rowsum_ptr=i32, colsum_ptr=i32,
+                                wzero_ptr=i32, wscale_ptr=f32, bias_ptr=f32, qparams_ptr=f32, down_ptr=f32,
+                                left_ptr=bf16, bounds_ptr=f32,
                                 bounds_scale_ptr=f32, residual_desc=descriptors["out_desc"], gate_ptr=bf16,
                                 moments_ptr=f32, M=m, N=n, stride_gate=6 * n, GATE_TOKENS=256)
     warps = hopper_gemm.math_warps(config)
     constants = dict(K=k, HAS_BIAS=True, RANK=rank, GELU=gelu, BOUNDS=gelu, BOUNDS_SCALED=gelu, PER_ROW=per_row,
-                     BOUNDS_PER_ROW=gelu and per_row, SPLITS=1, GATED=gated, MOMENTS=moments, STAGES=config.stages,
+                     BOUNDS_PER_ROW=gelu and per_row, SPLITS=splits, GATED=gated, MOMENTS=moments,
+                     DOWN_IN_LOOP=down_in_loop, STAGES=config.stages,
                      GROUP_M=config.group_m, CONSUMERS=config.consumers, INSTR_N=hopper_gemm.wgmma_instr_n(config.block_n),
                      LEFT_RANK=max(rank, 16), CONSUMER_REGISTERS=config.consumer_registers,
                      WHOLE_M=m % config.block_m == 0, WHOLE_N=n % config.block_n == 0, num_warps=warps)
@@ -99,22 +106,24 @@ TRITON_KERNELS = {
              BOUNDS_SCALED=False, PER_ROW=False, BOUNDS_PER_ROW=False, SPLITS=1, GATED=False, MOMENTS=False, BLOCK_M=64,
              BLOCK_N=128, BLOCK_K=128, GROUP_M=8)),
     "quantize": (kernels._quantize_rows_kernel, dict(
-        x_ptr=torch.bfloat16, smooth_ptr=torch.float32, qparams_ptr=torch.float32, right_ptr=torch.bfloat16,
-        codes_ptr=torch.int8, rowsum_ptr=torch.int32, down_ptr=torch.float32, packed_ptr=torch.uint8,
+        x_ptr=torch.bfloat16, smooth_ptr=torch.float32, qparams_ptr=torch.float32, right_ptr=torch.int8,
+        right_sums_ptr=torch.int32, codes_ptr=torch.int8, rowsum_ptr=torch.int32, down_ptr=torch.float32, packed_ptr=torch.uint8,
         unpacked_ptr=torch.int8, bounds_ptr=torch.float32, init_bounds_ptr=torch.float32, M=4096, stride_xm=4608,
         UNPACK_N=1152),
         dict(K=4608, K_PER_SPLIT=4608, QMAX=255.0, HAS_SMOOTH=True, RANK=32, PER_ROW=True, UNPACK=True,
              PACKED_K=2304, FROM_BOUNDS=False, INIT_BOUNDS=False, INIT_PER_ROW=False, BLOCK_M=32, BLOCK_K=128)),
     "ranged_quantize": (kernels._ranged_quantize_rows_kernel, dict(
         x_ptr=torch.bfloat16, smooth_ptr=torch.float32, shift_ptr=torch.bfloat16, scale_ptr=torch.bfloat16,
-        moments_ptr=torch.float32, qparams_ptr=torch.float32, right_ptr=torch.bfloat16, codes_ptr=torch.int8,
+        moments_ptr=torch.float32, qparams_ptr=torch.float32, right_ptr=torch.int8, right_sums_ptr=torch.int32,
+        codes_ptr=torch.int8,
         rowsum_ptr=torch.int32, down_ptr=torch.float32, packed_ptr=torch.uint8, unpacked_ptr=torch.int8,
         init_bounds_ptr=torch.float32, M=4096, stride_xm=1152, stride_mod=6912, TOKENS=256, EPS_NORM=1e-6,
         UNPACK_N=3456),
         dict(K=1152, QMAX=255.0, RANK=32, NORM=True, HAS_MOMENTS=False, ROUND_BF16=True, HAS_SMOOTH=False, UNPACK=True,
              PACKED_K=576, INIT_BOUNDS=False, INIT_PER_ROW=False, BLOCK_M=32, BLOCK_K=128)),
     "lora_down": (kernels._lora_down_kernel, dict(
-        codes_ptr=torch.int8, qparams_ptr=torch.float32, right_ptr=torch.bfloat16, down_ptr=torch.float32, M=32768),
+        codes_ptr=torch.int8, qparams_ptr=torch.float32, right_ptr=torch.int8, right_sums_ptr=torch.int32,
+        down_ptr=torch.float32, M=32768),
         dict(K=1152, RANK=32, BLOCK_M=128, BLOCK_K=128)),
     "weight_only": (kernels._weight_only_kernel, dict(
         x_ptr=torch.bfloat16, codes_ptr=torch.uint8, zero_ptr=torch.uint8, scale_ptr=torch.float32,

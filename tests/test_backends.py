@@ -28,6 +28,7 @@ from quant.kernels import (  # noqa: E402
 )
 from quant.modules import QuantLinear  # noqa: E402
 from quant.primitives import QuantizedLayer, quantize_activation, quantize_weight  # noqa: E402
+from quant.split_lora import SplitRight, representable, split_lora  # noqa: E402
 from quant.triton_modules import (  # noqa: E402
     TritonQuantLinear,
     TritonQuantMlp,
@@ -46,6 +47,11 @@ def unpack_split(packed: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack([spans & 0xF, spans >> 4], dim=2).reshape(packed.shape[0], -1)[:, :k]
 
 
+def random_split_right(right: torch.Tensor) -> SplitRight:
+    """R's SplitRight, as a layer on the kernels holds it (split_lora)."""
+    return split_lora(torch.ones(1, right.shape[0]), right)[1]
+
+
 def random_quant_linear(in_features, out_features, weight_bits=4, act_bits=8, rank=4, smooth=False,
                         static=False, granularity="per_channel", act_granularity="per_tensor", seed=0):
     config = QuantConfig(weight_bits=weight_bits, act_bits=act_bits, lora_rank=rank, act_dynamic=not static,
@@ -54,7 +60,8 @@ def random_quant_linear(in_features, out_features, weight_bits=4, act_bits=8, ra
 
 
 def random_layer(in_features, out_features, config, smooth=False, static=False, seed=0) -> QuantizedLayer:
-    """A QuantizedLayer of random weights and factors in `config`'s format."""
+    """A QuantizedLayer of random weights and factors in `config`'s format; its LoRA's R holds what
+    the kernels keep of it (split_lora.representable), so that they compute the same function."""
     generator = torch.Generator().manual_seed(seed)
     rank = config.lora_rank
     weight = quantize_weight(torch.randn(out_features, in_features, generator=generator), config.weight_bits,
@@ -67,7 +74,7 @@ def random_layer(in_features, out_features, config, smooth=False, static=False, 
         weight, randn(out_features), config.act_bits, config.act_granularity,
         smooth_inv=torch.rand(in_features, generator=generator) + 0.5 if smooth else None,
         lora_left=randn(out_features, rank) * 0.1 if rank else None,
-        lora_right=randn(rank, in_features) * 0.1 if rank else None,
+        lora_right=representable(randn(rank, in_features) * 0.1) if rank else None,
         static_range=(torch.tensor(-2.5), torch.tensor(3.0)) if static else None,
     )
 
@@ -169,8 +176,8 @@ def test_quantize_pass_split_over_k_gives_the_same_codes_sums_and_gemm(splits):
     kernel = TritonQuantLinear(random_quant_linear(96, 40, rank=8, smooth=True))
     x = torch.randn(37, 96) * 3
     qparams = kernel.qparams(x)
-    whole = quantize_rows(x, qparams, 8, kernel.smooth_inv, kernel.lora_right, splits=1)
-    split = quantize_rows(x, qparams, 8, kernel.smooth_inv, kernel.lora_right, splits=splits)
+    whole = quantize_rows(x, qparams, 8, kernel.smooth_inv, kernel.split_right, splits=1)
+    split = quantize_rows(x, qparams, 8, kernel.smooth_inv, kernel.split_right, splits=splits)
     assert whole[1].shape == (1, 37) and split[1].shape == (splits, 37) and split[2].shape == (splits, 37, 16)
     assert torch.equal(split[0], whole[0]) and torch.equal(split[1].sum(dim=0), whole[1][0])
     torch.testing.assert_close(split[2].sum(dim=0), whole[2][0], rtol=1e-6, atol=1e-5)
@@ -192,8 +199,8 @@ def test_quantize_pass_takes_its_qparams_from_the_bounds_a_gemm_left(act_granula
     qparams = kernel.qparams(x)
     bounds = range_bounds(x * kernel.smooth_inv, per_row=act_granularity == "per_token")
     written = torch.full_like(qparams, float("nan"))
-    got = quantize_rows(x, written, 8, kernel.smooth_inv, kernel.lora_right, splits=splits, bounds=bounds)
-    expected = quantize_rows(x, qparams, 8, kernel.smooth_inv, kernel.lora_right, splits=splits)
+    got = quantize_rows(x, written, 8, kernel.smooth_inv, kernel.split_right, splits=splits, bounds=bounds)
+    expected = quantize_rows(x, qparams, 8, kernel.smooth_inv, kernel.split_right, splits=splits)
     assert torch.equal(written, qparams)
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
@@ -206,7 +213,7 @@ def test_quantize_passes_fill_the_next_gemms_bounds(per_token):
     block; per tensor, both entries); the pass's own results do not change."""
     from quant.kernels import norm_quantize_rows, ranged_quantize_rows
 
-    x, right = torch.randn(37, 64) * 3, torch.randn(16, 64)
+    x, right = torch.randn(37, 64) * 3, random_split_right(torch.randn(16, 64))
     shift, scale = torch.randn(3, 64) * 0.3, torch.randn(3, 64) * 0.3
     qparams = TritonQuantLinear(random_quant_linear(64, 16, act_granularity="per_token")).qparams(x)
     passes = (lambda **kw: quantize_rows(x, qparams, 8, None, right, splits=2, **kw),
@@ -263,10 +270,10 @@ def test_kernel_blocks_compute_the_same_as_the_plain_block(act_granularity, monk
     # the pass itself: codes of LayerNorm(x)·(1 + scale) + shift with its per-token ranges
     shift, scale = torch.randn(3, 64) * 0.3, torch.randn(3, 64) * 0.3
     kernel = block.mlp.fc1
-    codes, rowsum, down, qparams = norm_quantize_rows(x.reshape(-1, 64), shift, scale, 13, 1e-6, 8, kernel.lora_right)
+    codes, rowsum, down, qparams = norm_quantize_rows(x.reshape(-1, 64), shift, scale, 13, 1e-6, 8, kernel.split_right)
     modulated = (torch.nn.functional.layer_norm(x, (64,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]).reshape(-1, 64)
     torch.testing.assert_close(qparams, kernel.qparams(modulated), rtol=1e-5, atol=1e-6)
-    reference = quantize_rows(modulated, qparams, 8, None, kernel.lora_right, splits=1)
+    reference = quantize_rows(modulated, qparams, 8, None, kernel.split_right, splits=1)
     assert (codes.int() - reference[0].int()).abs().max() <= 1 and (codes != reference[0]).float().mean() < 1e-3
     torch.testing.assert_close(down, reference[2], rtol=1e-3, atol=1e-2)
     # … of a layer smoothed on the fly: the modulated activation times its factors
@@ -389,7 +396,7 @@ def test_quantize_passes_unpack_a_layers_packed_weights_beside_their_rows(splits
     generator = torch.Generator().manual_seed(5)
     codes = torch.randint(0, 16, (70, 200), dtype=torch.uint8, generator=generator)
     x = torch.randn(37, 200, generator=generator) * 3
-    right = torch.randn(16, 200, generator=generator)
+    right = random_split_right(torch.randn(16, 200, generator=generator))
     qparams = torch.stack([torch.full((37,), 0.05), torch.full((37,), 120.0)])
     norm = (torch.randn(3, 200, generator=generator), torch.randn(3, 200, generator=generator) * 0.3, 13, 1e-6, 8)
     passes = (lambda unpack: quantize_rows(x, qparams, 8, None, right, splits=splits, unpack=unpack),
@@ -413,17 +420,17 @@ def test_ranged_pass_takes_the_per_token_ranges_the_layer_would_and_the_same_cod
     bound = 255 / 64  # a symmetric range whose scale is 2^-5: −lo/scale is exactly the tie 127.5
     x[6] = x[6].clamp(-bound, bound)
     x[6, :2] = torch.tensor([-bound, bound])
-    codes, rowsum, down, qparams = ranged_quantize_rows(x, 8, kernel.lora_right)
+    codes, rowsum, down, qparams = ranged_quantize_rows(x, 8, kernel.split_right)
     assert qparams[1, 6] == 128  # rounded half to even, as activation_qparams (torch.round)
     assert torch.equal(qparams, kernel.qparams(x))
-    expected = quantize_rows(x, qparams, 8, None, kernel.lora_right, splits=1)
+    expected = quantize_rows(x, qparams, 8, None, kernel.split_right, splits=1)
     assert torch.equal(codes, expected[0]) and torch.equal(rowsum, expected[1])
     torch.testing.assert_close(down, expected[2], rtol=1e-6, atol=1e-5)
     # a layer smoothed on the fly (as fc2 is): the ranges and codes of x × smooth_inv
     smoothed = TritonQuantLinear(random_quant_linear(200, 40, rank=8, smooth=True, act_granularity="per_token"))
-    codes, rowsum, down, qparams = ranged_quantize_rows(x, 8, smoothed.lora_right, smooth_inv=smoothed.smooth_inv)
+    codes, rowsum, down, qparams = ranged_quantize_rows(x, 8, smoothed.split_right, smooth_inv=smoothed.smooth_inv)
     assert torch.equal(qparams, smoothed.qparams(x))
-    expected = quantize_rows(x, qparams, 8, smoothed.smooth_inv, smoothed.lora_right, splits=1)
+    expected = quantize_rows(x, qparams, 8, smoothed.smooth_inv, smoothed.split_right, splits=1)
     assert torch.equal(codes, expected[0]) and torch.equal(rowsum, expected[1])
     torch.testing.assert_close(down, expected[2], rtol=1e-6, atol=1e-5)
 
@@ -436,7 +443,7 @@ def test_ranged_passes_give_the_same_down_projection_with_the_lora_apart(monkeyp
 
     generator = torch.Generator().manual_seed(11)
     x = torch.randn(37, 200, generator=generator) * 3 + 0.5
-    right = torch.randn(16, 200, generator=generator)
+    right = random_split_right(torch.randn(16, 200, generator=generator))
     shift, scale = torch.randn(3, 200, generator=generator) * 0.3, torch.randn(3, 200, generator=generator) * 0.3
     passes = (lambda: kernels.norm_quantize_rows(x, shift, scale, 13, 1e-6, 8, right),
               lambda: kernels.ranged_quantize_rows(x, 8, right))
@@ -479,7 +486,7 @@ def test_norm_pass_statistics_hold_for_a_partial_last_tile_and_a_large_mean():
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(2, 7, 80, generator=generator) * 0.5 + 50 * torch.rand(2, 7, 1, generator=generator)
     shift, scale = torch.randn(2, 80, generator=generator) * 0.3, torch.randn(2, 80, generator=generator) * 0.3
-    right = torch.randn(16, 80, generator=generator)
+    right = random_split_right(torch.randn(16, 80, generator=generator))
     codes, rowsum, down, qparams = norm_quantize_rows(x.reshape(-1, 80), shift, scale, 7, 1e-6, 8, right)
     modulated = (torch.nn.functional.layer_norm(x, (80,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None])
     modulated = modulated.reshape(-1, 80)
@@ -532,7 +539,7 @@ def test_norm_pass_takes_its_mean_and_variance_from_the_row_moments():
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(21, 80, generator=generator) * 2 + 0.7
     shift, scale = torch.randn(3, 80, generator=generator) * 0.3, torch.randn(3, 80, generator=generator) * 0.3
-    right = torch.randn(16, 80, generator=generator)
+    right = random_split_right(torch.randn(16, 80, generator=generator))
     itself = norm_quantize_rows(x, shift, scale, 7, 1e-6, 8, right)
     codes, rowsum, down, qparams = norm_quantize_rows(x, shift, scale, 7, 1e-6, 8, right, moments=chunk_moments(x))
     torch.testing.assert_close(qparams, itself[3], rtol=1e-5, atol=1e-6)

@@ -12,6 +12,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from quant.split_lora import right_values  # noqa: E402
+
 GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 pytestmark = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and Triton's compiler (not its interpreter)")
 
@@ -26,7 +28,7 @@ def test_on_the_gpu_the_ranged_pass_takes_the_layers_ranges_and_codes(rows):
     device = torch.device("cuda")
     _, layer = quantized_layer_pair(XL_HIDDEN, XL_HIDDEN, 4, False, device, act_granularity="per_token")
     x = outlier_input(rows, XL_HIDDEN, device, torch.bfloat16, seed=2)
-    codes, rowsum, down, qparams = ranged_quantize_rows(x, 8, layer.lora_right)
+    codes, rowsum, down, qparams = ranged_quantize_rows(x, 8, layer.split_right)
     expected = layer.qparams(x)
     # the same ranges: scales equal up to a division's last bit, so a zero point (−lo/scale rounded)
     # may take the other neighbour in the few rows where −lo/scale sits on a tie (a symmetric range
@@ -34,10 +36,10 @@ def test_on_the_gpu_the_ranged_pass_takes_the_layers_ranges_and_codes(rows):
     torch.testing.assert_close(qparams[0], expected[0], rtol=1e-6, atol=0)
     same_zero = qparams[1] == expected[1]
     assert (qparams[1] - expected[1]).abs().max() <= 1 and same_zero.float().mean() > 0.95
-    reference = quantize_rows(x, qparams, 8, None, layer.lora_right, splits=1)
+    reference = quantize_rows(x, qparams, 8, None, layer.split_right, splits=1)
     assert torch.equal(codes, reference[0]) and torch.equal(rowsum, reference[1])
     torch.testing.assert_close(down, reference[2], rtol=1e-3, atol=1e-2)
-    plain = quantize_rows(x, expected, 8, None, layer.lora_right, splits=1)[0]
+    plain = quantize_rows(x, expected, 8, None, layer.split_right, splits=1)[0]
     differ = (codes.int() - plain.int())[same_zero]
     assert differ.abs().max() <= 1 and (differ != 0).float().mean() < 1e-3
 
@@ -55,10 +57,10 @@ def test_on_the_gpu_the_unpack_beside_a_pass_equals_the_unpack_kernel(role):
     if role in ("qkv", "fc1"):  # the norm pass (2 samples of 256 tokens)
         modulation = torch.randn(2, 6 * k, device=device, dtype=torch.bfloat16) * 0.3
         run = lambda unpack: norm_quantize_rows(x, modulation[:, :k], modulation[:, k:2 * k], 256, 1e-6, 8,  # noqa: E731
-                                                layer.lora_right, unpack)
+                                                layer.split_right, unpack)
     else:
         qparams = layer.qparams(x)
-        run = lambda unpack: quantize_rows(x, qparams, 8, layer.smooth_inv, layer.lora_right, unpack=unpack)  # noqa: E731
+        run = lambda unpack: quantize_rows(x, qparams, 8, layer.smooth_inv, layer.split_right, unpack=unpack)  # noqa: E731
     unpack = PackedWeight(layer.weight, torch.full((n, k), 99, dtype=torch.int8, device=device))
     beside, alone = run(unpack), run(None)
     assert all(torch.equal(a, b) for a, b in zip(beside, alone) if a is not None)
@@ -82,15 +84,15 @@ def test_on_the_gpu_the_lora_down_projection_apart_matches_the_pass(norm, monkey
     modulation = torch.randn(rows // 256, 2 * XL_HIDDEN, device=device, dtype=torch.bfloat16) * 0.3
     if norm:
         run = lambda: kernels.norm_quantize_rows(x, modulation[:, :XL_HIDDEN], modulation[:, XL_HIDDEN:], 256,  # noqa: E731
-                                                 1e-6, 8, layer.lora_right)
+                                                 1e-6, 8, layer.split_right)
     else:
-        run = lambda: kernels.ranged_quantize_rows(x, 8, layer.lora_right)  # noqa: E731
+        run = lambda: kernels.ranged_quantize_rows(x, 8, layer.split_right)  # noqa: E731
     monkeypatch.setattr(kernels, "LORA_DOWN_APART_FROM_ROWS", None)
     inside = run()
     monkeypatch.setattr(kernels, "LORA_DOWN_APART_FROM_ROWS", rows)
     codes, rowsum, down, qparams = run()
     centered = codes.double() + 128 - qparams[1].double()[:, None]
-    expected = centered @ layer.lora_right.double().T
+    expected = centered @ right_values(layer.split_right).T
     torch.testing.assert_close(down[0].double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     if norm:
         assert_nearly_the_same_pass(codes, qparams, inside[0], inside[3])
@@ -118,8 +120,8 @@ def test_on_the_gpu_the_norm_pass_takes_its_moments_from_the_gated_epilogue():
     x, moments = proj.gated_2d(attended, None, residual.reshape(-1, 256, XL_HIDDEN), adaln[:, :XL_HIDDEN],
                                with_moments=True)
     shift, scale = adaln[:, XL_HIDDEN:2 * XL_HIDDEN], adaln[:, 2 * XL_HIDDEN:3 * XL_HIDDEN]
-    itself = kernels.norm_quantize_rows(x, shift, scale, 256, 1e-6, 8, fc1.lora_right)
-    codes, _, down, qparams = kernels.norm_quantize_rows(x, shift, scale, 256, 1e-6, 8, fc1.lora_right, moments=moments)
+    itself = kernels.norm_quantize_rows(x, shift, scale, 256, 1e-6, 8, fc1.split_right)
+    codes, _, down, qparams = kernels.norm_quantize_rows(x, shift, scale, 256, 1e-6, 8, fc1.split_right, moments=moments)
     assert_nearly_the_same_pass(codes, qparams, itself[0], itself[3])
 
 

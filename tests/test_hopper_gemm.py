@@ -21,6 +21,7 @@ triton = pytest.importorskip("triton")
 pytest.importorskip("triton.experimental.gluon._runtime")
 
 from quant import hopper_gemm  # noqa: E402
+from quant.split_lora import split_lora  # noqa: E402
 
 COMPILE_CONFIGS = {"ping-pong": hopper_gemm.DEFAULT_CONFIG,
                    "one-math-partition": hopper_gemm.TileConfig(consumers=1, stages=5),
@@ -111,6 +112,40 @@ def test_the_math_partitions_keep_their_values_in_registers(compiled_for_hopper,
     assert max(spills.values()) <= 128, spills
 
 
+# The small calls' tiles with the LoRA's down-projection in the main loop, for the epilogues of a
+# block's four layers (qkv's, fc1's, fc2's gated update with its row moments, proj's per tensor)
+# and with partial tiles
+DOWN_IN_LOOP_EPILOGUES = [(32, False, True, False, False, False), (32, True, True, False, False, False),
+                          (32, False, True, True, False, True), (32, False, False, False, False, False),
+                          (32, True, True, False, True, False)]
+
+
+def test_a_main_loop_with_the_lora_down_projection_compiles_within_shared_memory_and_registers():
+    config = hopper_gemm.tile_config(512, down_in_loop=True)
+    compiled = compile_in_own_process("gluon", [[config._asdict(), *epilogue, True] for epilogue in DOWN_IN_LOOP_EPILOGUES])
+    for epilogue, result in zip(DOWN_IN_LOOP_EPILOGUES, compiled):
+        ptx = result["ptx"]
+        # per partition and K step (K = 128), four m64n32k32 int8 wgmmas per half of R̃, the codes
+        # straight from shared memory
+        assert ptx.count("wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.s8") == 8 * config.consumers, epilogue
+        assert "ld.shared.v2.b8" not in ptx, epilogue
+        assert ptx.count("cp.async.bulk.tensor") >= 3, epilogue  # codes, weights and R̃ by TMA
+        assert result["shared"] <= 232448, epilogue
+        assert result["spill_stores"] == 0, epilogue
+
+
+def test_fc2_at_batch_1_keeps_its_values_in_registers_with_the_down_projection_in_the_main_loop():
+    """fc2's gated epilogue with its row moments at 512 rows, whose quantize pass splits K into 12
+    chunks (kernels.quantize_splits): loading the 12 partial `down`s before the main loop spills
+    (804 bytes a thread: the layout before the nineteenth session); with the down-projection in
+    the main loop nothing does."""
+    fc2 = DOWN_IN_LOOP_EPILOGUES[2]
+    kept, spilled = compile_in_own_process("gluon", [
+        [hopper_gemm.tile_config(512, down_in_loop)._asdict(), *fc2, down_in_loop, 12] for down_in_loop in (True, False)])
+    assert kept["shared"] <= 232448 and kept["spill_stores"] == 0
+    assert spilled["spill_stores"] > 0
+
+
 def test_instruction_width_divides_the_tile():
     for block_n in (64, 128, 192, 256):
         n = hopper_gemm.wgmma_instr_n(block_n)
@@ -133,7 +168,7 @@ def test_on_hopper_the_gluon_gemm_equals_the_triton_gemm(per_token, gated, rows,
                                     act_granularity="per_token" if per_token else "per_tensor")
     x = outlier_input(rows, 1152, device, torch.bfloat16, seed=0)
     qparams = layer.qparams(x)
-    codes, rowsum, down = quantize_rows(x, qparams, 8, layer.smooth_inv, layer.lora_right)
+    codes, rowsum, down = quantize_rows(x, qparams, 8, layer.smooth_inv, layer.split_right)
     tail = (layer.column_sums, layer.weight_zero, layer.weight_scale, layer.bias, down, layer.lora_left, torch.bfloat16)
     update = None
     if gated:  # a block's residual update: samples of 256 tokens, the gate a chunk of the adaLN output
@@ -171,6 +206,84 @@ def test_large_calls_on_hopper_go_to_the_gluon_gemm_where_it_measured_faster(mon
     assert not suits(512_000, 768, 256)  # the demo's narrow layers: not measured there
     assert not suits(32768, 3456, 1152, out_dtype=torch.float32)  # its staging tile would not fit
     assert not suits(32768, 3456, 1152, device=torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="needs a Hopper GPU")
+@pytest.mark.parametrize(("per_token", "gated"), [(False, False), (True, False), (True, True)])
+# a batch-1 call and partial tiles in both directions; fc2's K (36 steps)
+@pytest.mark.parametrize(("rows", "in_features", "out_features"), [(512, 1152, 3456), (500, 1040, 1000),
+                                                                   (512, 4608, 1152)])
+def test_on_hopper_the_down_projection_in_the_main_loop_equals_the_quantize_pass_one(per_token, gated, rows,
+                                                                                     in_features, out_features):
+    """The same integer products (q − 128)·halfᵀ less the same zero points' share, recombined in
+    float32 in another order (the pass's K chunks): equal up to that rounding, which the outputs'
+    bf16 rounding turns into rare one-ulp differences."""
+    from benchmarks.synthetic import outlier_input, quantized_layer_pair
+    from quant.kernels import GatedResidual, quantize_rows
+
+    if gated and rows % 256:
+        pytest.skip("a gated update needs whole samples of 256 rows")
+    device = torch.device("cuda")
+    _, layer = quantized_layer_pair(in_features, out_features, 8, False, device,
+                                    act_granularity="per_token" if per_token else "per_tensor")
+    x = outlier_input(rows, in_features, device, torch.bfloat16, seed=0)
+    qparams = layer.qparams(x)
+    codes, rowsum, down = quantize_rows(x, qparams, 8, layer.smooth_inv, layer.split_right)
+    head = (codes, rowsum, qparams, layer.weight, layer.column_sums, layer.weight_zero, layer.weight_scale, layer.bias)
+    update = None
+    if gated:
+        update = GatedResidual(outlier_input(rows, out_features, device, torch.bfloat16, seed=1),
+                               torch.randn(rows // 256, 6 * out_features, device=device,
+                                           dtype=torch.bfloat16)[:, out_features:2 * out_features], 256)
+    config = hopper_gemm.tile_config(rows, down_in_loop=True)
+    expected = hopper_gemm.int8_gemm_ws(*head, down, layer.lora_left, torch.bfloat16, gated=update, config=config)
+    got = hopper_gemm.int8_gemm_ws(*head, None, layer.lora_left, torch.bfloat16, gated=update, config=config,
+                                   right=layer.split_right)
+    lora_only = hopper_gemm.int8_gemm_ws(*head, torch.zeros_like(down), layer.lora_left, torch.bfloat16,
+                                         gated=update, config=config)
+    assert not torch.equal(lora_only, expected)  # the LoRA changes the output: the comparison sees it
+    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
+    assert (got != expected).float().mean() < 0.01  # all but rare one-ulp roundings agree
+
+
+def test_the_down_projection_in_the_main_loop_is_refused_off_the_gluon_gemm_and_without_its_factors():
+    from quant.kernels import int8_gemm
+
+    m, k, n, rank = 64, 64, 64, 16
+    codes, weight = torch.zeros(m, k, dtype=torch.int8), torch.zeros(n, k, dtype=torch.int8)
+    ints, floats = torch.zeros(n, dtype=torch.int32), torch.ones(n)
+    left, right = split_lora(torch.zeros(n, rank), torch.randn(rank, k))
+    head = (codes, torch.zeros(1, m, dtype=torch.int32), torch.ones(2, 1))
+    with pytest.raises(ValueError, match="only the warp-specialised GEMM"):
+        int8_gemm(*head, weight, False, ints, ints, floats, None, None, left, torch.bfloat16, right=right)
+    refused = r"takes R̃'s int8 halves \(2·rank, K\) beside L"
+    with pytest.raises(ValueError, match=refused):
+        hopper_gemm.int8_gemm_ws(*head, weight, ints, ints, floats, None, None, None, torch.bfloat16, right=right)
+    with pytest.raises(ValueError, match=refused):  # R̃ of another rank than L
+        hopper_gemm.int8_gemm_ws(*head, weight, ints, ints, floats, None, None, left[:, :8], torch.bfloat16,
+                                 right=right)
+    with pytest.raises(ValueError, match=refused):  # bf16 R, not its halves
+        hopper_gemm.int8_gemm_ws(*head, weight, ints, ints, floats, None, None, left, torch.bfloat16,
+                                 right=right._replace(codes=right.codes.to(torch.bfloat16)))
+
+
+def test_small_calls_on_hopper_compute_the_lora_down_projection_in_the_gemm(monkeypatch):
+    from quant import kernels
+
+    monkeypatch.setattr(kernels, "_is_hopper", lambda device: True)
+    cuda = torch.device("cuda")
+
+    def in_gemm(m, n, k, rank=32, packed=False):
+        return kernels.lora_down_in_gemm(m, n, k, rank, packed, torch.bfloat16, cuda)
+
+    assert in_gemm(512, 3456, 1152) and in_gemm(512, 1152, 4608) and in_gemm(512, 4608, 1152)  # batch 1
+    assert not in_gemm(4096, 3456, 1152) and not in_gemm(32768, 3456, 1152)  # batch 8 and 64: in the passes
+    assert not in_gemm(512, 3456, 1152, rank=0) and not in_gemm(512, 3456, 1152, rank=64)
+    assert not in_gemm(512, 3456, 1152, packed=True)  # the Gluon GEMM takes int8 codes only
+    assert not in_gemm(256, 3456, 1152)  # not on the Gluon GEMM
+    monkeypatch.setattr(kernels, "LORA_DOWN_IN_GEMM_BELOW_ROWS", None)
+    assert not in_gemm(512, 3456, 1152)
 
 
 def test_the_gluon_gemm_refuses_a_gated_update_whose_samples_split_its_row_tiles():
