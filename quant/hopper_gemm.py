@@ -28,8 +28,9 @@ the main loop (DOWN_IN_LOOP), and their quantize pass leaves it out: each ring s
 step's columns of R̃'s two int8 halves (quant/split_lora.py) beside the codes and weights, and
 after the step's main wgmma two int8 wgmmas multiply the codes in place by them. At 512 rows the
 GEMM's tiles wait on their loads more than on the tensor cores; bf16 R as a wgmma's register
-operand instead (the codes through the registers) made sampling 25 % slower at batch 1
-(benchmarks/RESULTS.md, nineteenth session).
+operand instead (the codes through the registers) made batch 1's step 3.61 ms against 2.95-3.04
+with the down-projection in the passes and 2.74-2.77 with the halves (benchmarks/RESULTS.md,
+nineteenth session).
 
 `kernels.int8_gemm` sends it the calls it measured faster on (`kernels.warp_specialised_suits`).
 
@@ -373,8 +374,9 @@ def _math(a_bufs, b_bufs, right_bufs, right_sums_ptr, ready, free, turn, left_sm
           stride_gate, GATE_TOKENS,
           K: gl.constexpr, HAS_BIAS: gl.constexpr, RANK: gl.constexpr, GELU: gl.constexpr, BOUNDS: gl.constexpr,
           BOUNDS_SCALED: gl.constexpr, PER_ROW: gl.constexpr, BOUNDS_PER_ROW: gl.constexpr, SPLITS: gl.constexpr,
-          GATED: gl.constexpr, MOMENTS: gl.constexpr, DOWN_IN_LOOP: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, FIRST: gl.constexpr,
-          WARPS: gl.constexpr, INSTR_N: gl.constexpr, WHOLE_M: gl.constexpr, WHOLE_N: gl.constexpr):
+          GATED: gl.constexpr, MOMENTS: gl.constexpr, DOWN_IN_LOOP: gl.constexpr, STAGES: gl.constexpr,
+          GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, FIRST: gl.constexpr, WARPS: gl.constexpr,
+          INSTR_N: gl.constexpr, WHOLE_M: gl.constexpr, WHOLE_N: gl.constexpr):
     """Tiles FIRST, FIRST + CONSUMERS, … of this program: main loop, then epilogue. left_smem,
     columns_i32, columns_f32, out_smem and loaded hold every partition's: this one takes part FIRST.
     With DOWN_IN_LOOP the main loop also computes the LoRA's down-projection: two int8 wgmmas a
@@ -588,7 +590,8 @@ def int8_gemm_ws(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tenso
     else:
         residual_desc, gate, tokens = out_desc, placeholder, config.block_m
     _int8_gemm_ws_kernel[(min(tiles, multiprocessors(codes.device)),)](
-        a_desc, b_desc, right_desc, rowsum if right is None else right.sums, rowsum, colsum, zero_w, scale_w, placeholder if bias is None else bias, qparams,
+        a_desc, b_desc, right_desc, rowsum if right is None else right.sums, rowsum, colsum, zero_w, scale_w,
+        placeholder if bias is None else bias, qparams,
         placeholder if down is None else down, placeholder if left is None else left, out_desc,
         placeholder if bounds is None else bounds, placeholder if bounds_scale is None else bounds_scale,
         residual_desc, gate, placeholder if moments is None else moments, m, n, gate.stride(0), tokens,
@@ -596,7 +599,8 @@ def int8_gemm_ws(codes: torch.Tensor, rowsum: torch.Tensor, qparams: torch.Tenso
         BOUNDS_SCALED=bounds_scale is not None, PER_ROW=per_row(qparams),
         BOUNDS_PER_ROW=bounds is not None and per_row(bounds), SPLITS=rowsum.shape[0], GATED=gated is not None,
         MOMENTS=moments is not None, DOWN_IN_LOOP=down_in_loop, STAGES=config.stages, GROUP_M=config.group_m,
-        CONSUMERS=config.consumers, INSTR_N=wgmma_instr_n(config.block_n), LEFT_RANK=max(rank, 16), CONSUMER_REGISTERS=config.consumer_registers,
+        CONSUMERS=config.consumers, INSTR_N=wgmma_instr_n(config.block_n), LEFT_RANK=max(rank, 16),
+        CONSUMER_REGISTERS=config.consumer_registers,
         WHOLE_M=m % config.block_m == 0, WHOLE_N=n % config.block_n == 0, num_warps=warps,
     )
     return out

@@ -212,8 +212,8 @@ def _quantize_rows_kernel(
     if row_block < tl.cdiv(M, BLOCK_M):
         if INIT_BOUNDS:
             _init_bounds(init_bounds_ptr, row_block, split, M, INIT_PER_ROW, BLOCK_M)
-        _quantize_row_block(x_ptr, smooth_ptr, qparams_ptr, bounds_ptr, right_ptr, right_sums_ptr, codes_ptr, rowsum_ptr,
-                            down_ptr, M,
+        _quantize_row_block(x_ptr, smooth_ptr, qparams_ptr, bounds_ptr, right_ptr, right_sums_ptr, codes_ptr,
+                            rowsum_ptr, down_ptr, M,
                             stride_xm, row_block, split, K, K_PER_SPLIT, QMAX, HAS_SMOOTH, RANK, PER_ROW, FROM_BOUNDS,
                             BLOCK_M, BLOCK_K)
     elif UNPACK:
@@ -375,7 +375,8 @@ def _init_bounds(bounds_ptr, row_block, split, M, PER_ROW: tl.constexpr, BLOCK_M
 @triton.jit
 def _ranged_quantize_rows_kernel(
     x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qparams_ptr, right_ptr, right_sums_ptr, codes_ptr,
-    rowsum_ptr, down_ptr, packed_ptr, unpacked_ptr, init_bounds_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, UNPACK_N,
+    rowsum_ptr, down_ptr, packed_ptr, unpacked_ptr, init_bounds_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM,
+    UNPACK_N,
     K: tl.constexpr, QMAX: tl.constexpr, RANK: tl.constexpr, NORM: tl.constexpr, HAS_MOMENTS: tl.constexpr,
     ROUND_BF16: tl.constexpr, HAS_SMOOTH: tl.constexpr, UNPACK: tl.constexpr, PACKED_K: tl.constexpr,
     INIT_BOUNDS: tl.constexpr, INIT_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -406,10 +407,10 @@ def _ranged_quantize_rows_kernel(
 
 @triton.jit
 def _ranged_row_block(x_ptr, smooth_ptr, shift_ptr, scale_ptr, moments_ptr, qparams_ptr, right_ptr, right_sums_ptr,
-                      codes_ptr, rowsum_ptr, down_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block, K: tl.constexpr,
-                      QMAX: tl.constexpr, RANK: tl.constexpr, NORM: tl.constexpr, HAS_MOMENTS: tl.constexpr,
-                      ROUND_BF16: tl.constexpr, HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+                      codes_ptr, rowsum_ptr, down_ptr, M, stride_xm, stride_mod, TOKENS, EPS_NORM, row_block,
+                      K: tl.constexpr, QMAX: tl.constexpr, RANK: tl.constexpr, NORM: tl.constexpr,
+                      HAS_MOMENTS: tl.constexpr, ROUND_BF16: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """The ranged pass of one row block. Its tile loops stay loops: unrolled (tl.static_range) the
     pass ran 1.1-1.2x faster alone, but in the model at batch 8 sampling took 6 % longer (and a
     software-pipelined loop 1 % longer) than looped; at batch 1 the three were within 1 %
@@ -905,9 +906,10 @@ def quantize_rows(x: torch.Tensor, qparams: torch.Tensor, act_bits: int, smooth_
     """(int8 codes − 128 (M, K), int32 partial row sums (splits, M), fp32 partial (q − z)·R̃ᵀ
     (splits, M, rank) or None, `right` the LoRA's R̃: split_lora) of a 2-D x with stride 1 along K:
     each of the `splits` (default: quantize_splits) programs of a row block covers one K chunk,
-    and the partial sums add up to the whole rows'. qparams: float32 (2, 1) or (2, M) [scales; zero points], on x's device; with
-    `bounds` ([min, −max] of x × smooth_inv, of the same shape, as a GEMM epilogue reduced them)
-    the pass computes them from the bounds (activation_qparams) and writes them into qparams.
+    and the partial sums add up to the whole rows'. qparams: float32 (2, 1) or (2, M) [scales; zero
+    points], on x's device; with `bounds` ([min, −max] of x × smooth_inv, of the same shape, as a
+    GEMM epilogue reduced them) the pass computes them from the bounds (activation_qparams) and
+    writes them into qparams.
     `unpack`: the layer's packed weights, unpacked by the same launch; `init_bounds`: the next
     GEMM's bounds, which the pass fills with +inf."""
     m, k = x.shape
@@ -990,7 +992,8 @@ def _ranged_pass(x: torch.Tensor, act_bits: int, right: SplitRight | None, unpac
     _ranged_quantize_rows_kernel[grid](
         x_ptr=x, smooth_ptr=qparams if smooth_inv is None else smooth_inv,
         moments_ptr=qparams if moments is None else moments, qparams_ptr=qparams,
-        **_right_arguments(right, qparams), codes_ptr=codes, rowsum_ptr=rowsum, down_ptr=down, M=m, stride_xm=x.stride(0), K=k, QMAX=float(largest_code(act_bits)), RANK=0 if apart else rank,
+        **_right_arguments(right, qparams), codes_ptr=codes, rowsum_ptr=rowsum, down_ptr=down, M=m,
+        stride_xm=x.stride(0), K=k, QMAX=float(largest_code(act_bits)), RANK=0 if apart else rank,
         NORM=norm is not None, HAS_MOMENTS=moments is not None, ROUND_BF16=x.dtype == torch.bfloat16,
         HAS_SMOOTH=smooth_inv is not None, **(norm or placeholders), **_unpack_arguments(unpack, codes),
         **_init_bounds_arguments(init_bounds, qparams),

@@ -122,7 +122,8 @@ DOWN_IN_LOOP_EPILOGUES = [(32, False, True, False, False, False), (32, True, Tru
 
 def test_a_main_loop_with_the_lora_down_projection_compiles_within_shared_memory_and_registers():
     config = hopper_gemm.tile_config(512, down_in_loop=True)
-    compiled = compile_in_own_process("gluon", [[config._asdict(), *epilogue, True] for epilogue in DOWN_IN_LOOP_EPILOGUES])
+    compiled = compile_in_own_process("gluon", [[config._asdict(), *epilogue, True]
+                                                for epilogue in DOWN_IN_LOOP_EPILOGUES])
     for epilogue, result in zip(DOWN_IN_LOOP_EPILOGUES, compiled):
         ptx = result["ptx"]
         # per partition and K step (K = 128), four m64n32k32 int8 wgmmas per half of R̃, the codes
@@ -141,7 +142,8 @@ def test_fc2_at_batch_1_keeps_its_values_in_registers_with_the_down_projection_i
     the main loop nothing does."""
     fc2 = DOWN_IN_LOOP_EPILOGUES[2]
     kept, spilled = compile_in_own_process("gluon", [
-        [hopper_gemm.tile_config(512, down_in_loop)._asdict(), *fc2, down_in_loop, 12] for down_in_loop in (True, False)])
+        [hopper_gemm.tile_config(512, down_in_loop)._asdict(), *fc2, down_in_loop, 12]
+        for down_in_loop in (True, False)])
     assert kept["shared"] <= 232448 and kept["spill_stores"] == 0
     assert spilled["spill_stores"] > 0
 
