@@ -837,7 +837,8 @@ def lora_down_in_gemm(m: int, n: int, k: int, rank: int, packed: bool, out_dtype
                       gated: GatedResidual | None = None) -> bool:
     """Whether a call's GEMM computes its LoRA's down-projection itself (LORA_DOWN_IN_GEMM_BELOW_ROWS)
     rather than its quantize pass; `packed`: whether the GEMM gets the weight codes still packed
-    (stays_packed)."""
+    (stays_packed). Ranks of at most 32: at 64, R̃'s 16 KB a ring slot puts the five slots past the
+    shared memory (277 KB compiled for sm_90a, of 227)."""
     return (rank in (16, 32) and LORA_DOWN_IN_GEMM_BELOW_ROWS is not None and m < LORA_DOWN_IN_GEMM_BELOW_ROWS
             and warp_specialised_suits(m, n, k, rank, packed, out_dtype, device, gated))
 

@@ -102,9 +102,9 @@ class TritonQuantLinear(KeepsDtypes):
         self.register_buffer("act_range", None if source.act_range is None else source.act_range.float())
         left, right = source.lora_left, None
         if left is not None:
-            padded = -(-left.shape[1] // LORA_MULTIPLE) * LORA_MULTIPLE
-            left, right = split_lora(F.pad(left.float(), (0, padded - left.shape[1])),
-                                     F.pad(source.lora_right.float(), (0, 0, 0, padded - left.shape[1])))
+            missing = -left.shape[1] % LORA_MULTIPLE  # zero ranks up to the padded rank
+            left, right = split_lora(F.pad(left.float(), (0, missing)),
+                                     F.pad(source.lora_right.float(), (0, 0, 0, missing)))
             left = left.to(LORA_TORCH_DTYPE).contiguous()
         self.register_buffer("lora_left", left)
         self.register_buffer("lora_right", None if right is None else right.codes)
@@ -505,8 +505,8 @@ def register_kernel_op() -> None:
         # where the GEMM computes the LoRA's down-projection itself, the pass leaves it out
         rank = 0 if right is None else right.rank
         down_in_gemm = lora_down_in_gemm(x.shape[0], weight.shape[0], x.shape[1], rank,
-                                         unpack is None and stays_packed(packed, group_table, x.shape[0]), x.dtype,
-                                         x.device, epilogue.get("gated"))
+                                         stays_packed(packed, group_table, x.shape[0]), x.dtype, x.device,
+                                         epilogue.get("gated"))
         gemm_right, right = (right, None) if down_in_gemm else (None, right)
         if norm_shift is not None:  # x: the residual stream; LayerNorm + modulation + quantize in one pass
             codes, rowsum, down, qparams = norm_quantize_rows(x, norm_shift, norm_scale, norm_tokens, norm_eps,
