@@ -169,8 +169,9 @@ LORA_DOWN_APART_FROM_ROWS: int | None = 32768
 # and their quantize pass leaves it out (None: never). At batch 1 (512 rows) W4A8 sampling took
 # 2.74-2.77 ms/step against 2.95-3.04 with it in the passes (bf16 2.81); at batch 8 (4,096 rows,
 # where the tensor cores bound the GEMM) 9.18-9.21 against 8.71 (benchmarks/RESULTS.md, nineteenth
-# session). Between the two nothing was measured.
-LORA_DOWN_IN_GEMM_BELOW_ROWS: int | None = 4096
+# session). Between the two (twentieth session, one process): 1,024 rows 3.71-3.73 against 3.80-3.84,
+# 2,048 rows 5.49 against 5.39-5.41, so the crossover lies between them.
+LORA_DOWN_IN_GEMM_BELOW_ROWS: int | None = 2048
 
 WEIGHT_ONLY_CONFIGS = _configs(
     [dict(BLOCK_N=32, BLOCK_K=128, warps=4, stages=4), dict(BLOCK_N=64, BLOCK_K=128, warps=4, stages=4),

@@ -280,7 +280,9 @@ def test_small_calls_on_hopper_compute_the_lora_down_projection_in_the_gemm(monk
         return kernels.lora_down_in_gemm(m, n, k, rank, packed, torch.bfloat16, cuda)
 
     assert in_gemm(512, 3456, 1152) and in_gemm(512, 1152, 4608) and in_gemm(512, 4608, 1152)  # batch 1
-    assert not in_gemm(4096, 3456, 1152) and not in_gemm(32768, 3456, 1152)  # batch 8 and 64: in the passes
+    assert in_gemm(1024, 3456, 1152)  # batch 2
+    assert not in_gemm(2048, 3456, 1152) and not in_gemm(4096, 3456, 1152)  # batch 4 and 8: in the passes
+    assert not in_gemm(32768, 3456, 1152)
     assert not in_gemm(512, 3456, 1152, rank=0) and not in_gemm(512, 3456, 1152, rank=64)
     assert not in_gemm(512, 3456, 1152, packed=True)  # the Gluon GEMM takes int8 codes only
     assert not in_gemm(256, 3456, 1152)  # not on the Gluon GEMM
